@@ -1,0 +1,14 @@
+# Create or reuse .venv and install reverie with its dev tools. Sourced by the other scripts.
+# torch is pinned in the same pip command so pip never pulls a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+STAMP=.venv/.reverie-installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+    touch "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"

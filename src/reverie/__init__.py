@@ -1,0 +1,3 @@
+"""reverie: diffusion models on PyTorch, from a laptop CPU to many GPUs."""
+
+__version__ = "0.1.0"

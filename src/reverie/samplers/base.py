@@ -1,0 +1,93 @@
+"""Pieces shared by every sampler: the registry, the noise draw, the ODE derivative, the
+ancestral step split, and the per-step callback.
+
+A sampler is a pure function ``fn(denoiser, x, sigmas, *, generator, callback, **opts) -> x0``
+over a decreasing float64 grid ``sigmas`` that ends at 0; ``x`` is already scaled to
+``sigmas[0]`` (VE coordinates). No hidden step index: everything a step needs is in the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..utils import append_dims
+
+SAMPLERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Class the decorated function as sampler ``name`` in :data:`SAMPLERS`."""
+
+    def deco(fn):
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} registered twice")
+        SAMPLERS[name] = fn
+        fn.sampler_name = name
+        return fn
+
+    return deco
+
+
+@dataclass
+class SamplerStep:
+    """What a callback sees after step ``i``: ``x`` is the new state at ``sigma_next``."""
+
+    i: int
+    sigma: float
+    sigma_next: float
+    x: Tensor
+    denoised: Tensor
+
+
+def report(callback, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> Tensor:
+    """Call ``callback`` after step ``i``; a tensor it returns replaces ``x``."""
+    if callback is None:
+        return x
+    out = callback(SamplerStep(i, float(sigmas[i]), float(sigmas[i + 1]), x, denoised))
+    return x if out is None else out
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn only from the explicit generator."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def denoise(denoiser, x: Tensor, sigma, cond: dict) -> Tensor:
+    """Call ``denoiser(x, sigma[B], **cond)`` with a per-sample sigma in x's dtype."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    return denoiser(x, s, **cond)
+
+
+def to_d(x: Tensor, sigma, denoised: Tensor) -> Tensor:
+    """Probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (EDM eq. 3 / 4)."""
+    return (x - denoised) / append_dims(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x.ndim)
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step sigma_from -> sigma_to into a deterministic part down to ``sigma_down`` plus
+    fresh noise of std ``sigma_up`` (sigma_down^2 + sigma_up^2 = sigma_to^2); eta=1 matches the
+    DDPM ancestral variance in VE coordinates (Song et al. 2021, DDIM eq. 16)."""
+    if sigma_to == 0 or eta == 0:
+        return float(sigma_to), 0.0
+    up2 = sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2
+    sigma_up = min(float(sigma_to), eta * up2**0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return float(sigma_down), float(sigma_up)
+
+
+def check_grid(sigmas: Tensor) -> Tensor:
+    """Validate a sampling grid: 1-D, at least two entries, non-increasing, last entry 0."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D grid with at least 2 entries (use get_sigmas)")
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("the sigma grid must end at 0 (get_sigmas does this)")
+    if bool((sigmas[1:] > sigmas[:-1]).any()):
+        raise ValueError("the sigma grid must be non-increasing")
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError("the sigma grid must be finite; cap an infinite top at schedule.sigma_max")
+    return sigmas
