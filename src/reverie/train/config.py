@@ -1,0 +1,125 @@
+"""The training configuration: nested typed dataclasses, stored as ``config.json`` beside weights.
+
+Presets live as YAML files under ``configs/``; ``reverie train CONFIG --train.lr=2e-4`` overrides
+any field. Every field has a default, so an empty file is a valid (tiny, CPU-sized) run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..configs import ConfigError
+
+
+@dataclass
+class ModelSection:
+    network: str = "unet-tiny"          # a preset of reverie.nets.PRESETS
+    network_overrides: dict = field(default_factory=dict)  # e.g. {model_channels: 64}
+    prediction: Literal["eps", "v", "x0", "edm"] = "eps"
+    sigma_data: float = 0.5             # EDM preconditioning only
+    conditioning: Literal["none", "class"] = "none"
+
+
+@dataclass
+class ScheduleSection:
+    name: str = "linear"                # linear | scaled_linear | cosine | sigmoid
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class DataSection:
+    name: str = "shapes"                # shapes | mnist | digits | imagefolder
+    resolution: int = 32
+    options: dict = field(default_factory=dict)   # passed to the dataset, e.g. {root: ./pics}
+    batch_size: int = 32                # per process, per micro-batch
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0              # max global grad norm; 0 disables
+
+
+@dataclass
+class EMASection:
+    max_decay: float = 0.999
+    power: float = 0.75
+    inv_gamma: float = 1.0
+    half_life_images: float | None = None   # if set, replaces the warmup/power schedule
+
+
+@dataclass
+class LossSection:
+    weighting: Literal["simple", "min_snr", "edm"] = "simple"
+    min_snr_gamma: float = 5.0
+    noise_levels: Literal["uniform", "loss_aware", "lognormal"] = "uniform"
+    p_mean: float = -1.2                # lognormal (EDM) only
+    p_std: float = 1.2
+
+
+@dataclass
+class SampleSection:
+    every: int = 500                    # steps between sample grids (0: never)
+    num_images: int = 16
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    grid: str = "karras"
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 250
+    keep_last: int = 3
+    log_every: int = 10
+    cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
+    max_nonfinite: int = 5              # consecutive non-finite losses before stopping
+    tensorboard: bool = False
+    progress: bool = True
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    loss: LossSection = field(default_factory=LossSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> None:
+        checks = [
+            (self.train.steps >= 1, "train.steps must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
+            (self.data.resolution >= 8, "data.resolution must be >= 8"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
+            (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+            (self.sample.steps >= 1, "sample.steps must be >= 1"),
+            (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.model.prediction == "edm" and self.loss.noise_levels != "lognormal":
+            raise ConfigError("model.prediction=edm trains with loss.noise_levels=lognormal")

@@ -1,0 +1,325 @@
+"""The training loop (Ho et al. 2020, Algorithm 1, with what practitioners add), on HF accelerate.
+
+Each optimizer step: draw a batch, a noise level per sample and noise, form x = x0 + sigma * noise,
+let the network predict its target, take the weighted MSE, backpropagate, clip, step, update EMA.
+
+Exact resume: every random draw of step ``k`` on rank ``r`` (noise levels, noise, condition
+dropout, the network's dropout) comes from generators seeded by ``(seed, r, k)``, and the data
+order is a pure function of ``(seed, epoch)``; the checkpoint stores weights, EMA, optimizer, LR
+scheduler, step and data position, so ``N/2 + resume + N/2`` steps reproduce ``N`` straight steps.
+Data are sharded by the loop itself (rank r takes every world-th index of the epoch's order), so
+no sample is seen twice in an epoch across ranks. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ..configs import to_dict
+from ..denoisers import make_denoiser
+from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
+from ..schedules import DiscreteVPSchedule
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .ema import EMA
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message says why."""
+
+
+class ShardedSampler(Sampler):
+    """Indices of one rank for one epoch, starting at a given batch; a pure function of its args.
+
+    Datasets larger than 2**24 (procedural ones) are read in order: each index is already a fresh
+    random sample, and a permutation of them would not fit in memory.
+    """
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool,
+                 start: int = 0):
+        self.size, self.rank, self.world = size, rank, world
+        self.seed, self.epoch, self.shuffle, self.start = seed, epoch, shuffle, start
+
+    def __len__(self) -> int:
+        return max(0, (self.size - self.rank + self.world - 1) // self.world - self.start)
+
+    def __iter__(self):
+        first = self.rank + self.start * self.world
+        if self.shuffle and self.size <= 2**24:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            return iter(torch.randperm(self.size, generator=g)[first::self.world].tolist())
+        return iter(range(first, self.size, self.world))
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images and labels; keep captions as a list of strings."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([int(it.get("label", -1)) for it in items]),
+        "text": [it.get("text", "") for it in items],
+    }
+
+
+@dataclass
+class DataState:
+    epoch: int = 0
+    batch: int = 0  # batches consumed in this epoch (per rank)
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+def build_dataset(cfg: TrainConfig):
+    from ..data import get_dataset
+
+    return get_dataset(cfg.data.name, resolution=cfg.data.resolution, **cfg.data.options)
+
+
+def dataset_info(dataset) -> dict:
+    """Channels, resolution and number of classes of a dataset (from its first item)."""
+    first = dataset[0]
+    num_classes = int(getattr(dataset, "num_classes", 0) or 0)
+    return {"in_channels": int(first["image"].shape[0]), "resolution": int(first["image"].shape[-1]),
+            "num_classes": num_classes}
+
+
+def build_schedule(cfg: TrainConfig) -> DiscreteVPSchedule:
+    return DiscreteVPSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps,
+                                        zero_terminal_snr=cfg.schedule.zero_terminal_snr)
+
+
+def build_model(cfg: TrainConfig, info: dict):
+    """Network, schedule and denoiser for a config and dataset info (see :func:`dataset_info`)."""
+    from ..nets import create_network
+
+    overrides = dict(cfg.model.network_overrides)
+    overrides.setdefault("in_channels", info["in_channels"])
+    overrides.setdefault("out_channels", info["in_channels"])
+    if cfg.model.conditioning == "class":
+        if not info["num_classes"]:
+            raise TrainingError(f"model.conditioning=class but dataset {cfg.data.name!r} has no class labels")
+        overrides["num_classes"] = info["num_classes"] + 1  # the last class is "no class" (CFG)
+    net = create_network(cfg.model.network, **overrides)
+    schedule = build_schedule(cfg)
+    if cfg.model.prediction == "edm":
+        denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
+    else:
+        denoiser = make_denoiser(cfg.model.prediction, net, schedule)
+    return net, schedule, denoiser
+
+
+def _noise_levels(cfg: TrainConfig, schedule):
+    if cfg.loss.noise_levels == "lognormal":
+        return LogNormalSigmas(cfg.loss.p_mean, cfg.loss.p_std)
+    if cfg.loss.noise_levels == "loss_aware":
+        return LossAwareTimesteps(schedule)
+    return UniformTimesteps(schedule)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.lr_schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+class _Batches:
+    """Endless per-rank batches with a resumable position (epoch, batch)."""
+
+    def __init__(self, dataset, cfg: TrainConfig, rank: int, world: int, state: DataState):
+        self.dataset, self.cfg, self.rank, self.world, self.state = dataset, cfg, rank, world, state
+        self._it = None
+
+    def _loader(self):
+        cfg, state = self.cfg, self.state
+        sampler = ShardedSampler(len(self.dataset), self.rank, self.world, cfg.train.seed,
+                                 state.epoch, cfg.data.shuffle, state.batch * cfg.data.batch_size)
+        return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
+                          num_workers=self.cfg.data.num_workers, collate_fn=collate, drop_last=True,
+                          persistent_workers=False)
+
+    def next(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self._loader())
+            try:
+                batch = next(self._it)
+                self.state.batch += 1
+                return batch
+            except StopIteration:
+                self._it = None
+                self.state.epoch += 1
+                self.state.batch = 0
+        raise TrainingError(f"dataset {self.cfg.data.name!r} is smaller than one batch per process")
+
+
+def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, device) -> dict:
+    if cfg.model.conditioning != "class":
+        return {}
+    labels = batch["label"].to(device)
+    drop = torch.rand(labels.shape, generator=g) < cfg.train.cond_dropout
+    labels = torch.where(drop.to(device), torch.full_like(labels, info["num_classes"]), labels)
+    return {"class_labels": labels}
+
+
+def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> Path:
+    """Train per ``cfg``; ``resume="auto"`` continues from ``out_dir``'s latest checkpoint if any,
+    a path resumes from that checkpoint, False starts fresh. Returns the exported model directory."""
+    from accelerate import Accelerator
+
+    from ..pipeline import save_model_dir
+    from .sampling import save_sample_grid
+
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    out = Path(cfg.train.out_dir)
+    dataset = dataset if dataset is not None else build_dataset(cfg)
+    info = dataset_info(dataset)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    net, schedule, denoiser = build_model(cfg, info)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):
+        net.set_gradient_checkpointing(True)
+    ema = EMA(net, cfg.ema.max_decay, cfg.ema.power, cfg.ema.inv_gamma, cfg.ema.half_life_images)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    levels = _noise_levels(cfg, schedule)
+    step, data_state, nonfinite_total = 0, DataState(), 0
+
+    ckpt_dir = out / "checkpoints"
+    source = latest_checkpoint(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if source is not None:
+        state = load_checkpoint(source)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        data_state = DataState(**state["data"])
+        if "noise_levels" in state and hasattr(levels, "load_state_dict"):
+            levels.load_state_dict(state["noise_levels"])
+        if main:
+            print(f"resumed from {source} at step {step}")
+
+    model, opt = acc.prepare(net, opt)
+    denoiser.model = model
+    batches = _Batches(dataset, cfg, rank, world, data_state)
+
+    def checkpoint(path_step: int) -> Path | None:
+        if not main:
+            return None
+        state = {"step": path_step, "model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                 "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                 "data": vars(data_state).copy(), "nonfinite_total": nonfinite_total,
+                 "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg)}
+        if hasattr(levels, "state_dict"):
+            state["noise_levels"] = levels.state_dict()
+        return save_checkpoint(ckpt_dir, path_step, state, keep_last=cfg.train.keep_last)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = (out / "log.jsonl").open("a") if main else None
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress),
+               desc="train", dynamic_ncols=True)
+    consecutive_bad, t_last, imgs_since = 0, time.perf_counter(), 0
+    last_good = latest_checkpoint(ckpt_dir)
+    model.train()
+    while step < cfg.train.steps:
+        g = _step_generator(cfg.train.seed, rank, step)
+        torch.manual_seed(g.initial_seed() % 2**63)  # the network's dropout
+        opt.zero_grad(set_to_none=True)
+        total_loss, bad = 0.0, False
+        for micro in range(cfg.train.grad_accum):
+            batch = batches.next()
+            x0 = batch["image"].to(acc.device)
+            if cfg.train.channels_last and x0.ndim == 4:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            lv = levels(x0.shape[0], g)
+            noise = torch.randn(x0.shape, generator=g).to(acc.device, x0.dtype)
+            cond = _condition(cfg, batch, info, g, acc.device)
+            with acc.autocast():
+                per_sample = denoising_loss(
+                    denoiser, x0, lv.sigma.to(acc.device), noise, weighting=cfg.loss.weighting,
+                    min_snr_gamma=cfg.loss.min_snr_gamma, cond=cond, sigma_data=cfg.model.sigma_data)
+            loss = (per_sample.float() * lv.weight.to(per_sample.device, torch.float32)).mean()
+            if isinstance(levels, LossAwareTimesteps):
+                levels.update(lv.t, per_sample)
+            bad = bad or not bool(torch.isfinite(loss))
+            if bad:
+                break
+            total_loss += float(loss.detach()) / cfg.train.grad_accum
+            sync = micro == cfg.train.grad_accum - 1
+            ctx = acc.no_sync(model) if (not sync and world > 1) else nullcontext()
+            with ctx:
+                acc.backward(loss / cfg.train.grad_accum)
+        # Every rank must agree on skipping, or DDP's collectives would hang.
+        flag = acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum")
+        if float(flag) > 0:
+            consecutive_bad += 1
+            nonfinite_total += 1
+            opt.zero_grad(set_to_none=True)
+            if consecutive_bad >= cfg.train.max_nonfinite:
+                bar.close()
+                raise TrainingError(
+                    f"{consecutive_bad} non-finite losses in a row at step {step}: the learning rate "
+                    f"({cfg.optim.lr:g}) is likely too high, or fp16 overflowed (try bf16 or no), or "
+                    f"the data contain NaN. Last good checkpoint: {last_good or 'none'}")
+            step += 1  # a skipped step still advances, keeping the (seed, rank, step) stream aligned
+            sched.step()
+            continue
+        consecutive_bad = 0
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        global_batch = cfg.data.batch_size * cfg.train.grad_accum * world
+        ema.update(acc.unwrap_model(model), step, global_batch)
+        imgs_since += global_batch
+        bar.update(1)
+        if main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            now = time.perf_counter()
+            rate = imgs_since / max(now - t_last, 1e-9)
+            t_last, imgs_since = now, 0
+            record = {"step": step, "loss": total_loss, "lr": sched.get_last_lr()[0], "images_per_s": rate,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "nonfinite_skipped": nonfinite_total, "epoch": data_state.epoch}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{total_loss:.4f}", img_s=f"{rate:.1f}")
+        if main and cfg.sample.every and step % cfg.sample.every == 0:
+            save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png")
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            last_good = checkpoint(step) or last_good
+            acc.wait_for_everyone()
+    bar.close()
+    if log:
+        log.close()
+    export = out / "model"
+    if main:
+        if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
+            checkpoint(step)
+        save_model_dir(export, cfg, info, acc.unwrap_model(model), ema.model)
+    acc.wait_for_everyone()
+    return export
