@@ -156,8 +156,34 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+def field_paths(cls, prefix: str = "") -> dict[str, bool]:
+    """Every dotted field path of a dataclass tree (e.g. ``optim.lr``) -> whether it is a dict."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path, tp = f"{prefix}{f.name}", hints[f.name]
+        out[path] = tp is dict or typing.get_origin(tp) is dict
+        if dataclasses.is_dataclass(tp):
+            out.update(field_paths(tp, path + "."))
+    return out
+
+
+def _check_override_paths(cls, overrides: list[str]) -> None:
+    paths = field_paths(cls)
+    for text in overrides:
+        keys, _ = parse_override(text)
+        dotted = ".".join(keys)
+        if dotted in paths or any(dotted.startswith(p + ".") for p, is_dict in paths.items() if is_dict):
+            continue  # a field, or a key inside a dict-valued field
+        same_leaf = [p for p in paths if p.split(".")[-1] == keys[-1]]
+        close = same_leaf or difflib.get_close_matches(dotted, paths, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown config key {dotted!r}{hint}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Read ``path`` (YAML or JSON; optional), apply overrides, and validate into ``cls``."""
     data = read_config_file(path) if path is not None else {}
+    _check_override_paths(cls, list(overrides or []))
     data = apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)

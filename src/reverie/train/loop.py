@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,15 @@ def build_schedule(cfg: TrainConfig) -> DiscreteVPSchedule:
 
 def build_model(cfg: TrainConfig, info: dict):
     """Network, schedule and denoiser for a config and dataset info (see :func:`dataset_info`)."""
-    from ..nets import create_network
+    from ..nets import PRESETS, create_network
 
+    if cfg.model.network not in PRESETS:
+        raise TrainingError(f"unknown model.network {cfg.model.network!r}; presets: {', '.join(PRESETS)}")
     overrides = dict(cfg.model.network_overrides)
     overrides.setdefault("in_channels", info["in_channels"])
     overrides.setdefault("out_channels", info["in_channels"])
+    size_field = "input_size" if PRESETS[cfg.model.network].arch == "dit" else "sample_size"
+    overrides.setdefault(size_field, info["resolution"])
     if cfg.model.conditioning == "class":
         if not info["num_classes"]:
             raise TrainingError(f"model.conditioning=class but dataset {cfg.data.name!r} has no class labels")
@@ -179,9 +184,17 @@ def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, de
     return {"class_labels": labels}
 
 
-def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> Path:
+@dataclass
+class TrainResult:
+    export_dir: Path   # config.json + model.safetensors + ema.safetensors (written by rank 0)
+    model: torch.nn.Module
+    ema_model: torch.nn.Module
+    step: int
+
+
+def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
     """Train per ``cfg``; ``resume="auto"`` continues from ``out_dir``'s latest checkpoint if any,
-    a path resumes from that checkpoint, False starts fresh. Returns the exported model directory."""
+    a path resumes from that checkpoint, False starts fresh."""
     from accelerate import Accelerator
 
     from ..pipeline import save_model_dir
@@ -285,7 +298,9 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> Path:
                     f"({cfg.optim.lr:g}) is likely too high, or fp16 overflowed (try bf16 or no), or "
                     f"the data contain NaN. Last good checkpoint: {last_good or 'none'}")
             step += 1  # a skipped step still advances, keeping the (seed, rank, step) stream aligned
-            sched.step()
+            with warnings.catch_warnings():  # stepping the LR without an optimizer step is intended
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
             continue
         consecutive_bad = 0
         grad_norm = None
@@ -322,4 +337,4 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> Path:
             checkpoint(step)
         save_model_dir(export, cfg, info, acc.unwrap_model(model), ema.model)
     acc.wait_for_everyone()
-    return export
+    return TrainResult(export, acc.unwrap_model(model), ema.model, step)

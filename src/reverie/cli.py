@@ -1,0 +1,165 @@
+"""The ``reverie`` command: train, sample, inspect, and preview data.
+
+User mistakes (bad config keys or values, missing files, unknown samplers) print one line
+``reverie: error: ...`` and exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .configs import ConfigError
+
+
+def _cmd_train(args) -> int:
+    from .configs import load_config, to_dict
+    from .train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from .train.loop import train
+
+    resume = {"auto": "auto", "no": False}.get(args.resume, args.resume)
+    result = train(cfg, resume=resume)
+    print(f"model written to {result.export_dir}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from .images import save_grid
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    images = pipe.sample(num_images=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed)
+    path = save_grid(images, args.output)
+    print(f"wrote {args.n} samples to {path}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from safetensors import safe_open
+
+    path = Path(args.path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        config = json.loads((path / "config.json").read_text())
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            n = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+        net = config["network"]
+        print(f"model directory {path}")
+        print(f"  network:    {net.get('arch')} ({n:,} parameters)")
+        print(f"  prediction: {config['train_config']['model']['prediction']}")
+        print(f"  schedule:   {config['train_config']['schedule']['name']}")
+        print(f"  data:       {config['train_config']['data']['name']} {config['data']}")
+        print(f"  ema:        {'yes' if (path / 'ema.safetensors').is_file() else 'no'}")
+        return 0
+    from .train.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = path if (path / "state.json").is_file() else latest_checkpoint(path / "checkpoints") \
+        or latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} is neither a model directory, a checkpoint nor a run directory")
+    state = load_checkpoint(ckpt)
+    n = sum(v.numel() for v in state["model"].values())
+    print(f"checkpoint {ckpt}")
+    data = state["data"]
+    print(f"  step:     {state['step']}  (data epoch {data['epoch']}, batch {data['batch']})")
+    print(f"  params:   {n:,}")
+    print(f"  skipped non-finite steps: {state.get('nonfinite_total', 0)}")
+    return 0
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def _cmd_data_preview(args) -> int:
+    from .data import get_dataset
+    from .data.preview import preview_grid
+
+    ds = get_dataset(args.name, resolution=args.resolution)
+    path = preview_grid(ds, n=args.n, path=args.output, seed=args.seed)
+    print(f"wrote a preview of {args.n} {args.name} images to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="reverie", description="Diffusion models: train, sample, inspect.",
+                                formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML/JSON config", formatter_class=fmt)
+    t.add_argument("config", help="config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="overrides like --train.lr=2e-4 or train.steps=100")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", default="auto", help="auto (latest checkpoint in out_dir), no, or a path")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt)
+    s.add_argument("model", help="model directory (config.json + model.safetensors)")
+    s.add_argument("--n", type=int, default=16, help="number of images")
+    s.add_argument("--sampler", default=None, help="sampler (default: the model's)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")
+    s.set_defaults(func=_cmd_sample)
+
+    i = sub.add_parser("inspect", help="describe a model directory, checkpoint or run", formatter_class=fmt)
+    i.add_argument("path")
+    i.set_defaults(func=_cmd_inspect)
+
+    d = sub.add_parser("data", help="dataset tools", formatter_class=fmt)
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    pv = dsub.add_parser("preview", help="write a PNG grid of a dataset with captions", formatter_class=fmt)
+    pv.add_argument("name", help="shapes, mnist, digits or imagefolder")
+    pv.add_argument("--n", type=int, default=16, help="number of images")
+    pv.add_argument("--resolution", type=int, default=64, help="image size")
+    pv.add_argument("--seed", type=int, default=0, help="which images")
+    pv.add_argument("-o", "--output", default="preview.png", help="output PNG")
+    pv.set_defaults(func=_cmd_data_preview)
+    return p
+
+
+def _check_numbers(args) -> None:
+    for name in ("n", "steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # config overrides look like options: --train.lr=2e-4
+        if args.command != "train" or not all(u.startswith("--") and "=" in u for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
+    try:
+        _check_numbers(args)
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"reverie: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reverie: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from .train.loop import TrainingError
+
+        if isinstance(e, TrainingError):
+            print(f"reverie: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
