@@ -1,11 +1,14 @@
-"""A trained model as one directory, and the :class:`Pipeline` that samples from it.
+"""A trained model as one directory, and the :class:`Pipeline` that generates from it.
 
 Directory format (for sharing; loading never executes code)::
 
     config.json          {"format": "reverie-model", "version": 1, "train_config": {...},
-                          "network": {"arch": ..., ...}, "data": {in_channels, resolution, num_classes}}
-    model.safetensors    the trained weights
+                          "network": {"arch": ..., ...}, "text_encoder": {...} or null,
+                          "data": {in_channels, resolution, num_classes}}
+    model.safetensors    the trained weights (network, plus a trained text encoder)
     ema.safetensors      the EMA weights (used by default when present)
+
+A frozen pretrained text encoder (MiniLM) is not stored: it comes from its own package.
 """
 
 from __future__ import annotations
@@ -22,19 +25,23 @@ from .configs import from_dict, to_dict
 FORMAT = "reverie-model"
 
 
-def _state_for_saving(module) -> dict:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+def _weights(module) -> dict:
+    from .train.loop import model_state
+
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model_state(module).items()}
 
 
 def save_model_dir(path: str | Path, cfg, info: dict, net, ema_net=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``) into ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    encoder = getattr(net, "encoder", None)
     config = {"format": FORMAT, "version": 1, "train_config": to_dict(cfg),
-              "network": net.config.to_dict(), "data": dict(info)}
-    save_file(_state_for_saving(net), str(path / "model.safetensors"))
+              "network": net.config.to_dict(), "text_encoder": encoder.config() if encoder else None,
+              "data": dict(info)}
+    save_file(_weights(net), str(path / "model.safetensors"))
     if ema_net is not None:
-        save_file(_state_for_saving(ema_net), str(path / "ema.safetensors"))
+        save_file(_weights(ema_net), str(path / "ema.safetensors"))
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
@@ -73,11 +80,16 @@ class Pipeline:
         self.schedule = build_schedule(cfg)
         self.net = net.eval().requires_grad_(False)
 
+    @property
+    def conditioning(self) -> str:
+        return self.cfg.model.conditioning
+
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> Pipeline:
         """Load a model directory (see module docstring); validates names and shapes."""
         from .nets import create_network
         from .train.config import TrainConfig
+        from .train.loop import load_model_state, model_state
 
         path = Path(path)
         cfg_file = path / "config.json"
@@ -88,13 +100,18 @@ class Pipeline:
             raise ValueError(f"{cfg_file} is not a reverie model config (format={config.get('format')!r})")
         cfg = from_dict(TrainConfig, config["train_config"])
         net = create_network(config["network"])
+        if config.get("text_encoder"):
+            from .conditioning import TextConditionedNet
+            from .text import get_text_encoder
+
+            net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]))
         weights = path / "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() \
             else path / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{path} has no model.safetensors")
         state = load_file(str(weights))
-        check_state_dict(net.state_dict(), state, str(weights))
-        net.load_state_dict(state)
+        check_state_dict(model_state(net), state, str(weights))
+        load_model_state(net, state)
         return cls(net.to(device), cfg, config["data"], name=path.name, weights_hash=file_hash(weights))
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -102,11 +119,26 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, num_images: int = 16, steps: int | None = None, sampler: str | None = None,
-               seed: int = 0, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+               seed: int = 0, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
+               negative_prompt: str = "", guidance_scale: float | None = None,
+               guidance_rescale: float = 0.0, progress: bool = False) -> torch.Tensor:
         """``[num_images, C, H, W]`` samples in [-1, 1]."""
         from .train.sampling import sample_images
 
-        cfg = from_dict(type(self.cfg), to_dict(self.cfg))
-        cfg.sample.steps = steps or cfg.sample.steps
-        cfg.sample.sampler = sampler or cfg.sample.sampler
-        return sample_images(self.net, cfg, self.schedule, self.info, num_images, seed, class_labels)
+        return sample_images(self.net, self.cfg, self.schedule, self.info, num_images, seed=seed,
+                             class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
+                             guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                             guidance_rescale=guidance_rescale, progress=progress)
+
+    def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
+                 guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,
+                 guidance_rescale: float = 0.0, progress: bool = False) -> list:
+        """Images (PIL) for a text prompt; "" gives unconditional samples."""
+        from .images import to_pil
+
+        if self.conditioning != "text" and prompt:
+            raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
+        x = self.sample(num_images, steps=steps, sampler=sampler, seed=seed, prompts=[prompt],
+                        negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                        guidance_rescale=guidance_rescale, progress=progress)
+        return to_pil(x)

@@ -18,7 +18,9 @@ class ModelSection:
     network_overrides: dict = field(default_factory=dict)  # e.g. {model_channels: 64}
     prediction: Literal["eps", "v", "x0", "edm"] = "eps"
     sigma_data: float = 0.5             # EDM preconditioning only
-    conditioning: Literal["none", "class"] = "none"
+    conditioning: Literal["none", "class", "text"] = "none"
+    text_encoder: str = "scratch"       # text conditioning: scratch (trained) | minilm (frozen)
+    text_encoder_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class SampleSection:
     sampler: str = "dpmpp_2m"
     steps: int = 20
     grid: str = "karras"
+    guidance_scale: float = 1.0         # classifier-free guidance for class/text models
+    prompts: list[str] = field(default_factory=list)  # text models: prompts of the sample grid
 
 
 @dataclass

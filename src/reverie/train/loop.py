@@ -94,6 +94,28 @@ def dataset_info(dataset) -> dict:
             "num_classes": num_classes}
 
 
+def build_text_encoder(cfg: TrainConfig):
+    from ..text import get_text_encoder
+
+    if cfg.model.text_encoder_options:
+        return get_text_encoder({"name": cfg.model.text_encoder, **cfg.model.text_encoder_options})
+    return get_text_encoder(cfg.model.text_encoder)
+
+
+def model_state(module: torch.nn.Module) -> dict:
+    """The weights a checkpoint or model file stores (a frozen text encoder is left out)."""
+    if hasattr(module, "trainable_state_dict"):
+        return module.trainable_state_dict()
+    return module.state_dict()
+
+
+def load_model_state(module: torch.nn.Module, state: dict) -> None:
+    if hasattr(module, "load_trainable_state_dict"):
+        module.load_trainable_state_dict(state)
+    else:
+        module.load_state_dict(state)
+
+
 def build_schedule(cfg: TrainConfig) -> DiscreteVPSchedule:
     return DiscreteVPSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps,
                                         zero_terminal_snr=cfg.schedule.zero_terminal_snr)
@@ -110,11 +132,20 @@ def build_model(cfg: TrainConfig, info: dict):
     overrides.setdefault("out_channels", info["in_channels"])
     size_field = "input_size" if PRESETS[cfg.model.network].arch == "dit" else "sample_size"
     overrides.setdefault(size_field, info["resolution"])
+    encoder = None
     if cfg.model.conditioning == "class":
         if not info["num_classes"]:
             raise TrainingError(f"model.conditioning=class but dataset {cfg.data.name!r} has no class labels")
         overrides["num_classes"] = info["num_classes"] + 1  # the last class is "no class" (CFG)
+    elif cfg.model.conditioning == "text":
+        encoder = build_text_encoder(cfg)
+        overrides["context_dim"] = encoder.dim
+        overrides["pooled_dim"] = encoder.pooled_dim
     net = create_network(cfg.model.network, **overrides)
+    if encoder is not None:
+        from ..conditioning import TextConditionedNet
+
+        net = TextConditionedNet(net, encoder)
     schedule = build_schedule(cfg)
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
@@ -176,6 +207,9 @@ class _Batches:
 
 
 def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, device) -> dict:
+    if cfg.model.conditioning == "text":
+        drop = (torch.rand(len(batch["text"]), generator=g) < cfg.train.cond_dropout).tolist()
+        return {"text": ["" if d else t for d, t in zip(drop, batch["text"])]}
     if cfg.model.conditioning != "class":
         return {}
     labels = batch["label"].to(device)
@@ -212,7 +246,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):
         net.set_gradient_checkpointing(True)
     ema = EMA(net, cfg.ema.max_decay, cfg.ema.power, cfg.ema.inv_gamma, cfg.ema.half_life_images)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     levels = _noise_levels(cfg, schedule)
@@ -222,8 +257,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     source = latest_checkpoint(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
     if source is not None:
         state = load_checkpoint(source)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        load_model_state(net, state["model"])
+        load_model_state(ema.model, state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_scheduler"])
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
@@ -240,7 +275,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     def checkpoint(path_step: int) -> Path | None:
         if not main:
             return None
-        state = {"step": path_step, "model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+        state = {"step": path_step, "model": model_state(acc.unwrap_model(model)), "ema": model_state(ema.model),
                  "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                  "data": vars(data_state).copy(), "nonfinite_total": nonfinite_total,
                  "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg)}

@@ -1,4 +1,4 @@
-"""Sample grids during training, from the EMA weights."""
+"""Sampling from a (possibly conditioned) network with a config's sampler, grid and guidance."""
 
 from __future__ import annotations
 
@@ -7,37 +7,62 @@ from pathlib import Path
 import torch
 
 from ..denoisers import make_denoiser
+from ..guidance import CFGDenoiser
 from ..images import save_grid
 from ..samplers import get_sigmas, sample
 
 
-@torch.no_grad()
-def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0,
-                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """``num_images`` samples in [-1, 1] from ``net`` with the config's sampler and grid."""
+def _denoiser_and_grid(net, cfg, schedule, steps: int, grid: str):
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
-        sigmas = get_sigmas(cfg.sample.grid if cfg.sample.grid in ("karras", "exponential") else "karras",
-                            cfg.sample.steps, sigma_min=0.002, sigma_max=80.0)
-    else:
-        denoiser = make_denoiser(cfg.model.prediction, net, schedule)
-        sigmas = get_sigmas(cfg.sample.grid, cfg.sample.steps, schedule=schedule)
+        kind = grid if grid in ("karras", "exponential") else "karras"
+        return denoiser, get_sigmas(kind, steps, sigma_min=0.002, sigma_max=80.0)
+    return make_denoiser(cfg.model.prediction, net, schedule), get_sigmas(grid, steps, schedule=schedule)
+
+
+def conditions(net, cfg, info: dict, num_images: int, prompts: list[str] | None = None,
+               negative_prompt: str = "", class_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """``(cond, uncond)`` keyword arguments for the network; empty dicts for unconditional models."""
+    device = next(net.parameters()).device
+    if cfg.model.conditioning == "class":
+        if class_labels is None:
+            class_labels = torch.arange(num_images) % info["num_classes"]
+        null = torch.full((num_images,), info["num_classes"], dtype=torch.long)
+        return {"class_labels": class_labels.to(device)}, {"class_labels": null.to(device)}
+    if cfg.model.conditioning == "text":
+        prompts = list(prompts) if prompts else [""]
+        prompts = (prompts * num_images)[:num_images]
+        return net.encode(prompts), net.encode([negative_prompt] * num_images)
+    return {}, {}
+
+
+@torch.no_grad()
+def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0,
+                  class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
+                  negative_prompt: str = "", guidance_scale: float | None = None,
+                  steps: int | None = None, sampler: str | None = None, grid: str | None = None,
+                  guidance_rescale: float = 0.0, callback=None, progress: bool = False) -> torch.Tensor:
+    """``num_images`` samples in [-1, 1]; the noise is drawn on the CPU so that a seed gives the
+    same images on every device."""
+    denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps or cfg.sample.steps, grid or cfg.sample.grid)
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(seed)
     shape = (num_images, info["in_channels"], info["resolution"], info["resolution"])
     x = (torch.randn(shape, generator=g, dtype=torch.float32) * float(sigmas[0])).to(device)
-    cond = {}
-    if cfg.model.conditioning == "class":
-        if class_labels is None:
-            class_labels = torch.arange(num_images) % info["num_classes"]
-        cond["class_labels"] = class_labels.to(device)
+    cond, uncond = conditions(net, cfg, info, num_images, prompts, negative_prompt, class_labels)
+    scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    if cond and scale != 1.0:
+        denoiser = CFGDenoiser(denoiser, uncond, scale=scale, rescale=guidance_rescale)
     was_training = net.training
     net.eval()
-    out = sample(cfg.sample.sampler, denoiser, x, sigmas.to(device), generator=g, cond=cond)
+    g_steps = g if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    out = sample(sampler or cfg.sample.sampler, denoiser, x, sigmas.to(device), generator=g_steps, cond=cond,
+                 callback=callback, progress=progress)
     net.train(was_training)
     return out.clamp(-1, 1)
 
 
 def save_sample_grid(net, cfg, schedule, info: dict, path: Path) -> Path:
-    images = sample_images(net, cfg, schedule, info, cfg.sample.num_images)
+    prompts = cfg.sample.prompts or None
+    images = sample_images(net, cfg, schedule, info, cfg.sample.num_images, prompts=prompts)
     return save_grid(images, path)
