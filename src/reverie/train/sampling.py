@@ -48,7 +48,9 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(seed)
     shape = (num_images, info["in_channels"], info["resolution"], info["resolution"])
-    x = (torch.randn(shape, generator=g, dtype=torch.float32) * float(sigmas[0])).to(device)
+    # VP models start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2).
+    scale = float(sigmas[0]) if cfg.model.prediction == "edm" else (1 + float(sigmas[0]) ** 2) ** 0.5
+    x = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(device)
     cond, uncond = conditions(net, cfg, info, num_images, prompts, negative_prompt, class_labels)
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if cond and scale != 1.0:
