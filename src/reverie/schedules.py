@@ -54,7 +54,11 @@ _ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def _f64(x) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float64)
+    # MPS has no float64; there schedule math runs on the CPU copy.
+    x = torch.as_tensor(x)
+    if x.device.type == "mps":
+        x = x.cpu()
+    return x.to(torch.float64)
 
 
 def alpha_from_sigma(sigma: Tensor) -> Tensor:
@@ -156,6 +160,11 @@ class DiscreteVPSchedule:
         return float(self.sigmas[0])
 
     @property
+    def finite_sigmas(self) -> Tensor:
+        """``sigmas`` with an infinite top level (zero terminal SNR) replaced by ``sigma_max``."""
+        return self.sigmas.clamp(max=self.sigma_max)
+
+    @property
     def sigma_max(self) -> float:
         """Largest finite noise level a sampler should start from (see module docstring)."""
         top = float(self.sigmas[-1])
@@ -177,7 +186,7 @@ class DiscreteVPSchedule:
         t = _f64(t).clamp(0, self.num_timesteps - 1)
         lo = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - lo
-        sig = self.sigmas.clone()
+        sig = self.sigmas.to(t.device).clone()
         if math.isinf(float(sig[-1])):
             sig[-1] = self.sigma_max
         return (1 - w) * sig[lo] + w * sig[lo + 1]
@@ -185,7 +194,7 @@ class DiscreteVPSchedule:
     def t_from_sigma(self, sigma) -> Tensor:
         """Fractional timestep for VE sigma, linear in log-sigma between grid points."""
         log_sigma = _f64(sigma).log()
-        ls = self.log_sigmas
+        ls = self.log_sigmas.to(log_sigma.device)
         if math.isinf(float(ls[-1])):
             ls = ls.clone()
             ls[-1] = math.log(self.sigma_max)
