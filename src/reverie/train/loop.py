@@ -185,6 +185,8 @@ class _Batches:
 
     def _loader(self):
         cfg, state = self.cfg, self.state
+        if hasattr(self.dataset, "set_epoch"):  # e.g. imagefolder's per-epoch random flips
+            self.dataset.set_epoch(state.epoch)
         sampler = ShardedSampler(len(self.dataset), self.rank, self.world, cfg.train.seed,
                                  state.epoch, cfg.data.shuffle, state.batch * cfg.data.batch_size)
         return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
