@@ -27,16 +27,19 @@ def _append_zero(sigmas: Tensor) -> Tensor:
 
 
 def _discrete_timesteps(kind: str, n: int, T: int, offset: int) -> Tensor:
+    i = torch.arange(n, dtype=torch.float64)
     if kind == "ddim-leading":
-        ratio = T // n
-        t = torch.arange(n, dtype=torch.float64) * ratio + offset
+        t = i * (T // n) + offset
     elif kind == "ddim-trailing":
-        t = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
-        t = t.flip(0)
+        # T, T - T/n, ... computed as numpy's arange does (start + i * step), so that x.5 ties round
+        # as in diffusers; always exactly n values (np.arange with a float step can give n + 1).
+        t = ((T + i * ((T - T / n) - T)).round() - 1).flip(0)
     elif kind == "ddim-linspace":
-        t = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+        t = (i * ((T - 1) / (n - 1))).round() if n > 1 else i
     else:  # linspace-t: fractional
-        t = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        t = i * ((T - 1) / (n - 1)) if n > 1 else i
+    if kind == "ddim-leading" and n > 1 and offset + (n - 1) * (T // n) > T - 1:
+        raise ValueError(f"offset {offset} pushes the leading grid past t = {T - 1}")
     return t.clamp(0, T - 1).flip(0)
 
 

@@ -34,9 +34,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, batch_size: int = 1) -> None:
         d = self.decay(step, batch_size)
-        ema_p = list(self.model.parameters())
-        src_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p, strict=True)]
-        torch._foreach_lerp_(ema_p, src_p, 1 - d)
+        # Frozen parameters (a pretrained text encoder) never change: skip them.
+        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p.detach().to(e.dtype) for e, p in pairs], 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
