@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = (out / "log.jsonl").open("a") if main else None
+    log = (out / "log.jsonl").open("a" if source is not None else "w") if main else None
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress),
                desc="train", dynamic_ncols=True)
     consecutive_bad, t_last, imgs_since = 0, time.perf_counter(), 0
