@@ -113,6 +113,34 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .pipeline import Pipeline
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    known = {"adherence"}
+    if not metrics or set(metrics) - known:
+        raise ValueError(f"unknown metric(s) {sorted(set(metrics) - known)}; available: {', '.join(sorted(known))}")
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    pipe = Pipeline.from_pretrained(model_dir)
+    results = {"model": pipe.name, "model_hash": pipe.weights_hash}
+    if "adherence" in metrics:
+        from .eval.adherence import evaluate_adherence
+
+        res = evaluate_adherence(pipe, num_per_prompt=args.n, steps=args.steps, sampler=args.sampler,
+                                 guidance_scale=args.guidance, seed=args.seed)
+        results["adherence"] = res
+        print(f"adherence of {pipe.name} over {res['num_images']} images "
+              f"({res['num_prompts']} held-out prompts, guidance {args.guidance}, {args.sampler} x {args.steps}):")
+        for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
+            value = res.get(key)
+            print(f"  {key:18s} {'n/a' if value is None else f'{value:.3f}'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from .images import save_grid
     from .pipeline import Pipeline
@@ -203,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
     gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
     gen.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a model (prompt adherence on shapes)", formatter_class=fmt)
+    ev.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped shapes model)")
+    ev.add_argument("--metrics", default="adherence", help="comma-separated metrics: adherence")
+    ev.add_argument("--n", type=int, default=4, help="images per prompt")
+    ev.add_argument("--steps", type=int, default=20, help="sampling steps")
+    ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    ev.add_argument("--seed", type=int, default=0, help="random seed")
+    ev.add_argument("--json", default=None, help="also write the results as JSON here")
+    ev.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt)
     s.add_argument("model", help="model directory (config.json + model.safetensors)")

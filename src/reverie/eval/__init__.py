@@ -1,0 +1,1 @@
+"""Evaluation: prompt adherence of text-to-image models on ``shapes`` (attribute classifier + seeded prompts)."""

@@ -1,0 +1,231 @@
+"""Prompt adherence on ``shapes``: the shipped attribute classifier reads real images correctly, wrong
+captions score near 0, evaluation prompts are fixed, parse and are new, and ``evaluate_adherence`` scores a
+perfect (rendering) pipeline ~100 % and a noise pipeline near chance."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from reverie.data import ShapesDataset, collate, shapes
+from reverie.data.shapes import COLORS, RELATIONS, SHAPES
+from reverie.data.transforms import uint8_to_tensor
+from reverie.eval.adherence import (
+    evaluate_adherence,
+    evaluation_prompts,
+    prompt_labels,
+    score_images,
+    score_real_images,
+)
+from reverie.eval.attributes import DEFAULT_PATH, classifier_accuracy, decode, load_classifier, splat
+
+COLOR_NAMES = tuple(COLORS)
+HELD_OUT_SEED = 4242  # neither the classifier's training data (1000) nor its reported evaluation (12345)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.set_num_threads(1)
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Real two-object images of a held-out seed with their labels."""
+    data = ShapesDataset(resolution=32, min_objects=2, max_objects=2, seed=HELD_OUT_SEED)
+    return collate([data[i] for i in range(200)])
+
+
+def test_shipped_classifier_is_small_and_safetensors():
+    files = sorted(p.name for p in DEFAULT_PATH.iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    assert (DEFAULT_PATH / "model.safetensors").stat().st_size <= 3 * 2**20
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_classifier_accuracy_on_real_images(classifier, resolution):
+    acc = classifier_accuracy(classifier, num_images=300, seed=HELD_OUT_SEED, resolution=resolution)
+    for name in ("color", "shape", "relation", "count"):
+        assert acc[name] >= 0.95, (name, acc)
+
+
+def test_decode_finds_a_center_split_between_cells():
+    """A center near a cell corner spreads its probability over cells: one object, read at the maximum."""
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    objectness, offset = torch.full((1, 8, 8), -12.0), torch.zeros(1, 2, 8, 8)
+    color, shape = torch.zeros(1, len(COLORS), 8, 8), torch.zeros(1, len(SHAPES), 8, 8)
+    objectness[0, 3, 2], objectness[0, 3, 3], objectness[0, 4, 2] = logit(0.3), logit(0.25), logit(0.2)
+    offset[0, :, 3, 2] = torch.tensor([0.45, 0.4])
+    color[0, 4, 3, 2], shape[0, 6, 3, 2] = 5.0, 5.0
+    objectness[0, 1, 6], color[0, 9, 1, 6], shape[0, 1, 1, 6] = logit(0.9), 5.0, 5.0  # a second, clear object
+    objectness[0, 6, 6] = logit(0.3)  # a faint bump: not an object
+    pred = decode(objectness, offset, color, shape)
+    assert pred["count"].tolist() == [2]
+    assert pred["color"].tolist() == [[4, 9, -1]] and pred["shape"].tolist() == [[6, 1, -1]]  # sorted by x + y
+    expected = torch.tensor([[2.95 / 8, 3.9 / 8], [6.5 / 8, 1.5 / 8], [-1, -1]])
+    torch.testing.assert_close(pred["center"][0], expected)
+
+
+def test_splat_targets_are_bilinear():
+    rows, cols, weights = splat(torch.tensor([[0.5, 0.5], [0.3, 0.1]]), 8)
+    # 0.5 * 8 - 0.5 = 3.5: halfway between cell centers 3 and 4 on both axes.
+    assert rows[0].tolist() == [3, 3, 4, 4] and cols[0].tolist() == [3, 4, 3, 4]
+    torch.testing.assert_close(weights[0], torch.full((4,), 0.25))
+    # x: 1.9 -> cells 1, 2 with weights 0.1, 0.9; y: 0.3 -> cells 0, 1 with 0.7, 0.3.
+    torch.testing.assert_close(weights[1], torch.tensor([0.07, 0.63, 0.03, 0.27]))
+    assert weights.sum(1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_real_images_score_near_ceiling(classifier):
+    result = score_real_images(num_images=300, seed=HELD_OUT_SEED, classifier=classifier)
+    assert result["num_images"] == 300 and result["num_relation_images"] > 50
+    for name in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy"):
+        assert result[name] >= 0.95, (name, result[name])
+    assert result["all_correct"] >= 0.9
+
+
+def _caption(objects, rel: int) -> str:
+    """'a <color> <shape> <rel> a <color> <shape>' for objects [(color, shape), (color, shape)]."""
+    (c0, s0), (c1, s1) = objects
+    return f"a {COLOR_NAMES[c0]} {SHAPES[s0]} {RELATIONS[rel]} a {COLOR_NAMES[c1]} {SHAPES[s1]}"
+
+
+def test_wrong_captions_score_near_zero(classifier, pairs):
+    colors, kinds = pairs["objects"]["color"][:, :2], pairs["objects"]["shape"][:, :2]
+    # Distinct colors and shapes, so that swapping colors really changes what the caption says.
+    keep = (colors[:, 0] != colors[:, 1]) & (kinds[:, 0] != kinds[:, 1])
+    images = pairs["image"][keep]
+    labels = [(c.tolist(), s.tolist(), int(r)) for c, s, r in zip(colors[keep], kinds[keep], pairs["relation"][keep])]
+    assert len(labels) > 100
+    right = [_caption([(c[0], s[0]), (c[1], s[1])], r) for c, s, r in labels]
+    swapped_colors = [_caption([(c[1], s[0]), (c[0], s[1])], r) for c, s, r in labels]
+    swapped_relation = [_caption([(c[0], s[0]), (c[1], s[1])], shapes._INVERSE[r]) for c, s, r in labels]
+
+    good = score_images(images, right, classifier)
+    assert min(good["color_accuracy"], good["shape_accuracy"], good["relation_accuracy"]) >= 0.95
+    bad_colors = score_images(images, swapped_colors, classifier)
+    assert bad_colors["color_accuracy"] <= 0.05 and bad_colors["shape_accuracy"] >= 0.95
+    assert bad_colors["all_correct"] <= 0.05
+    bad_relation = score_images(images, swapped_relation, classifier)
+    assert bad_relation["relation_accuracy"] <= 0.05 and bad_relation["color_accuracy"] >= 0.95
+    assert bad_relation["all_correct"] <= 0.05
+
+
+def test_evaluation_prompts_fixed_parse_and_cover_the_vocabulary():
+    prompts = evaluation_prompts()
+    assert prompts == evaluation_prompts() and prompts != evaluation_prompts(seed=1)
+    assert len(prompts) == len(set(prompts)) == 72
+    labels = [prompt_labels(p) for p in prompts]
+    two, one = labels[:48], labels[48:]
+    assert all(len(x.objects) == 2 and x.relation == (0, x.relation[1], 1) for x in two)
+    assert all(len(set(x.objects)) == 2 for x in two)
+    assert np.bincount([x.relation[1] for x in two]).tolist() == [12, 12, 12, 12]
+    assert all(len(x.objects) == 1 and x.relation is None for x in one)
+    assert {x.objects[0][0] for x in one} == set(range(len(COLORS)))
+    assert {x.objects[0][1] for x in one} == set(range(len(SHAPES)))
+    # The words each prompt was built from are the ones parsed back (the article may be 'an').
+    for text, x in zip(prompts, labels):
+        named = re.findall(r"({}) ({})".format("|".join(COLOR_NAMES), "|".join(SHAPES)), text)
+        assert [(COLOR_NAMES.index(c), SHAPES.index(s)) for c, s in named] == list(x.objects)
+
+
+def test_evaluation_prompts_never_appear_in_training_captions():
+    """Each prompt has a word that no caption of the default training data (seed 0) uses."""
+    data = ShapesDataset(seed=0)
+    captions = set()
+    for i in range(10000):
+        scene, rng = data.scene(i)
+        captions.add(shapes.make_caption(scene, rng))
+    vocabulary = {w for c in captions for w in re.findall(r"[a-z-]+", c)}
+    for prompt in evaluation_prompts():
+        assert prompt not in captions
+        assert set(re.findall(r"[a-z-]+", prompt)) - vocabulary, prompt
+
+
+@pytest.mark.parametrize("text", ["a red circle, a blue square and a green star", "a sunny beach"])
+def test_prompt_labels_rejects_what_it_cannot_score(text):
+    with pytest.raises(ValueError, match="1 or 2"):
+        prompt_labels(text)
+
+
+# ------------------------------------------------------------------------------------------- stub pipelines
+
+
+def render_prompt(text: str, rng: random.Random, resolution: int) -> np.ndarray:
+    """A real ``shapes`` rendering of exactly what the prompt says (random sizes, layout and background)."""
+    labels = prompt_labels(text)
+    colors = [c for c, _ in labels.objects]
+    background = rng.choice([b for b, ok in enumerate(shapes._READABLE) if set(colors) <= set(ok)])
+    sizes = [rng.randrange(2) for _ in labels.objects]
+    radii = [shapes._sample_radius(rng, s) for s in sizes]
+    if labels.relation is None:
+        centers = [shapes._place_single(rng, radii[0])]
+    else:
+        i, rel, _ = labels.relation  # shapes._place_pair puts object 0 RELATIONS[rel] object 1
+        centers = shapes._place_pair(rng, *radii, rel if i == 0 else shapes._INVERSE[rel])
+    objects = tuple(shapes.ShapeObject(s, c, size, x, y, r)
+                    for (c, s), size, (x, y), r in zip(labels.objects, sizes, centers, radii))
+    return shapes.render_array(shapes.Scene(background, None, objects), resolution)
+
+
+class StubPipeline:
+    """``Pipeline.sample``'s signature; repeats the prompt list to fill num_images, as Pipeline does."""
+
+    def __init__(self, resolution: int = 32, noise: bool = False):
+        self.resolution, self.noise, self.calls = resolution, noise, []
+
+    def sample(self, num_images, steps=None, sampler=None, seed=0, prompts=None, guidance_scale=None, **kwargs):
+        self.calls.append((num_images, list(prompts), seed, steps, sampler, guidance_scale))
+        if self.noise:
+            g = torch.Generator().manual_seed(seed)
+            return torch.rand(num_images, 3, self.resolution, self.resolution, generator=g) * 2 - 1
+        prompts = (list(prompts) * num_images)[:num_images]
+        rng = random.Random(f"stub/{seed}")
+        pixels = np.stack([render_prompt(p, rng, self.resolution) for p in prompts])
+        return uint8_to_tensor(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+
+
+def test_evaluate_adherence_perfect_pipeline_scores_full(classifier):
+    stub = StubPipeline()
+    result = evaluate_adherence(stub, num_per_prompt=2, steps=7, sampler="euler", guidance_scale=3.0, seed=5,
+                                batch_size=32, classifier=classifier, progress=False)
+    prompts = evaluation_prompts()
+    assert result["num_images"] == 2 * len(prompts) and result["num_prompts"] == len(prompts)
+    assert result["num_relation_images"] == 2 * 48
+    assert set(result["per_prompt"]) == set(prompts)
+    # Batched: 16 prompts x 2 copies per call, noise seeds 5, 6, ...; settings passed through.
+    assert [len(c[1]) for c in stub.calls] == [16, 16, 16, 16, 8]
+    assert [c[2] for c in stub.calls] == [5, 6, 7, 8, 9]
+    assert all(c[0] == 2 * len(c[1]) and c[3:] == (7, "euler", 3.0) for c in stub.calls)
+    for name in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy"):
+        assert result[name] >= 0.97, (name, result[name])
+    assert result["all_correct"] >= 0.93
+
+
+def test_evaluate_adherence_on_64px_images(classifier):
+    prompts = evaluation_prompts()[::6]
+    result = evaluate_adherence(StubPipeline(resolution=64), prompts=prompts, num_per_prompt=3,
+                                classifier=classifier, progress=False)
+    assert result["num_images"] == 3 * len(prompts)
+    assert result["all_correct"] >= 0.9
+
+
+def test_evaluate_adherence_noise_pipeline_scores_low(classifier):
+    result = evaluate_adherence(StubPipeline(noise=True), num_per_prompt=2, classifier=classifier, progress=False)
+    # Chance: 1/10 per color, 1/7 per shape, 1/2 per relation; nothing is right at once.
+    assert result["color_accuracy"] <= 0.3 and result["shape_accuracy"] <= 0.35
+    assert result["all_correct"] <= 0.05
+
+
+def test_evaluate_adherence_rejects_bad_input(classifier):
+    with pytest.raises(ValueError, match="text-conditioned"):
+        stub = StubPipeline()
+        stub.conditioning = "class"
+        evaluate_adherence(stub, classifier=classifier, progress=False)
+    with pytest.raises(ValueError, match="1 or 2"):
+        evaluate_adherence(StubPipeline(), prompts=["a red circle", "a cat"], classifier=classifier, progress=False)
