@@ -141,6 +141,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from .pipeline import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema,
+                            dtype=torch.float16 if args.half else torch.float32)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"exported {args.checkpoint} -> {out} ({size:.1f} MiB)")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from .images import save_grid
     from .pipeline import Pipeline
@@ -242,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="random seed")
     ev.add_argument("--json", default=None, help="also write the results as JSON here")
     ev.set_defaults(func=_cmd_eval)
+
+    ex = sub.add_parser("export", help="turn a checkpoint or run directory into a model directory",
+                        formatter_class=fmt)
+    ex.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    ex.add_argument("-o", "--output", required=True, help="model directory to write")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    ex.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    ex.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt)
     s.add_argument("model", help="model directory (config.json + model.safetensors)")

@@ -31,6 +31,30 @@ def _weights(module) -> dict:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model_state(module).items()}
 
 
+def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Turn a training checkpoint (or a run directory's latest) into a shareable model directory
+    holding one set of weights (the EMA ones by default), optionally stored in half precision."""
+    from .train.checkpoint import latest_checkpoint, load_checkpoint
+    from .train.config import TrainConfig
+    from .train.loop import build_dataset, build_model, dataset_info, load_model_state
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "state.json").is_file():
+        found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint found in {checkpoint}")
+        checkpoint = found
+    state = load_checkpoint(checkpoint)
+    cfg = from_dict(TrainConfig, state["config"])
+    info = state.get("info") or dataset_info(build_dataset(cfg))
+    net, _, _ = build_model(cfg, info)
+    load_model_state(net, state["ema" if use_ema else "model"])
+    if dtype != torch.float32:
+        net = net.to(dtype)
+    return save_model_dir(out, cfg, info, net)
+
+
 def save_model_dir(path: str | Path, cfg, info: dict, net, ema_net=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``) into ``path``."""
     path = Path(path)

@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         state = {"step": path_step, "model": model_state(acc.unwrap_model(model)), "ema": model_state(ema.model),
                  "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                  "data": vars(data_state).copy(), "nonfinite_total": nonfinite_total,
-                 "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg)}
+                 "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg), "info": dict(info)}
         if hasattr(levels, "state_dict"):
             state["noise_levels"] = levels.state_dict()
         return save_checkpoint(ckpt_dir, path_step, state, keep_last=cfg.train.keep_last)
