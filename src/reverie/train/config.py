@@ -95,6 +95,7 @@ class TrainSection:
     max_nonfinite: int = 5              # consecutive non-finite losses before stopping
     tensorboard: bool = False
     progress: bool = True
+    threads: int = 0                    # CPU intra-op threads (0: torch's default); 1 on a busy machine
     channels_last: bool = False
     gradient_checkpointing: bool = False
 
