@@ -4,6 +4,7 @@ more threads only contend, and diffusers' scheduler construction is 200x slower 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses some tests start
 
 import torch  # noqa: E402
 
