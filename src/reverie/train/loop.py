@@ -220,6 +220,17 @@ def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, de
     return {"class_labels": labels}
 
 
+def _tensorboard(out: Path):
+    """A TensorBoard writer if the tensorboard package is installed (else a warning and None)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
+                      "logging to log.jsonl only", stacklevel=2)
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 @dataclass
 class TrainResult:
     export_dir: Path   # config.json + model.safetensors + ema.safetensors (written by rank 0)
@@ -293,6 +304,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = (out / "log.jsonl").open("a" if source is not None else "w") if main else None
+    tb = _tensorboard(out) if main and cfg.train.tensorboard else None
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress),
                desc="train", dynamic_ncols=True)
     consecutive_bad, t_last, imgs_since = 0, time.perf_counter(), 0
@@ -363,6 +375,10 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
                       "nonfinite_skipped": nonfinite_total, "epoch": data_state.epoch}
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if tb is not None:
+                for key in ("loss", "lr", "images_per_s", "grad_norm"):
+                    if record[key] is not None:
+                        tb.add_scalar(f"train/{key}", record[key], step)
             bar.set_postfix(loss=f"{total_loss:.4f}", img_s=f"{rate:.1f}")
         if main and cfg.sample.every and step % cfg.sample.every == 0:
             save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png")
@@ -372,6 +388,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     bar.close()
     if log:
         log.close()
+    if tb is not None:
+        tb.close()
     export = out / "model"
     if main:
         if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
