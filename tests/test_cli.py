@@ -1,0 +1,131 @@
+"""The `reverie` command: generate (PNG metadata, reproducibility, bad input), sample, inspect, train."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from reverie.cli import main
+from reverie.configs import load_config
+from reverie.pipeline import save_model_dir
+from reverie.train.config import TrainConfig
+from reverie.train.loop import build_model
+
+NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
+TEXT = "{width: 32, depth: 1, num_heads: 2, pooled_dim: 32, max_length: 8, num_buckets: 64}"
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A small random text-conditioned model directory (weights perturbed so outputs vary)."""
+    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--model.conditioning=text",
+                                          f"--model.text_encoder_options={TEXT}", "--data.resolution=16"])
+    info = {"in_channels": 3, "resolution": 16, "num_classes": 0}
+    torch.manual_seed(0)
+    net, _, _ = build_model(cfg, info)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-t2i", cfg, info, net)
+
+
+def _gen(model, *args):
+    return main(["generate", *args, "--model", str(model), "--steps", "3"])
+
+
+def test_generate_writes_png_with_parameters_and_is_reproducible(text_model, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert _gen(text_model, "a red circle", "--num-images", "1", "--seed", "3", "-o", str(a)) == 0
+    assert _gen(text_model, "a red circle", "--num-images", "1", "--seed", "3", "-o", str(b)) == 0
+    assert a.read_bytes() == b.read_bytes()
+    img = Image.open(a)
+    assert img.size == (16, 16)
+    meta = json.loads(img.text["reverie"])
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 3 and meta["steps"] == 3
+    assert meta["sampler"] == "dpmpp_2m" and meta["guidance"] == 4.0 and meta["model"] == "tiny-t2i"
+    assert len(meta["model_hash"]) == 16
+    c = tmp_path / "c.png"
+    assert _gen(text_model, "a red circle", "--num-images", "1", "--seed", "4", "-o", str(c)) == 0
+    assert c.read_bytes() != a.read_bytes()
+    # --from-png reproduces the file byte for byte
+    d = tmp_path / "d.png"
+    assert main(["generate", "--from-png", str(a), "--model", str(text_model), "-o", str(d)]) == 0
+    assert d.read_bytes() == a.read_bytes()
+
+
+def test_grid_and_out_dir(text_model, tmp_path):
+    assert _gen(text_model, "a blue square", "--num-images", "4", "-o", str(tmp_path / "grid.png")) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 16
+    assert _gen(text_model, "a blue square", "--num-images", "3", "--out-dir", str(tmp_path / "each")) == 0
+    files = sorted((tmp_path / "each").glob("*.png"))
+    assert len(files) == 3
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(files[1]), "--model", str(text_model), "-o", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(files[1]).tobytes()
+
+
+def test_empty_and_overlong_prompts(text_model, tmp_path, capsys):
+    assert _gen(text_model, "", "--num-images", "1", "-o", str(tmp_path / "u.png")) == 0
+    long = " ".join(["red circle"] * 20)
+    with pytest.warns(UserWarning, match="dropped"):
+        assert _gen(text_model, long, "--num-images", "1", "-o", str(tmp_path / "l.png")) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "magic"], "choose one of"),
+    (["--steps", "0"], "--steps must be"),
+    (["--guidance", "-1"], "--guidance must be between"),
+    (["--num-images", "100000"], "--num-images must be between"),
+])
+def test_bad_input_is_one_line_error(text_model, tmp_path, capsys, args, message):
+    code = main(["generate", "x", "--model", str(text_model), "-o", str(tmp_path / "x.png"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_missing_model_and_png_without_metadata(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "none")]) == 2
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(plain)
+    assert main(["generate", "--from-png", str(plain), "--model", str(tmp_path)]) == 2
+    assert "no reverie generation parameters" in capsys.readouterr().err
+
+
+def test_inspect_and_sample(text_model, tmp_path, capsys):
+    assert main(["inspect", str(text_model)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "prediction: eps" in out
+    assert main(["sample", str(text_model), "--n", "2", "--steps", "2", "-o", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
+
+
+def test_train_dry_run_and_config_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: 5\n")
+    assert main(["train", str(cfg), "--optim.lr=3e-4", "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["optim"]["lr"] == pytest.approx(3e-4) and resolved["train"]["steps"] == 5
+    assert main(["train", str(cfg), "--train.lr=1"]) == 2
+    assert "did you mean optim.lr" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--train.steps=zero"]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_export_checkpoint_to_half_precision_model(tmp_path, capsys):
+    from reverie.pipeline import Pipeline
+    from reverie.train.loop import train
+
+    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--data.resolution=16",
+                                          "--data.batch_size=2", "--train.steps=2", "--train.checkpoint_every=2",
+                                          f"--train.out_dir={tmp_path / 'run'}", "--train.progress=false",
+                                          "--sample.every=0", "--data.options={length: 64}"])
+    result = train(cfg, resume=False)
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "half"), "--half"]) == 0
+    half = Pipeline.from_pretrained(tmp_path / "half")
+    full = Pipeline.from_pretrained(result.export_dir)  # EMA weights in float32
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < \
+        0.6 * (result.export_dir / "model.safetensors").stat().st_size
+    a = half.sample(num_images=2, steps=2, sampler="euler", seed=0)
+    b = full.sample(num_images=2, steps=2, sampler="euler", seed=0)
+    assert (a - b).abs().max() < 2e-2  # fp16 rounding of the weights only

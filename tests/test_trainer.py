@@ -1,0 +1,150 @@
+"""The training loop: exact resume (also after kill -9), non-finite handling, export, DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reverie.configs import load_config
+from reverie.pipeline import Pipeline
+from reverie.train import latest_checkpoint
+from reverie.train.config import TrainConfig
+from reverie.train.loop import ShardedSampler, TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_data import Toy  # noqa: E402
+
+TOY = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom toy_data import Toy\n"
+
+NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
+TINY = [f"--model.network_overrides={NET}",
+        "--data.batch_size=4", "--data.resolution=16", "--train.progress=false", "--sample.every=0",
+        "--optim.warmup_steps=2", "--model.conditioning=class", "--train.log_every=1"]
+
+
+def _cfg(out, *extra):
+    return load_config(TrainConfig, None, [*TINY, f"--train.out_dir={out}", *extra])
+
+
+def _weights(out):
+    return load_file(str(Path(out) / "model" / "model.safetensors")), load_file(
+        str(Path(out) / "model" / "ema.safetensors"))
+
+
+def _assert_same(a, b):
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+        assert torch.equal(a[1][k], b[1][k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(_cfg(out, "--train.steps=8", "--train.checkpoint_every=4"), resume=False, dataset=Toy(40))
+    return out
+
+
+def test_resume_reproduces_uninterrupted_run(straight, tmp_path):
+    train(_cfg(tmp_path, "--train.steps=4", "--train.checkpoint_every=4"), resume=False, dataset=Toy(40))
+    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4"), resume="auto", dataset=Toy(40))
+    _assert_same(_weights(straight), _weights(tmp_path))
+    # 40 images / batch 4 = 10 batches per epoch: step 8 is in epoch 0, batch 8.
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+
+
+def test_kill_9_then_resume_matches(straight, tmp_path):
+    script = TOY + textwrap.dedent(f"""
+        from reverie.configs import load_config
+        from reverie.train.config import TrainConfig
+        from reverie.train.loop import train
+        cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={tmp_path}", "--train.steps=8",
+                          "--train.checkpoint_every=4"])
+        train(cfg, resume="auto", dataset=Toy(40))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(tmp_path / "checkpoints") is None and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup runs
+    proc.wait()
+    if (tmp_path / "model").exists():  # finished before the kill landed: start over from step 4
+        shutil.rmtree(tmp_path / "model")
+    assert latest_checkpoint(tmp_path / "checkpoints") is not None
+    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4"), resume="auto", dataset=Toy(40))
+    _assert_same(_weights(straight), _weights(tmp_path))
+
+
+def test_export_loads_in_pipeline_and_validates(straight, tmp_path):
+    pipe = Pipeline.from_pretrained(straight / "model")
+    imgs = pipe.sample(num_images=3, steps=2, sampler="euler", seed=1)
+    assert imgs.shape == (3, 3, 16, 16) and torch.isfinite(imgs).all()
+    assert torch.equal(imgs, pipe.sample(num_images=3, steps=2, sampler="euler", seed=1))
+    bad = tmp_path / "bad"
+    shutil.copytree(straight / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["network"]["model_channels"] = 16
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="wrong shape"):
+        Pipeline.from_pretrained(bad)
+
+
+def test_nonfinite_losses_stop_with_a_clear_message(tmp_path):
+    with pytest.raises(TrainingError, match="non-finite losses in a row.*Last good checkpoint"):
+        train(_cfg(tmp_path, "--train.steps=10", "--train.max_nonfinite=3"), resume=False,
+              dataset=Toy(40, nan=True))
+
+
+def test_sharded_sampler_partitions_each_epoch():
+    seen = []
+    for rank in range(3):
+        seen += list(ShardedSampler(100, rank, 3, seed=0, epoch=2, shuffle=True))
+    assert sorted(seen) == list(range(100))
+    a = list(ShardedSampler(100, 1, 3, seed=0, epoch=2, shuffle=True))
+    b = list(ShardedSampler(100, 1, 3, seed=0, epoch=2, shuffle=True, start=5))
+    assert b == a[5:]
+    assert a != list(ShardedSampler(100, 1, 3, seed=0, epoch=3, shuffle=True))
+
+
+def test_two_process_ddp_gloo(tmp_path):
+    """torchrun, 2 CPU processes: identical weights, disjoint data, only rank 0 writes."""
+    script = tmp_path / "ddp.py"
+    script.write_text(TOY + textwrap.dedent(f"""
+        from reverie.configs import load_config
+        from reverie.train.config import TrainConfig
+        from reverie.train.loop import train
+        cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={tmp_path / 'run'}",
+                          "--train.steps=4", "--train.checkpoint_every=2"])
+        result = train(cfg, resume=False, dataset=Toy(32, log="{tmp_path / 'seen'}"))
+        import os
+        from safetensors.torch import save_file
+        state = {{k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}}
+        save_file(state, f"{tmp_path}/rank{{os.environ['RANK']}}.safetensors")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    subprocess.run([*cmd, str(script)], cwd=ROOT, env=env, check=True, timeout=400)
+    seen = {r: [int(x) for x in (tmp_path / f"seen.{r}").read_text().split()] for r in (0, 1)}
+    # 4 steps x batch 4 = 16 per rank = one epoch of 32 split in two: disjoint, covering all.
+    assert len(seen[0]) == len(seen[1]) == 16 + 1  # + the first item read for dataset info
+    assert set(seen[0][1:]).isdisjoint(seen[1][1:])
+    assert sorted(seen[0][1:] + seen[1][1:]) == list(range(32))
+    w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    init = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(torch.equal(w0[k], init[k]) for k in w0)
+    run = tmp_path / "run"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["ckpt-00000002", "ckpt-00000004", "latest"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 4  # one writer
