@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
-# Set up (venv + installs) and run the main job.
+# Set up (venv + installs) and run the main job: text-to-image with the shipped model, then the
+# sampler demo on an exact Gaussian-mixture denoiser. Extra arguments go to `reverie generate`.
 source "$(dirname "$0")/env.sh"
-python -m reverie.demo "$@"
+mkdir -p out
+reverie generate "a red circle above a blue square" --num-images 4 --steps 20 --sampler dpmpp_2m \
+    --guidance 4 --seed 0 -o out/generate.png "$@"
+python -m reverie.demo --out out/samplers.png
