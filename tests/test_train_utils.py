@@ -53,6 +53,14 @@ def test_config_errors_are_clear(override, message):
         load_config(Outer, None, [override])
 
 
+def test_yaml_boolean_spellings_reach_string_choices():
+    from reverie.train.config import TrainConfig
+
+    assert load_config(TrainConfig, None, ["--train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(TrainConfig, None, ["--train.mixed_precision=yes"])
+
+
 def test_override_into_scalar_is_an_error():
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])

@@ -49,6 +49,9 @@ def _coerce(value: Any, tp, path: str):
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans
+            spellings = ("no", "off", "false") if not value else ("yes", "on", "true")
+            value = next((c for c in typing.get_args(tp) if c in spellings), value)
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{path}: {value!r} is not one of {choices}")
