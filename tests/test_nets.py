@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reverie.nets import PRESETS, DiTConfig, UNetConfig, count_parameters, create_network
 from reverie.nets.dit import sincos_pos_embed_2d
-from reverie.nets.layers import attention
 from reverie.nets.unet import convert_diffusers_unet2d, diffusers_unet2d_kwargs
 
 # Pinned parameter counts. unet-ddpm-cifar10 equals diffusers' UNet2DModel for the same config
@@ -265,17 +263,6 @@ def test_channels_last_computes_the_same_function():
     torch.testing.assert_close(out, ref(x, t, context=context), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_cpu_attention_equals_sdpa(masked):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
-    mask = torch.rand(2, 1, 1, 7, generator=g) > 0.4 if masked else None
-    if masked:
-        mask[..., 0] = True
-    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(attention(q, k, v, mask), expect)
-
-
 @pytest.mark.parametrize("name, shape", [("unet-tiny", (3, 16, 16)), ("dit-tiny", (4, 16, 16))])
 def test_bf16_autocast_close_to_fp32(name, shape):
     net = perturb(tiny(name)).eval()
@@ -307,10 +294,8 @@ def test_compile_fullgraph_without_graph_breaks(name, shape, overrides, bf16):
 
 
 @pytest.mark.slow
-def test_compile_inductor_matches_eager(request):
-    # Inductor's C++ build takes minutes on a shared CPU: only when slow tests are asked for.
-    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
-        pytest.skip("run with -m slow (inductor compilation takes minutes on a CPU)")
+def test_compile_inductor_matches_eager():
+    """Inductor code generation (minutes of C++ compilation on a shared CPU, hence slow)."""
     pytest.importorskip("torch._inductor")
     net = perturb(tiny("unet-tiny")).eval()
     x, t = inputs((3, 16, 16))

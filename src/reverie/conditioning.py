@@ -27,6 +27,9 @@ class TextConditionedNet(nn.Module):
     def config(self):
         return self.net.config
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.net.set_gradient_checkpointing(enabled)
+
     def encode(self, texts: list[str]) -> dict:
         """``{context, context_mask, pooled}`` for a list of captions ("" = unconditional)."""
         emb = self._cached.encode(texts) if self._cached is not None else self.encoder.encode(texts)
