@@ -237,19 +237,23 @@ def cpu_peak_mb(impl: str, config: str, mode: str, args) -> dict:
 
 class Budget:
     """Skips warm-ups (compilations) that would not finish before ``--budget-s``; learns how long a
-    compilation takes from the ones it has seen."""
+    compilation of each phase takes from the ones it has seen."""
 
     def __init__(self, seconds: float | None):
         self.deadline = time.time() + seconds if seconds else None
-        self.compile_s = COMPILE_ESTIMATE_S
+        self.compile_s = {"train": COMPILE_ESTIMATE_S, "forward": 0.6 * COMPILE_ESTIMATE_S}
+        self.seen = set()
 
-    def allows(self, mode: str, count: int) -> bool:
-        need = count * (self.compile_s if mode.endswith("compile") else 5.0)
+    def allows(self, mode: str, phase: str, count: int) -> bool:
+        need = count * (self.compile_s[phase] if mode.endswith("compile") else 5.0)
         return self.deadline is None or time.time() + need < self.deadline
 
-    def note(self, mode: str, seconds: float) -> None:
+    def note(self, mode: str, phase: str, seconds: float) -> None:
         if mode.endswith("compile"):
-            self.compile_s = max(seconds, 10.0)
+            self.compile_s[phase] = max(seconds, 10.0)
+            if phase == "train" and "forward" not in self.seen:  # an inference graph is smaller
+                self.compile_s["forward"] = 0.6 * self.compile_s["train"]
+            self.seen.add(phase)
 
 
 def bench_mode(config: str, mode: str, impls: list[str], models: dict, args, budget: Budget) -> list[dict]:
@@ -260,7 +264,7 @@ def bench_mode(config: str, mode: str, impls: list[str], models: dict, args, bud
     steps = {i: make_steps(*models[i], i, mode, x, t, args.compile_backend) for i in impls}
     rows = {i: {"config": config, "impl": i, "mode": mode, "batch": args.batch} for i in impls}
     for phase, k in (("train", 1), ("forward", 0)):
-        if not budget.allows(mode, len(impls)):  # all impls or none, so that there is a ratio
+        if not budget.allows(mode, phase, len(impls)):  # all impls or none, so that there is a ratio
             for i in impls:
                 rows[i][f"{phase}_skipped"] = "time budget"
             continue
@@ -276,7 +280,7 @@ def bench_mode(config: str, mode: str, impls: list[str], models: dict, args, bud
                 print(f"[{config} {mode} {i} {phase}] failed: {rows[i][f'{phase}_error'][:300]}", flush=True)
                 continue
             rows[i][f"{phase}_warmup_s"] = time.perf_counter() - w0
-            budget.note(mode, rows[i][f"{phase}_warmup_s"])
+            budget.note(mode, phase, rows[i][f"{phase}_warmup_s"])
             ready.append(i)
         times = {i: [] for i in ready}
         for r in range(args.repeats):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def _cmd_inspect(args) -> int:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         config = json.loads((path / "config.json").read_text())
         with safe_open(str(path / "model.safetensors"), "pt") as f:
-            n = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+            n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         net = config["network"]
         print(f"model directory {path}")
         print(f"  network:    {net.get('arch')} ({n:,} parameters)")
@@ -194,13 +195,6 @@ def _cmd_inspect(args) -> int:
     print(f"  params:   {n:,}")
     print(f"  skipped non-finite steps: {state.get('nonfinite_total', 0)}")
     return 0
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def _cmd_data_preview(args) -> int:

@@ -42,8 +42,9 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
                   negative_prompt: str = "", guidance_scale: float | None = None,
                   steps: int | None = None, sampler: str | None = None, grid: str | None = None,
                   guidance_rescale: float = 0.0, callback=None, progress: bool = False) -> torch.Tensor:
-    """``num_images`` samples in [-1, 1]; the noise is drawn on the CPU so that a seed gives the
-    same images on every device."""
+    """``num_images`` samples in [-1, 1]. The initial noise is drawn on the CPU, so a seed starts
+    from the same noise on every device; ancestral samplers' per-step noise uses the device's own
+    generator, so their images match across devices only in distribution."""
     denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps or cfg.sample.steps, grid or cfg.sample.grid)
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(seed)
