@@ -114,27 +114,141 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    from .pipeline import Pipeline
+SAMPLE_METRICS = ("fid", "kid", "pr")
+EVAL_METRICS = (*SAMPLE_METRICS, "nll", "adherence")
 
+
+def _load_for_eval(path: str | None):
+    """A Pipeline from a model directory, a checkpoint directory or a run directory (its latest checkpoint)."""
+    import tempfile
+
+    from .pipeline import Pipeline, export_checkpoint
+
+    model_dir = Path(path) if path else DEFAULT_MODEL
+    if (model_dir / "config.json").is_file() and not (model_dir / "state.json").is_file() \
+            and json.loads((model_dir / "config.json").read_text()).get("format"):
+        return Pipeline.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_checkpoint(model_dir, Path(tmp) / model_dir.name)
+        return Pipeline.from_pretrained(Path(tmp) / model_dir.name)
+
+
+def _reference_spec(pipe, args) -> tuple[str, dict]:
+    """(dataset name, options) of the reference images: --ref, else the model's training data (test split
+    where the dataset has one)."""
+    import inspect
+
+    from .data import DATASETS
+
+    name = args.ref or pipe.cfg.data.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown reference dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    options = dict(pipe.cfg.data.options) if name == pipe.cfg.data.name else {}
+    if "split" in inspect.signature(DATASETS[name]).parameters:
+        options["split"] = args.ref_split
+    return name, options
+
+
+def _sample_metrics(pipe, metrics: list[str], args) -> dict:
+    import torch
+
+    from .data import get_dataset
+    from .eval.fid import dataset_reference, evaluate_samples, sample_features
+
+    name, options = _reference_spec(pipe, args)
+    resolution = pipe.info["resolution"]
+    ref = dataset_reference(name, resolution=resolution, n=args.ref_n, **options)
+    prompts = None
+    if pipe.conditioning == "text":  # captions of the reference images, as COCO FID does
+        data = get_dataset(name, resolution=resolution, **options)
+        prompts = [data[i]["text"] for i in range(args.n)]
+    state = {"start": 0}
+
+    def draw(num: int, seed: int):
+        start = state["start"]
+        state["start"] += num
+        labels = None
+        if pipe.conditioning == "class":
+            labels = torch.arange(start, start + num) % pipe.info["num_classes"]
+        batch_prompts = prompts[start:start + num] if prompts else None
+        return pipe.sample(num, steps=args.steps, sampler=args.sampler, seed=seed, class_labels=labels,
+                           prompts=batch_prompts, guidance_scale=args.guidance if pipe.conditioning != "none" else None)
+
+    feats = sample_features(draw, args.n, batch_size=args.batch_size, seed=args.seed, desc=f"sampling {pipe.name}")
+    res = evaluate_samples(feats, ref, tuple(m for m in metrics if m in SAMPLE_METRICS))
+    res["reference"] = f"{name} {options.get('split', '')}".strip()
+    return res
+
+
+def _nll_metrics(pipe, args) -> dict:
+    """Bits/dim of ``--nll-n`` reference images: the discrete ELBO (VP models)."""
+    import torch
+
+    from .data import get_dataset
+    from .likelihood import nll_bits_per_dim
+
+    name, options = _reference_spec(pipe, args)
+    data = get_dataset(name, resolution=pipe.info["resolution"], **options)
+    n = min(args.nll_n, len(data))
+    items = [data[i] for i in range(n)]
+    x0 = torch.stack([item["image"] for item in items])
+    res: dict = {"n": n, "reference": f"{name} {options.get('split', '')}".strip()}
+    if pipe.conditioning != "none":
+        raise ValueError("nll is implemented for unconditional models only")
+    if pipe.cfg.model.prediction == "edm":
+        res["elbo_bpd"] = None  # no discrete chain to bound
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        bpd = torch.cat([nll_bits_per_dim(pipe.denoiser, x0[i:i + args.batch_size], generator=g, progress=True)
+                         for i in range(0, n, args.batch_size)])
+        res["elbo_bpd"], res["elbo_bpd_sem"] = float(bpd.mean()), float(bpd.std() / n**0.5) if n > 1 else 0.0
+    return res
+
+
+def _cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    known = {"adherence"}
-    if not metrics or set(metrics) - known:
-        raise ValueError(f"unknown metric(s) {sorted(set(metrics) - known)}; available: {', '.join(sorted(known))}")
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
-    pipe = Pipeline.from_pretrained(model_dir)
-    results = {"model": pipe.name, "model_hash": pipe.weights_hash}
+    unknown = sorted(set(metrics) - set(EVAL_METRICS))
+    if not metrics or unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(EVAL_METRICS)}")
+    for key in ("n", "steps", "ref_n", "batch_size", "per_prompt", "nll_n"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    pipe = _load_for_eval(args.model)
+    results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
+               "seed": args.seed}
+    rows = []
+    if any(m in SAMPLE_METRICS for m in metrics):
+        res = _sample_metrics(pipe, metrics, args)
+        results.update(res)
+        where = f"{res['n']} samples vs {res['n_ref']} {res['reference']} images"
+        if "fid" in res:
+            rows.append(("FID", f"{res['fid']:.3f}", where))
+        if "kid" in res:
+            rows.append(("KID", f"{res['kid']:.5f} +- {res['kid_std']:.5f}", where))
+        if "precision" in res:
+            rows.append(("precision", f"{res['precision']:.3f}", where + ", k=3"))
+            rows.append(("recall", f"{res['recall']:.3f}", where + ", k=3"))
+    if "nll" in metrics:
+        res = _nll_metrics(pipe, args)
+        results["nll"] = res
+        for key, label in (("elbo_bpd", "NLL (ELBO)"), ("ode_bpd", "NLL (PF-ODE)")):
+            if res.get(key) is not None:
+                rows.append((label, f"{res[key]:.4f} bits/dim", f"{res['n']} {res['reference']} images"))
     if "adherence" in metrics:
         from .eval.adherence import evaluate_adherence
 
-        res = evaluate_adherence(pipe, num_per_prompt=args.n, steps=args.steps, sampler=args.sampler,
+        res = evaluate_adherence(pipe, num_per_prompt=args.per_prompt, steps=args.steps, sampler=args.sampler,
                                  guidance_scale=args.guidance, seed=args.seed)
         results["adherence"] = res
-        print(f"adherence of {pipe.name} over {res['num_images']} images "
-              f"({res['num_prompts']} held-out prompts, guidance {args.guidance}, {args.sampler} x {args.steps}):")
+        where = f"{res['num_images']} images, {res['num_prompts']} held-out prompts, guidance {args.guidance}"
         for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
             value = res.get(key)
-            print(f"  {key:18s} {'n/a' if value is None else f'{value:.3f}'}")
+            rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
+    print(f"{pipe.name} ({args.sampler}, {args.steps} steps, seed {args.seed})")
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    for label, value, where in rows:
+        print(f"  {label:{width}s}  {value:>{vwidth}s}   {where}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -238,10 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
     gen.set_defaults(func=_cmd_generate)
 
-    ev = sub.add_parser("eval", help="evaluate a model (prompt adherence on shapes)", formatter_class=fmt)
-    ev.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped shapes model)")
-    ev.add_argument("--metrics", default="adherence", help="comma-separated metrics: adherence")
-    ev.add_argument("--n", type=int, default=4, help="images per prompt")
+    ev = sub.add_parser("eval", help="evaluate a model: FID, KID, precision/recall, NLL, prompt adherence",
+                        formatter_class=fmt)
+    ev.add_argument("model", nargs="?", default=None,
+                    help="model, checkpoint or run directory (default: the shipped shapes model)")
+    ev.add_argument("--metrics", default="fid", help=f"comma-separated metrics: {', '.join(EVAL_METRICS)}")
+    ev.add_argument("--n", type=int, default=2000, help="generated images for fid/kid/pr; test images for nll")
+    ev.add_argument("--ref", default=None, help="reference dataset (default: the model's training data)")
+    ev.add_argument("--ref-split", default="test", help="reference split, for datasets that have splits")
+    ev.add_argument("--ref-n", type=int, default=10000, help="reference images (statistics are cached)")
+    ev.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
+    ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt for adherence")
+    ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
     ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")

@@ -108,6 +108,20 @@ class Pipeline:
     def conditioning(self) -> str:
         return self.cfg.model.conditioning
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images this model generates."""
+        return (self.info["in_channels"], self.info["resolution"], self.info["resolution"])
+
+    @property
+    def denoiser(self):
+        """The network wrapped as ``D(x, sigma, **cond) -> x0_hat`` for its prediction type."""
+        from .denoisers import make_denoiser
+
+        if self.cfg.model.prediction == "edm":
+            return make_denoiser("edm", self.net, sigma_data=self.cfg.model.sigma_data)
+        return make_denoiser(self.cfg.model.prediction, self.net, self.schedule)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> Pipeline:
         """Load a model directory (see module docstring); validates names and shapes."""

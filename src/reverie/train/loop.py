@@ -308,6 +308,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not (main and cfg.train.progress),
                desc="train", dynamic_ncols=True)
     consecutive_bad, t_last, imgs_since = 0, time.perf_counter(), 0
+    t_start = t_last
     last_good = latest_checkpoint(ckpt_dir)
     model.train()
     while step < cfg.train.steps:
@@ -372,7 +373,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
             t_last, imgs_since = now, 0
             record = {"step": step, "loss": total_loss, "lr": sched.get_last_lr()[0], "images_per_s": rate,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "nonfinite_skipped": nonfinite_total, "epoch": data_state.epoch}
+                      "nonfinite_skipped": nonfinite_total, "epoch": data_state.epoch,
+                      "elapsed_s": now - t_start}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if tb is not None:

@@ -1,0 +1,238 @@
+"""Time to quality: FID against wall-clock training time, reverie's trainer vs a plain diffusers loop.
+
+Both sides train the same architecture on the same MNIST 32x32 data with the same batch size,
+learning rate, warmup, cosine decay, bf16 autocast, gradient clipping and EMA, one intra-op thread
+each; run the two ``train`` commands at the same time so they share the machine alike:
+
+    python benchmarks/time_to_quality.py train --side reverie   &
+    python benchmarks/time_to_quality.py train --side diffusers &
+    wait
+    python benchmarks/time_to_quality.py eval --n 1000
+
+``reverie`` is the real ``reverie train configs/mnist-eps.yaml`` loop (checkpoints every
+``--snapshot-every`` steps; its log records the wall clock). ``diffusers`` is the loop of
+diffusers' training examples: UNet2DModel built from the same config, DDPMScheduler.add_noise,
+MSE on eps, AdamW, get_cosine_schedule_with_warmup, EMAModel, saving the EMA weights and the wall
+clock at the same steps. ``eval`` samples every snapshot's EMA weights with the same reverie
+sampler (dpmpp_2m, 20 steps) and scores FID (and KID) against the cached MNIST-test Inception
+statistics; it writes benchmarks/results/time_to_quality.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIG = ROOT / "configs" / "mnist-eps.yaml"
+
+
+def _cfg(args, side_dir: Path):
+    from reverie.configs import load_config
+    from reverie.train.config import TrainConfig
+
+    return load_config(TrainConfig, CONFIG, [
+        f"--train.steps={args.steps}", f"--train.out_dir={side_dir}", f"--train.checkpoint_every={args.snapshot_every}",
+        "--train.keep_last=1000", "--sample.every=0", "--train.progress=false", "--train.threads=1"])
+
+
+def train_reverie(args, side_dir: Path) -> None:
+    from reverie.train.loop import train
+
+    train(_cfg(args, side_dir), resume=False)
+
+
+def train_diffusers(args, side_dir: Path) -> None:
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import save_file
+
+    from reverie.data import collate, get_dataset
+    from reverie.nets.unet import diffusers_unet2d_kwargs
+    from reverie.train.loop import build_model, dataset_info
+
+    torch.set_num_threads(1)
+    cfg = _cfg(args, side_dir)
+    dataset = get_dataset(cfg.data.name, resolution=cfg.data.resolution, **cfg.data.options)
+    net_cfg = build_model(cfg, dataset_info(dataset))[0].config
+    torch.manual_seed(cfg.train.seed)
+    model = UNet2DModel(**diffusers_unet2d_kwargs(net_cfg, strict=False))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.optim.warmup_steps, args.steps)
+    ema = EMAModel(model.parameters(), decay=cfg.ema.max_decay, use_ema_warmup=True, power=cfg.ema.power)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    side_dir.mkdir(parents=True, exist_ok=True)
+    times, step, t0 = [], 0, time.perf_counter()
+    model.train()
+    while step < args.steps:
+        for batch in loader:
+            x0 = batch["image"]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (x0.shape[0],))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = model(sched.add_noise(x0, noise, t), t).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            ema.step(model.parameters())
+            step += 1
+            if step % args.snapshot_every == 0 or step == args.steps:
+                elapsed = time.perf_counter() - t0
+                shadow = UNet2DModel(**diffusers_unet2d_kwargs(net_cfg, strict=False))
+                ema.copy_to(shadow.parameters())
+                save_file({k: v.contiguous() for k, v in shadow.state_dict().items()},
+                          str(side_dir / f"step-{step:08d}.safetensors"))
+                times.append({"step": step, "elapsed_s": elapsed, "loss": loss.item()})
+                (side_dir / "times.json").write_text(json.dumps(times, indent=1))
+                print(f"diffusers step {step} {elapsed:.0f}s loss {loss.item():.4f}", flush=True)
+            if step >= args.steps:
+                break
+
+
+def _snapshots(run: Path) -> dict[str, list[dict]]:
+    """{side: [{step, elapsed_s, path}]} for the snapshots written by ``train``."""
+    out = {}
+    log = [json.loads(line) for line in (run / "reverie" / "log.jsonl").read_text().splitlines()]
+    at = {r["step"]: r["elapsed_s"] for r in log}
+    rev = []
+    for ckpt in sorted((run / "reverie" / "checkpoints").glob("step-*")):
+        step = int(ckpt.name.split("-")[1].split(".")[0])
+        if step in at:
+            rev.append({"step": step, "elapsed_s": at[step], "path": str(ckpt)})
+    out["reverie"] = rev
+    times = json.loads((run / "diffusers" / "times.json").read_text())
+    out["diffusers"] = [{**t, "path": str(run / "diffusers" / f"step-{t['step']:08d}.safetensors")} for t in times]
+    return out
+
+
+def _reverie_pipeline(args, ckpt: str):
+    from reverie.pipeline import Pipeline, export_checkpoint
+
+    out = Path(args.run) / "exported" / Path(ckpt).name
+    if not (out / "config.json").exists():
+        export_checkpoint(ckpt, out)
+    return Pipeline.from_pretrained(out)
+
+
+class _DiffusersNet(torch.nn.Module):
+    """UNet2DModel behind reverie's network call ``net(x, c_noise, **cond)`` (c_noise = timestep)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, c_noise, **cond):
+        return self.unet(x, c_noise).sample
+
+
+def _diffusers_pipeline(args, path: str):
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from reverie.data import get_dataset
+    from reverie.nets.unet import diffusers_unet2d_kwargs
+    from reverie.pipeline import Pipeline
+    from reverie.train.loop import build_model, dataset_info
+
+    cfg = _cfg(args, Path(args.run) / "diffusers")
+    dataset = get_dataset(cfg.data.name, resolution=cfg.data.resolution, **cfg.data.options)
+    info = dataset_info(dataset)
+    model = UNet2DModel(**diffusers_unet2d_kwargs(build_model(cfg, info)[0].config, strict=False))
+    model.load_state_dict(load_file(path))
+    return Pipeline(_DiffusersNet(model), cfg, info, name=Path(path).stem)
+
+
+def _draw(pipe, num: int, seed: int) -> torch.Tensor:
+    return pipe.sample(num, steps=20, sampler="dpmpp_2m", seed=seed)
+
+
+def evaluate(args) -> None:
+    from reverie.eval.fid import dataset_reference, evaluate_samples, sample_features
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    ref = dataset_reference("mnist", resolution=32, split="test", n=args.ref_n)
+    results = {"n": args.n, "reference": f"mnist test, {ref.n} images", "sampler": "dpmpp_2m", "steps": 20,
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "curves": {}}
+    for side, snaps in _snapshots(run).items():
+        curve = []
+        for snap in snaps:
+            load = _reverie_pipeline if side == "reverie" else _diffusers_pipeline
+            pipe = load(args, snap["path"])
+            feats = sample_features(partial(_draw, pipe), n=args.n, seed=args.seed, desc=f"{side} step {snap['step']}")
+            point = {"step": snap["step"], "elapsed_s": snap["elapsed_s"],
+                     **evaluate_samples(feats, ref, ("fid", "kid"))}
+            print(f"{side:9s} step {snap['step']:5d} {snap['elapsed_s']:7.0f}s  FID {point['fid']:.2f}", flush=True)
+            curve.append(point)
+        results["curves"][side] = curve
+    budget = min(c[-1]["elapsed_s"] for c in results["curves"].values())
+    at_budget = {}
+    for side, curve in results["curves"].items():
+        within = [p for p in curve if p["elapsed_s"] <= budget * 1.001]
+        at_budget[side] = within[-1] if within else None
+    results["budget_s"] = budget
+    results["at_budget"] = at_budget
+    if all(at_budget.values()):
+        results["fid_ratio_reverie_over_diffusers"] = at_budget["reverie"]["fid"] / at_budget["diffusers"]["fid"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "time_to_quality.json").write_text(json.dumps(results, indent=2))
+    _plot(results, RESULTS / "time_to_quality.png")
+    print(json.dumps(at_budget, indent=1))
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for side, curve in results["curves"].items():
+        ax.plot([p["elapsed_s"] / 60 for p in curve], [p["fid"] for p in curve], "o-", label=side)
+    ax.set_xlabel("training wall-clock (minutes, 1 CPU thread each)")
+    ax.set_ylabel(f"FID ({results['n']} samples)")
+    ax.set_yscale("log")
+    ax.set_title("MNIST 32x32: FID vs training time")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--side", choices=["reverie", "diffusers"], required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--ref-n", type=int, default=10000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    for q in (t, e):
+        q.add_argument("--run", default=str(ROOT / "runs" / "ttq"))
+        q.add_argument("--steps", type=int, default=2400)
+        q.add_argument("--snapshot-every", type=int, default=400)
+    args = p.parse_args()
+    if args.cmd == "train":
+        side_dir = Path(args.run) / args.side
+        (train_reverie if args.side == "reverie" else train_diffusers)(args, side_dir)
+    else:
+        evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`reverie eval`: FID/KID/PR and NLL wiring (seeds, reference split, JSON) against direct computations.
+
+The Inception network is replaced by a cheap pixel-statistics feature map so that these tests check the
+plumbing; tests/test_fid.py checks the metrics themselves and the real network.
+"""
+
+import json
+
+import pytest
+import torch
+
+import reverie.eval.fid as fid
+from reverie.cli import main
+from reverie.configs import load_config
+from reverie.pipeline import Pipeline, save_model_dir
+from reverie.train.config import TrainConfig
+from reverie.train.loop import build_model
+
+NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [4], head_channels: 8}"
+
+
+def _features(images):
+    flat = images.flatten(1)
+    return torch.stack([flat.mean(1), flat.std(1), flat[:, ::7].mean(1)], 1).double()
+
+
+@pytest.fixture()
+def cheap_features(monkeypatch, tmp_path):
+    monkeypatch.setenv("REVERIE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "get_inception", lambda: _features)
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--data.name=digits",
+                                          "--data.resolution=8", "--model.prediction=eps"])
+    info = {"in_channels": 1, "resolution": 8, "num_classes": 10}
+    torch.manual_seed(0)
+    net, _, _ = build_model(cfg, info)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-digits", cfg, info, net)
+
+
+def test_eval_fid_kid_pr_match_a_direct_computation(digits_model, cheap_features, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["eval", str(digits_model), "--metrics", "fid,kid,pr", "--n", "30", "--ref-n", "50",
+            "--batch-size", "12", "--steps", "3", "--sampler", "euler", "--seed", "5", "--json", str(out)]
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 30 and res["n_ref"] == 50 and res["reference"] == "digits test"
+    printed = capsys.readouterr().out
+    assert "FID" in printed and "30 samples vs 50 digits test images" in printed
+
+    pipe = Pipeline.from_pretrained(digits_model)
+    ref = fid.dataset_reference("digits", resolution=8, n=50, split="test")
+    feats = fid.sample_features(lambda k, s: pipe.sample(k, steps=3, sampler="euler", seed=s), 30, batch_size=12,
+                                seed=5, progress=False)
+    direct = fid.evaluate_samples(feats, ref)
+    assert res["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+    assert res["kid"] == pytest.approx(direct["kid"], rel=1e-9)
+    assert (res["precision"], res["recall"]) == (direct["precision"], direct["recall"])
+    # The reference is the test split, not the training images.
+    train_ref = fid.dataset_reference("digits", resolution=8, n=50, split="train")
+    assert not torch.equal(train_ref.mu, ref.mu)
+
+
+def test_eval_nll_is_the_elbo_of_the_test_images(digits_model, cheap_features, tmp_path):
+    from reverie.data import get_dataset
+    from reverie.likelihood import nll_bits_per_dim
+
+    out = tmp_path / "nll.json"
+    assert main(["eval", str(digits_model), "--metrics", "nll", "--nll-n", "3", "--seed", "1",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["nll"]
+    data = get_dataset("digits", resolution=8, split="test")
+    x0 = torch.stack([data[i]["image"] for i in range(3)])
+    pipe = Pipeline.from_pretrained(digits_model)
+    direct = nll_bits_per_dim(pipe.denoiser, x0, generator=torch.Generator().manual_seed(1))
+    assert res["n"] == 3 and res["elbo_bpd"] == pytest.approx(float(direct.mean()), rel=1e-6)
+    assert res["elbo_bpd"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "fid,sharpness"], "unknown metric"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--ref", "imagenet"], "unknown reference dataset"),
+])
+def test_eval_bad_input_is_one_line_error(digits_model, cheap_features, capsys, args, message):
+    assert main(["eval", str(digits_model), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
