@@ -66,9 +66,10 @@ def test_eval_fid_kid_pr_match_a_direct_computation(digits_model, cheap_features
     assert not torch.equal(train_ref.mu, ref.mu)
 
 
-def test_eval_nll_is_the_elbo_of_the_test_images(digits_model, cheap_features, tmp_path):
+def test_eval_nll_is_the_elbo_and_the_ode_nll_of_the_test_images(digits_model, cheap_features, tmp_path):
     from reverie.data import get_dataset
     from reverie.likelihood import nll_bits_per_dim
+    from reverie.likelihood_ode import ode_bits_per_dim
 
     out = tmp_path / "nll.json"
     assert main(["eval", str(digits_model), "--metrics", "nll", "--nll-n", "3", "--seed", "1",
@@ -80,6 +81,8 @@ def test_eval_nll_is_the_elbo_of_the_test_images(digits_model, cheap_features, t
     direct = nll_bits_per_dim(pipe.denoiser, x0, generator=torch.Generator().manual_seed(1))
     assert res["n"] == 3 and res["elbo_bpd"] == pytest.approx(float(direct.mean()), rel=1e-6)
     assert res["elbo_bpd"] > 0
+    ode = ode_bits_per_dim(pipe.denoiser, x0, generator=torch.Generator().manual_seed(1))
+    assert res["ode_bpd"] == pytest.approx(float(ode.mean()), rel=1e-9)
 
 
 @pytest.mark.parametrize("args, message", [

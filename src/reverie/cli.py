@@ -181,11 +181,13 @@ def _sample_metrics(pipe, metrics: list[str], args) -> dict:
 
 
 def _nll_metrics(pipe, args) -> dict:
-    """Bits/dim of ``--nll-n`` reference images: the discrete ELBO (VP models)."""
+    """Bits/dim of ``--nll-n`` reference images: the discrete ELBO (VP models) and the exact
+    probability-flow ODE likelihood (Hutchinson trace, dequantized: an upper bound on the discrete NLL)."""
     import torch
 
     from .data import get_dataset
     from .likelihood import nll_bits_per_dim
+    from .likelihood_ode import ode_bits_per_dim
 
     name, options = _reference_spec(pipe, args)
     data = get_dataset(name, resolution=pipe.info["resolution"], **options)
@@ -202,6 +204,10 @@ def _nll_metrics(pipe, args) -> dict:
         bpd = torch.cat([nll_bits_per_dim(pipe.denoiser, x0[i:i + args.batch_size], generator=g, progress=True)
                          for i in range(0, n, args.batch_size)])
         res["elbo_bpd"], res["elbo_bpd_sem"] = float(bpd.mean()), float(bpd.std() / n**0.5) if n > 1 else 0.0
+    g = torch.Generator().manual_seed(args.seed)
+    bpd = torch.cat([ode_bits_per_dim(pipe.denoiser, x0[i:i + args.batch_size], generator=g, progress=True)
+                     for i in range(0, n, args.batch_size)])
+    res["ode_bpd"], res["ode_bpd_sem"] = float(bpd.mean()), float(bpd.std() / n**0.5) if n > 1 else 0.0
     return res
 
 

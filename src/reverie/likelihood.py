@@ -9,7 +9,7 @@ latents x_(0) .. x_(T-1) are DDPM's x_1 .. x_T and x0 is the data. The negative 
 
 where p(x_(t-1) | x_(t)) = N(mu_tilde(x_(t), x0_hat), Sigma_t): the model's mean is the posterior
 mean with x0 replaced by the denoiser's x0_hat (DDPM eq. 7 and 10), and the decoder is the
-discretized Gaussian of DDPM eq. 13 over 256 levels in [-1, 1].
+discretized Gaussian of DDPM eq. 13 over 256 levels in [-1, 1]. (Exact NLL via the ODE: ``likelihood_ode.py``.)
 
 Choices written down here:
 
