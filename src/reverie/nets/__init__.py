@@ -1,4 +1,5 @@
-"""Denoiser networks: U-Net (1-D/2-D/3-D) and DiT, their typed configs, presets and a factory.
+"""Denoiser networks: U-Net (1-D/2-D/3-D) and DiT, their typed configs, presets and a factory; and the
+KL autoencoder of latent diffusion (``autoencoder.py``: ``create_autoencoder("vae-f4")``).
 
 Networks know nothing about schedules: ``net(x, c_noise, **cond)`` with ``c_noise`` a float [B]
 tensor and optional ``context`` (B, L, C), ``context_mask`` (B, L) bool (True = real token),
@@ -23,6 +24,16 @@ dit-b-2             130,315,808               DiT-B/2 (paper: 130M)
 dit-xl-2            674,834,720               DiT-XL/2 (paper: 675M)
 ==================  ===========  ===========  ================================================
 
+Autoencoder presets live in ``AUTOENCODER_PRESETS``, apart from ``PRESETS`` (the denoisers a
+diffusion config may name); ``create_network`` accepts their names and ``{"arch": "vae", ...}`` too.
+
+==================  ===========  ================================================
+autoencoder preset  parameters   notes
+==================  ===========  ================================================
+vae-f4                  PARAMS4  32-64 ch, 16x16x4 latents for 64x64 images
+vae-f8                  PARAMS8  32-128 ch, 8x8x4 latents for 64x64 images
+==================  ===========  ================================================
+
 The AdaGN presets differ from UNet2DModel by one GroupNorm (2 x its channels): with scale-shift
 conditioning UNet2DModel leaves the norm out of its bottleneck attention. DiT counts exclude the fixed
 sin-cos positional table (a buffer, 256 x width at 32x32 with p=2); with it they are the
@@ -33,15 +44,18 @@ from __future__ import annotations
 
 from torch import nn
 
+from .autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, create_autoencoder
 from .dit import DiT, DiTConfig
 from .layers import NetConfig
 from .unet import UNet, UNetConfig
 
-__all__ = ["UNet", "UNetConfig", "DiT", "DiTConfig", "PRESETS", "ARCHS", "create_network", "count_parameters"]
+__all__ = ["UNet", "UNetConfig", "DiT", "DiTConfig", "PRESETS", "ARCHS", "create_network", "count_parameters",
+           "AutoencoderConfig", "AutoencoderKL", "AUTOENCODER_PRESETS", "create_autoencoder"]
 
 ARCHS: dict[str, tuple[type[NetConfig], type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
+    "vae": (AutoencoderConfig, AutoencoderKL),
 }
 
 _DIT_IMAGENET = dict(input_size=32, patch_size=2, in_channels=4, learned_variance=True, num_classes=1001)
@@ -65,10 +79,11 @@ def _resolve_config(name_or_config) -> NetConfig:
     if isinstance(name_or_config, NetConfig):
         return name_or_config
     if isinstance(name_or_config, str):
-        if name_or_config not in PRESETS:
-            valid = ", ".join(PRESETS)
+        presets = {**PRESETS, **AUTOENCODER_PRESETS}
+        if name_or_config not in presets:
+            valid = ", ".join(presets)
             raise ValueError(f"unknown network preset {name_or_config!r}; valid presets: {valid}")
-        return PRESETS[name_or_config]
+        return presets[name_or_config]
     if isinstance(name_or_config, dict):
         arch = name_or_config.get("arch")
         if arch not in ARCHS:
