@@ -31,6 +31,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_train_vae(args) -> int:
+    from .configs import load_config, to_dict
+    from .train.vae import VAETrainConfig
+
+    cfg = load_config(VAETrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    from .train.vae import train_vae
+
+    resume = {"auto": "auto", "no": False}.get(args.resume, args.resume)
+    result = train_vae(cfg, resume=resume)
+    psnr = f" (held-out PSNR {result.psnr_db:.2f} dB)" if result.psnr_db is not None else ""
+    print(f"autoencoder written to {result.export_dir}{psnr}")
+    return 0
+
+
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-t2i"
 MAX_STEPS, MAX_IMAGES, MAX_GUIDANCE = 1000, 64, 50.0
 
@@ -343,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default="auto", help="auto (latest checkpoint in out_dir), no, or a path")
     t.set_defaults(func=_cmd_train)
 
+    tv = sub.add_parser("train-vae", help="train a KL autoencoder for latent diffusion from a config",
+                        formatter_class=fmt)
+    tv.add_argument("config", help="config file with kind: vae (see configs/vae-shapes-f4.yaml)")
+    tv.add_argument("overrides", nargs="*", help="overrides like --loss.kl_weight=1e-6 or train.steps=100")
+    tv.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    tv.add_argument("--resume", default="auto", help="auto (latest checkpoint in out_dir), no, or a path")
+    tv.set_defaults(func=_cmd_train_vae)
+
     gen = sub.add_parser("generate", help="generate images from a text prompt", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", default="", help='the prompt ("" for unconditional samples)')
     gen.add_argument("--num-images", type=int, default=4, help="how many images")
@@ -423,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # config overrides look like options: --train.lr=2e-4
-        if args.command != "train" or not all(u.startswith("--") and "=" in u for u in unknown):
+        if args.command not in ("train", "train-vae") or not all(u.startswith("--") and "=" in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
     try:

@@ -24,20 +24,20 @@ dit-b-2             130,315,808               DiT-B/2 (paper: 130M)
 dit-xl-2            674,834,720               DiT-XL/2 (paper: 675M)
 ==================  ===========  ===========  ================================================
 
+The AdaGN presets differ from UNet2DModel by one GroupNorm (2 x its channels): with scale-shift
+conditioning UNet2DModel leaves the norm out of its bottleneck attention. DiT counts exclude the fixed
+sin-cos positional table (a buffer, 256 x width at 32x32 with p=2); with it they are the
+paper's 33.0M / 130.5M / 675.1M.
+
 Autoencoder presets live in ``AUTOENCODER_PRESETS``, apart from ``PRESETS`` (the denoisers a
 diffusion config may name); ``create_network`` accepts their names and ``{"arch": "vae", ...}`` too.
 
 ==================  ===========  ================================================
 autoencoder preset  parameters   notes
 ==================  ===========  ================================================
-vae-f4                  PARAMS4  32-64 ch, 16x16x4 latents for 64x64 images
-vae-f8                  PARAMS8  32-128 ch, 8x8x4 latents for 64x64 images
+vae-f4                  954,475  32-64 ch, 16x16x4 latents for 64x64 images
+vae-f8                2,998,187  32-128 ch, 8x8x4 latents for 64x64 images
 ==================  ===========  ================================================
-
-The AdaGN presets differ from UNet2DModel by one GroupNorm (2 x its channels): with scale-shift
-conditioning UNet2DModel leaves the norm out of its bottleneck attention. DiT counts exclude the fixed
-sin-cos positional table (a buffer, 256 x width at 32x32 with p=2); with it they are the
-paper's 33.0M / 130.5M / 675.1M.
 """
 
 from __future__ import annotations
