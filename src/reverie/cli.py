@@ -173,7 +173,7 @@ def _sample_metrics(pipe, metrics: list[str], args) -> dict:
     from .eval.fid import dataset_reference, evaluate_samples, sample_features
 
     name, options = _reference_spec(pipe, args)
-    resolution = pipe.info["resolution"]
+    resolution = pipe.image_shape[-1]
     ref = dataset_reference(name, resolution=resolution, n=args.ref_n, **options)
     prompts = None
     if pipe.conditioning == "text":  # captions of the reference images, as COCO FID does
@@ -207,7 +207,10 @@ def _nll_metrics(pipe, args) -> dict:
     from .likelihood_ode import ode_bits_per_dim
 
     name, options = _reference_spec(pipe, args)
-    data = get_dataset(name, resolution=pipe.info["resolution"], **options)
+    if pipe.vae is not None:
+        raise ValueError("nll is defined for pixel-space models; this is a latent model (its likelihood would "
+                         "be of latents, not images)")
+    data = get_dataset(name, resolution=pipe.image_shape[-1], **options)
     n = min(args.nll_n, len(data))
     items = [data[i] for i in range(n)]
     x0 = torch.stack([item["image"] for item in items])

@@ -52,17 +52,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
     load_model_state(net, state["ema" if use_ema else "model"])
     if dtype != torch.float32:
         net = net.to(dtype)
-    return save_model_dir(out, cfg, info, net)
+    return save_model_dir(out, cfg, info, net, autoencoder=cfg.model.autoencoder)
 
 
-def save_model_dir(path: str | Path, cfg, info: dict, net, ema_net=None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``) into ``path``."""
+def save_model_dir(path: str | Path, cfg, info: dict, net, ema_net=None, autoencoder: str | Path = "") -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``) into ``path``; a latent
+    model's ``autoencoder`` directory is copied into ``path/autoencoder``."""
+    from .latent import copy_autoencoder
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     encoder = getattr(net, "encoder", None)
     config = {"format": FORMAT, "version": 1, "train_config": to_dict(cfg),
               "network": net.config.to_dict(), "text_encoder": encoder.config() if encoder else None,
-              "data": dict(info)}
+              "data": dict(info), "autoencoder": copy_autoencoder(autoencoder, path) if autoencoder else None}
     save_file(_weights(net), str(path / "model.safetensors"))
     if ema_net is not None:
         save_file(_weights(ema_net), str(path / "ema.safetensors"))
@@ -97,10 +100,10 @@ def file_hash(path: str | Path) -> str:
 class Pipeline:
     """A loaded model with its schedule and the defaults it was trained with."""
 
-    def __init__(self, net, cfg, info: dict, name: str = "model", weights_hash: str = ""):
+    def __init__(self, net, cfg, info: dict, name: str = "model", weights_hash: str = "", vae=None):
         from .train.loop import build_schedule
 
-        self.cfg, self.info, self.name, self.weights_hash = cfg, info, name, weights_hash
+        self.cfg, self.info, self.name, self.weights_hash, self.vae = cfg, info, name, weights_hash, vae
         self.schedule = build_schedule(cfg)
         self.net = net.eval().requires_grad_(False)
 
@@ -110,8 +113,10 @@ class Pipeline:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the images this model generates."""
-        return (self.info["in_channels"], self.info["resolution"], self.info["resolution"])
+        """``(C, H, W)`` of the images this model generates (decoded, for a latent model)."""
+        from .latent import image_shape
+
+        return image_shape(self.info)
 
     @property
     def denoiser(self):
@@ -134,6 +139,9 @@ class Pipeline:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is not a reverie model directory (no config.json)")
         config = json.loads(cfg_file.read_text())
+        if config.get("kind") == "vae":
+            raise ValueError(f"{path} is an autoencoder, not a diffusion model: use it as model.autoencoder in a "
+                             f"training config")
         if config.get("format") != FORMAT:
             raise ValueError(f"{cfg_file} is not a reverie model config (format={config.get('format')!r})")
         cfg = from_dict(TrainConfig, config["train_config"])
@@ -150,10 +158,20 @@ class Pipeline:
         state = load_file(str(weights))
         check_state_dict(model_state(net), state, str(weights))
         load_model_state(net, state)
-        return cls(net.to(device), cfg, config["data"], name=path.name, weights_hash=file_hash(weights))
+        vae = None
+        if config.get("autoencoder"):
+            from .latent import load_vae
+
+            vae = load_vae(path / config["autoencoder"], device)
+        return cls(net.to(device), cfg, config["data"], name=path.name, weights_hash=file_hash(weights), vae=vae)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return save_model_dir(path, self.cfg, self.info, self.net)
+        if self.vae is not None:
+            from .train.vae import save_autoencoder
+
+            save_autoencoder(Path(path) / "autoencoder", self.vae)
+        config_ae = "autoencoder" if self.vae is not None else ""
+        return save_model_dir(path, self.cfg, self.info, self.net, autoencoder=config_ae and Path(path) / config_ae)
 
     @torch.no_grad()
     def sample(self, num_images: int = 16, steps: int | None = None, sampler: str | None = None,
@@ -166,7 +184,7 @@ class Pipeline:
         return sample_images(self.net, self.cfg, self.schedule, self.info, num_images, seed=seed,
                              class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             guidance_rescale=guidance_rescale, progress=progress)
+                             guidance_rescale=guidance_rescale, progress=progress, vae=self.vae)
 
     def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,

@@ -21,6 +21,8 @@ class ModelSection:
     conditioning: Literal["none", "class", "text"] = "none"
     text_encoder: str = "scratch"       # text conditioning: scratch (trained) | minilm (frozen)
     text_encoder_options: dict = field(default_factory=dict)
+    autoencoder: str = ""               # latent diffusion: a VAE model directory ("" = pixel space)
+    latent_sample: bool = True          # train on posterior samples (LDM) rather than posterior means
 
 
 @dataclass
@@ -38,6 +40,7 @@ class DataSection:
     batch_size: int = 32                # per process, per micro-batch
     num_workers: int = 0
     shuffle: bool = True
+    cache_latents: bool = False         # latent models: encode a finite dataset once before training
 
 
 @dataclass
@@ -126,5 +129,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.data.cache_latents and not self.model.autoencoder:
+            raise ConfigError("data.cache_latents needs model.autoencoder (a VAE model directory)")
         if self.model.prediction == "edm" and self.loss.noise_levels != "lognormal":
             raise ConfigError("model.prediction=edm trains with loss.noise_levels=lognormal")

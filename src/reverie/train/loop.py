@@ -62,12 +62,15 @@ class ShardedSampler(Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images and labels; keep captions as a list of strings."""
-    return {
-        "image": torch.stack([it["image"] for it in items]),
+    """Stack images (or cached latent moments) and labels; keep captions as a list of strings."""
+    batch = {
         "label": torch.tensor([int(it.get("label", -1)) for it in items]),
         "text": [it.get("text", "") for it in items],
     }
+    for key in ("image", "moments"):  # moments: cached VAE posteriors (reverie.latent.LatentCache)
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 @dataclass
@@ -256,6 +259,14 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     out = Path(cfg.train.out_dir)
     dataset = dataset if dataset is not None else build_dataset(cfg)
     info = dataset_info(dataset)
+    vae = None
+    if cfg.model.autoencoder:  # latent diffusion: a frozen VAE between the data and the network
+        from ..latent import LatentCache, latent_info, load_vae
+
+        vae = load_vae(cfg.model.autoencoder, acc.device)
+        info = latent_info(info, vae)
+        if cfg.data.cache_latents:
+            dataset = LatentCache(dataset, vae, progress=main and cfg.train.progress)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net, schedule, denoiser = build_model(cfg, info)
     if cfg.train.channels_last:
@@ -318,7 +329,12 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         total_loss, bad = 0.0, False
         for micro in range(cfg.train.grad_accum):
             batch = batches.next()
-            x0 = batch["image"].to(acc.device)
+            if vae is not None:
+                from ..latent import encode_batch
+
+                x0 = encode_batch(vae, batch, g, cfg.model.latent_sample).to(acc.device)
+            else:
+                x0 = batch["image"].to(acc.device)
             if cfg.train.channels_last and x0.ndim == 4:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             lv = levels(x0.shape[0], g)
@@ -383,7 +399,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
                         tb.add_scalar(f"train/{key}", record[key], step)
             bar.set_postfix(loss=f"{total_loss:.4f}", img_s=f"{rate:.1f}")
         if main and cfg.sample.every and step % cfg.sample.every == 0:
-            save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png")
+            save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png", vae=vae)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             last_good = checkpoint(step) or last_good
             acc.wait_for_everyone()
@@ -396,6 +412,6 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     if main:
         if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
             checkpoint(step)
-        save_model_dir(export, cfg, info, acc.unwrap_model(model), ema.model)
+        save_model_dir(export, cfg, info, acc.unwrap_model(model), ema.model, autoencoder=cfg.model.autoencoder)
     acc.wait_for_everyone()
     return TrainResult(export, acc.unwrap_model(model), ema.model, step)

@@ -41,8 +41,9 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
                   class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                   negative_prompt: str = "", guidance_scale: float | None = None,
                   steps: int | None = None, sampler: str | None = None, grid: str | None = None,
-                  guidance_rescale: float = 0.0, callback=None, progress: bool = False) -> torch.Tensor:
-    """``num_images`` samples in [-1, 1]. The initial noise is drawn on the CPU, so a seed starts
+                  guidance_rescale: float = 0.0, callback=None, progress: bool = False, vae=None) -> torch.Tensor:
+    """``num_images`` samples in [-1, 1] (decoded by ``vae`` for a latent model, whose ``info`` describes
+    the latent shape). The initial noise is drawn on the CPU, so a seed starts
     from the same noise on every device; ancestral samplers' per-step noise uses the device's own
     generator, so their images match across devices only in distribution."""
     denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps or cfg.sample.steps, grid or cfg.sample.grid)
@@ -62,10 +63,12 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
     out = sample(sampler or cfg.sample.sampler, denoiser, x, sigmas.to(device), generator=g_steps, cond=cond,
                  callback=callback, progress=progress)
     net.train(was_training)
+    if vae is not None:
+        out = vae.from_latent(out.to(next(vae.parameters()).device))
     return out.clamp(-1, 1)
 
 
-def save_sample_grid(net, cfg, schedule, info: dict, path: Path) -> Path:
+def save_sample_grid(net, cfg, schedule, info: dict, path: Path, vae=None) -> Path:
     prompts = cfg.sample.prompts or None
-    images = sample_images(net, cfg, schedule, info, cfg.sample.num_images, prompts=prompts)
+    images = sample_images(net, cfg, schedule, info, cfg.sample.num_images, prompts=prompts, vae=vae)
     return save_grid(images, path)
