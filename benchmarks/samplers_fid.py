@@ -143,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
             continue
         pts = sorted(pts, key=lambda p: p["nfe"])
         style = "-" if method.startswith("reverie") else "--"
-        ax.plot([p["nfe"] for p in pts], [p["fid"] for p in pts], style, marker="o", ms=3, label=method)
+        ax.plot([p["measured_nfe"] for p in pts], [p["fid"] for p in pts], style, marker="o", ms=3, label=method)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations)")
@@ -205,11 +205,21 @@ def main() -> None:
     if results and results.get("n") != args.n:
         raise SystemExit(f"{out} holds n={results.get('n')} points; use --out for a different --n")
     pipe = Pipeline.from_pretrained(args.model)
+    if pipe.vae is not None or pipe.conditioning != "none":
+        raise SystemExit("samplers_fid needs an unconditional pixel-space model")
+    if pipe.cfg.schedule.name != "linear" or pipe.cfg.schedule.zero_terminal_snr or \
+            pipe.cfg.schedule.num_timesteps != 1000:
+        raise SystemExit("the diffusers anchors assume DDPM's linear 1000-step schedule; this model uses "
+                         f"{pipe.cfg.schedule}")
+    for key, value in (("model_hash", pipe.weights_hash), ("seed", args.seed), ("ref_n", args.ref_n)):
+        if results.get(key, value) != value:
+            raise SystemExit(f"{out} holds points with {key}={results[key]!r}, not {value!r}; use --out")
     results.update({"model": str(args.model), "model_hash": pipe.weights_hash, "n": args.n, "seed": args.seed,
+                    "ref_n": args.ref_n,
                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__})
     results.setdefault("points", [])
     if not args.plot_only:
-        ref = dataset_reference("mnist", resolution=pipe.info["resolution"], n=args.ref_n, split="test")
+        ref = dataset_reference("mnist", resolution=pipe.image_shape[-1], n=args.ref_n, split="test")
         results["reference"] = f"mnist test, {ref.n} images"
         todo = [(m, k) for m in (args.methods or all_methods()) for k in args.nfe]
         if args.reference_steps:

@@ -27,7 +27,7 @@ def _features(images):
 @pytest.fixture()
 def cheap_features(monkeypatch, tmp_path):
     monkeypatch.setenv("REVERIE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "get_inception", lambda: _features)
+    monkeypatch.setattr(fid, "get_inception", lambda *a, **k: _features)
 
 
 @pytest.fixture(scope="module")

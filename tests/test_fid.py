@@ -145,7 +145,7 @@ def test_dataset_reference_caches_and_sample_features_is_seeded(tmp_path, monkey
 
     import reverie.eval.fid as fid
 
-    monkeypatch.setattr(fid, "get_inception", lambda: extractor)
+    monkeypatch.setattr(fid, "get_inception", lambda *a, **k: extractor)
     stats = dataset_reference("digits", resolution=8, n=30, batch_size=8, progress=False)
     assert stats.n == 30 and sum(calls) == 30 and stats.features.shape == (30, 2)
     again = dataset_reference("digits", resolution=8, n=30, batch_size=8, progress=False)

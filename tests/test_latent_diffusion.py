@@ -93,11 +93,28 @@ def test_ldm_trains_exports_and_generates_images(vae_dir, tmp_path, cache):
 
 
 def test_export_of_a_latent_checkpoint_and_config_errors(vae_dir, tmp_path, capsys):
-    cfg = _ldm_cfg(vae_dir, tmp_path / "run")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    vae_copy = tmp_path / "vae"
+    shutil.copytree(vae_dir, vae_copy)
+    cfg = _ldm_cfg(vae_copy, tmp_path / "run")
     train(cfg, resume=False)
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "exported")]) == 0
     pipe = Pipeline.from_pretrained(tmp_path / "exported")
     assert pipe.vae is not None and pipe.sample(num_images=1, steps=2).shape == (1, 3, 16, 16)
+    # An autoencoder retrained in place is refused, never silently decoded with.
+    weights = load_file(str(vae_copy / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 0.01
+    save_file(weights, str(vae_copy / "model.safetensors"))
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "again")]) == 2
+    assert "is not the autoencoder" in capsys.readouterr().err
+    from reverie.train.loop import TrainingError
+
+    with pytest.raises(TrainingError, match="is not the autoencoder"):
+        train(_ldm_cfg(vae_copy, tmp_path / "run", "--train.steps=4"))
     # A VAE directory is not a diffusion model; cache_latents without an autoencoder is a config error.
     with pytest.raises(ValueError, match="autoencoder, not a diffusion model"):
         Pipeline.from_pretrained(vae_dir)

@@ -135,7 +135,7 @@ SAMPLE_METRICS = ("fid", "kid", "pr")
 EVAL_METRICS = (*SAMPLE_METRICS, "nll", "adherence")
 
 
-def _load_for_eval(path: str | None):
+def _load_for_eval(path: str | None, device: str = "cpu"):
     """A Pipeline from a model directory, a checkpoint directory or a run directory (its latest checkpoint)."""
     import tempfile
 
@@ -144,10 +144,12 @@ def _load_for_eval(path: str | None):
     model_dir = Path(path) if path else DEFAULT_MODEL
     if (model_dir / "config.json").is_file() and not (model_dir / "state.json").is_file() \
             and json.loads((model_dir / "config.json").read_text()).get("format"):
-        return Pipeline.from_pretrained(model_dir)
+        return Pipeline.from_pretrained(model_dir, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        export_checkpoint(model_dir, Path(tmp) / model_dir.name)
-        return Pipeline.from_pretrained(Path(tmp) / model_dir.name)
+        export_checkpoint(model_dir, Path(tmp) / "model")
+        pipe = Pipeline.from_pretrained(Path(tmp) / "model", device=device)
+    pipe.name = model_dir.resolve().name
+    return pipe
 
 
 def _reference_spec(pipe, args) -> tuple[str, dict]:
@@ -161,8 +163,16 @@ def _reference_spec(pipe, args) -> tuple[str, dict]:
     if name not in DATASETS:
         raise ValueError(f"unknown reference dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     options = dict(pipe.cfg.data.options) if name == pipe.cfg.data.name else {}
-    if "split" in inspect.signature(DATASETS[name]).parameters:
+    options.pop("random_flip", None)  # no augmentation in a reference
+    if args.ref_root:
+        options["root"] = args.ref_root
+    if name == "imagefolder" and "root" not in options:
+        raise ValueError("--ref imagefolder needs --ref-root DIR")
+    params = inspect.signature(DATASETS[name]).parameters
+    if "split" in params:
         options["split"] = args.ref_split
+    elif "seed" in params and name == pipe.cfg.data.name:
+        options["seed"] = int(options.get("seed", 0)) + 1  # procedural data: a held-out draw, not the training one
     return name, options
 
 
@@ -170,15 +180,16 @@ def _sample_metrics(pipe, metrics: list[str], args) -> dict:
     import torch
 
     from .data import get_dataset
-    from .eval.fid import dataset_reference, evaluate_samples, sample_features
+    from .eval.fid import dataset_reference, evaluate_samples, get_inception, reference_indices, sample_features
 
     name, options = _reference_spec(pipe, args)
     resolution = pipe.image_shape[-1]
-    ref = dataset_reference(name, resolution=resolution, n=args.ref_n, **options)
+    ref = dataset_reference(name, resolution=resolution, n=args.ref_n, device=args.device, **options)
     prompts = None
     if pipe.conditioning == "text":  # captions of the reference images, as COCO FID does
         data = get_dataset(name, resolution=resolution, **options)
-        prompts = [data[i]["text"] for i in range(args.n)]
+        idx = reference_indices(len(data), min(args.ref_n, len(data)))
+        prompts = [data[idx[i % len(idx)]]["text"] for i in range(args.n)]
     state = {"start": 0}
 
     def draw(num: int, seed: int):
@@ -191,7 +202,8 @@ def _sample_metrics(pipe, metrics: list[str], args) -> dict:
         return pipe.sample(num, steps=args.steps, sampler=args.sampler, seed=seed, class_labels=labels,
                            prompts=batch_prompts, guidance_scale=args.guidance if pipe.conditioning != "none" else None)
 
-    feats = sample_features(draw, args.n, batch_size=args.batch_size, seed=args.seed, desc=f"sampling {pipe.name}")
+    feats = sample_features(draw, args.n, batch_size=args.batch_size, seed=args.seed, desc=f"sampling {pipe.name}",
+                            extractor=get_inception(args.device))
     res = evaluate_samples(feats, ref, tuple(m for m in metrics if m in SAMPLE_METRICS))
     res["reference"] = f"{name} {options.get('split', '')}".strip()
     return res
@@ -239,9 +251,23 @@ def _cmd_eval(args) -> int:
     for key in ("n", "steps", "ref_n", "batch_size", "per_prompt", "nll_n"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    pipe = _load_for_eval(args.model)
+    from .samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = _load_for_eval(args.model, args.device)
+    # Checks that would otherwise fire only after the (long) sample-based metrics:
+    if "nll" in metrics and (pipe.vae is not None or pipe.conditioning != "none"):
+        raise ValueError("nll needs an unconditional pixel-space model")
+    if "adherence" in metrics and pipe.conditioning != "text":
+        raise ValueError("adherence needs a text-conditioned model")
+    guidance = args.guidance if pipe.conditioning != "none" else None
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
-               "seed": args.seed}
+               "seed": args.seed, "guidance": guidance}
     rows = []
     if any(m in SAMPLE_METRICS for m in metrics):
         res = _sample_metrics(pipe, metrics, args)
@@ -270,7 +296,8 @@ def _cmd_eval(args) -> int:
         for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
-    print(f"{pipe.name} ({args.sampler}, {args.steps} steps, seed {args.seed})")
+    extra = f", guidance {guidance}" if guidance is not None else ""
+    print(f"{pipe.name} ({args.sampler}, {args.steps} steps, seed {args.seed}{extra})")
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     for label, value, where in rows:
@@ -391,9 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", nargs="?", default=None,
                     help="model, checkpoint or run directory (default: the shipped shapes model)")
     ev.add_argument("--metrics", default="fid", help=f"comma-separated metrics: {', '.join(EVAL_METRICS)}")
-    ev.add_argument("--n", type=int, default=2000, help="generated images for fid/kid/pr; test images for nll")
+    ev.add_argument("--n", type=int, default=2000, help="generated images for fid/kid/pr")
     ev.add_argument("--ref", default=None, help="reference dataset (default: the model's training data)")
     ev.add_argument("--ref-split", default="test", help="reference split, for datasets that have splits")
+    ev.add_argument("--ref-root", default=None, help="image folder of an imagefolder reference")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--ref-n", type=int, default=10000, help="reference images (statistics are cached)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt for adherence")

@@ -64,7 +64,8 @@ def image_shape(info: dict) -> tuple[int, int, int]:
 
 class LatentCache(Dataset):
     """A dataset's items with the image replaced by the VAE posterior's moments ``[2 z, h, w]``
-    (mean and log-variance stacked on channels), computed once in batches."""
+    (mean and log-variance stacked on channels), computed once in batches; the other fields (label,
+    caption) are kept in memory, so a training step never touches the image pipeline."""
 
     def __init__(self, dataset, vae, batch_size: int = 64, progress: bool = True):
         try:
@@ -74,27 +75,22 @@ class LatentCache(Dataset):
         if size > 500_000:
             raise ValueError(f"data.cache_latents on {size} items would not fit in memory; use a finite "
                              f"subset (e.g. data.options.length) or encode on the fly")
-        self.dataset = dataset
+        self.num_classes = int(getattr(dataset, "num_classes", 0) or 0)
         device = next(vae.parameters()).device
-        chunks = []
+        chunks, self.items = [], []
         with torch.no_grad():
             for start in tqdm(range(0, size, batch_size), desc="caching latents", disable=not progress, leave=False):
-                images = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, size))])
-                post = vae.encode(images.to(device))
+                items = [dataset[i] for i in range(start, min(start + batch_size, size))]
+                post = vae.encode(torch.stack([it["image"] for it in items]).to(device))
                 chunks.append(torch.cat([post.mean, post.logvar], 1).float().cpu())
+                self.items.extend({k: v for k, v in it.items() if k != "image"} for it in items)
         self.moments = torch.cat(chunks)
 
     def __len__(self) -> int:
         return self.moments.shape[0]
 
-    def __getitem__(self, index: int) -> dict:
-        item = {k: v for k, v in self.dataset[index].items() if k != "image"}
-        return {**item, "moments": self.moments[index]}
-
-    def __getattr__(self, name):  # num_classes etc. of the wrapped dataset
-        if name in ("dataset", "moments"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+    def __getitem__(self, index: int) -> dict:  # no image is loaded: labels and captions are cached too
+        return {**self.items[index], "moments": self.moments[index]}
 
 
 @torch.no_grad()

