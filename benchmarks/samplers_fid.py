@@ -2,7 +2,7 @@
 
     python benchmarks/samplers_fid.py --model runs/ttq/reverie/model          # all methods, NFE 4..50
     python benchmarks/samplers_fid.py --model M --methods reverie:dpmpp_2m@karras diffusers:dpmpp_2m+karras --nfe 10
-    python benchmarks/samplers_fid.py --model M --plot-only
+    python benchmarks/samplers_fid.py --model M --plot-only --merge part2.json   # combine parallel runs
 
 Every method draws ``--n`` images from the same network (reverie's eps-prediction U-Net trained by
 ``configs/mnist-eps.yaml``) starting from the same pure-noise states (common random numbers: image
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="recompute points already in the results")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--merge", nargs="*", default=[], help="results files of parallel runs to merge into --out")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     p.add_argument("--out", default=str(RESULTS / "samplers_fid.json"))
     args = p.parse_args()
@@ -218,6 +219,12 @@ def main() -> None:
                     "ref_n": args.ref_n,
                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__})
     results.setdefault("points", [])
+    for other in args.merge:  # points of runs made in parallel (one process per core, each its own --out)
+        theirs = json.loads(Path(other).read_text())
+        if (theirs.get("model_hash"), theirs.get("n")) != (pipe.weights_hash, args.n):
+            raise SystemExit(f"{other} was made with another model or n")
+        keys = {(q["method"], q["nfe"]) for q in theirs["points"]}
+        results["points"] = [q for q in results["points"] if (q["method"], q["nfe"]) not in keys] + theirs["points"]
     if not args.plot_only:
         ref = dataset_reference("mnist", resolution=pipe.image_shape[-1], n=args.ref_n, split="test")
         results["reference"] = f"mnist test, {ref.n} images"
