@@ -178,6 +178,8 @@ def evaluate(args) -> None:
     for side, snaps in _snapshots(run).items():
         curve = []
         for snap in snaps:
+            if args.only_steps and snap["step"] not in args.only_steps:
+                continue
             load = _reverie_pipeline if side == "reverie" else _diffusers_pipeline
             pipe = load(args, snap["path"])
             feats = sample_features(partial(_draw, pipe), n=args.n, seed=args.seed, desc=f"{side} step {snap['step']}")
@@ -230,6 +232,7 @@ def main() -> None:
     e.add_argument("--ref-n", type=int, default=10000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--only-steps", type=int, nargs="*", default=None, help="evaluate only these snapshots")
     for q in (t, e):
         q.add_argument("--run", default=str(ROOT / "runs" / "ttq"))
         q.add_argument("--steps", type=int, default=2400)
