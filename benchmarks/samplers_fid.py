@@ -105,6 +105,14 @@ def draw_reference(pipe, steps: int, calls: list, num: int, seed: int) -> torch.
     return draw_reverie(pipe, "ddpm", "trailing", steps, calls, num, seed)
 
 
+def wait_for_reference(resolution: int, n: int) -> None:
+    """Block until another process has cached the MNIST-test statistics (``--wait-reference``)."""
+    from reverie.eval.fid import cache_dir
+
+    while not list(cache_dir().glob(f"mnist-{resolution}-{n}-*.safetensors")):
+        time.sleep(20)
+
+
 def run_point(pipe, ref, method: str, nfe: int, args) -> dict:
     from reverie.eval.fid import evaluate_samples, sample_features
 
@@ -120,7 +128,7 @@ def run_point(pipe, ref, method: str, nfe: int, args) -> dict:
             fn = partial(draw_diffusers, pipe, rest, nfe, calls)
     t0 = time.perf_counter()
     feats = sample_features(fn, args.n, batch_size=args.batch_size, seed=args.seed, desc=f"{method} nfe {nfe}")
-    res = evaluate_samples(feats, ref, ("fid", "kid"))
+    res = evaluate_samples(feats, ref() if callable(ref) else ref, ("fid", "kid"))
     return {"method": method, "nfe": nfe, "measured_nfe": max(calls), "fid": res["fid"], "kid": res["kid"],
             "kid_std": res["kid_std"], "n": res["n"], "seconds": time.perf_counter() - t0}
 
@@ -189,6 +197,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="recompute points already in the results")
+    p.add_argument("--wait-reference", action="store_true", help="wait for another process to cache the reference")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--merge", nargs="*", default=[], help="results files of parallel runs to merge into --out")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
@@ -226,8 +235,17 @@ def main() -> None:
         keys = {(q["method"], q["nfe"]) for q in theirs["points"]}
         results["points"] = [q for q in results["points"] if (q["method"], q["nfe"]) not in keys] + theirs["points"]
     if not args.plot_only:
-        ref = dataset_reference("mnist", resolution=pipe.image_shape[-1], n=args.ref_n, split="test")
-        results["reference"] = f"mnist test, {ref.n} images"
+        loaded = {}
+
+        def ref():  # loaded after the first point's samples, so sampling can overlap the reference's computation
+            if "ref" not in loaded:
+                if args.wait_reference:
+                    wait_for_reference(pipe.image_shape[-1], args.ref_n)
+                loaded["ref"] = dataset_reference("mnist", resolution=pipe.image_shape[-1], n=args.ref_n,
+                                                  split="test")
+            return loaded["ref"]
+
+        results["reference"] = f"mnist test, {args.ref_n} images"
         todo = [(m, k) for m in (args.methods or all_methods()) for k in args.nfe]
         if args.reference_steps:
             todo.insert(0, ("reference:ddpm", args.reference_steps))

@@ -168,8 +168,18 @@ def evaluate(args) -> None:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    ref = dataset_reference("mnist", resolution=32, split="test", n=args.ref_n)
-    results = {"n": args.n, "reference": f"mnist test, {ref.n} images", "sampler": "dpmpp_2m", "steps": 20,
+    loaded = {}
+
+    def reference():  # loaded after the first snapshot's samples (sampling overlaps its computation)
+        if "ref" not in loaded:
+            if args.wait_reference:
+                from samplers_fid import wait_for_reference
+
+                wait_for_reference(32, args.ref_n)
+            loaded["ref"] = dataset_reference("mnist", resolution=32, split="test", n=args.ref_n)
+        return loaded["ref"]
+
+    results = {"n": args.n, "reference": f"mnist test, {args.ref_n} images", "sampler": "dpmpp_2m", "steps": 20,
                "recipes": {"reverie": "configs/mnist-eps.yaml as is: min-SNR-5 loss weighting, cosine LR to 0.1 x, "
                                       "EMA warmup (power 0.75, max 0.9995), bf16, clip 1",
                            "diffusers": "plain MSE on eps (its training examples), get_cosine_schedule_with_warmup "
@@ -184,7 +194,7 @@ def evaluate(args) -> None:
             pipe = load(args, snap["path"])
             feats = sample_features(partial(_draw, pipe), n=args.n, seed=args.seed, desc=f"{side} step {snap['step']}")
             point = {"step": snap["step"], "elapsed_s": snap["elapsed_s"],
-                     **evaluate_samples(feats, ref, ("fid", "kid"))}
+                     **evaluate_samples(feats, reference(), ("fid", "kid"))}
             print(f"{side:9s} step {snap['step']:5d} {snap['elapsed_s']:7.0f}s  FID {point['fid']:.2f}", flush=True)
             curve.append(point)
         results["curves"][side] = curve
@@ -233,6 +243,7 @@ def main() -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--only-steps", type=int, nargs="*", default=None, help="evaluate only these snapshots")
+    e.add_argument("--wait-reference", action="store_true", help="wait for another process to cache the reference")
     for q in (t, e):
         q.add_argument("--run", default=str(ROOT / "runs" / "ttq"))
         q.add_argument("--steps", type=int, default=2400)
