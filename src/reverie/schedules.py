@@ -182,7 +182,13 @@ class DiscreteVPSchedule:
                 "zero_terminal_snr": self.zero_terminal_snr}
 
     def sigma_from_t(self, t) -> Tensor:
-        """VE sigma at (possibly fractional) timestep t, linear in sigma between grid points."""
+        """VE sigma at (possibly fractional) timestep t, linear in sigma between grid points.
+
+        Linear in sigma is diffusers' convention for fractional timesteps (EulerDiscrete's
+        ``linspace`` grids interpolate its sigma table this way), kept for exact conformance;
+        :meth:`t_from_sigma` is linear in log-sigma (k-diffusion's). The two agree at integer t
+        and differ between grid points (up to ~2% in sigma near t = 0 on the linear schedule), so
+        they are not exact inverses there."""
         t = _f64(t).clamp(0, self.num_timesteps - 1)
         lo = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - lo
