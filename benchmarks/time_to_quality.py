@@ -112,7 +112,7 @@ def _snapshots(run: Path) -> dict[str, list[dict]]:
     log = [json.loads(line) for line in (run / "reverie" / "log.jsonl").read_text().splitlines()]
     at = {r["step"]: r["elapsed_s"] for r in log}
     rev = []
-    for ckpt in sorted((run / "reverie" / "checkpoints").glob("step-*")):
+    for ckpt in sorted((run / "reverie" / "checkpoints").glob("ckpt-*")):
         step = int(ckpt.name.split("-")[1].split(".")[0])
         if step in at:
             rev.append({"step": step, "elapsed_s": at[step], "path": str(ckpt)})
@@ -185,10 +185,20 @@ def evaluate(args) -> None:
                            "diffusers": "plain MSE on eps (its training examples), get_cosine_schedule_with_warmup "
                                         "(to 0), EMAModel (same decay settings), bf16, clip 1"},
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "curves": {}}
+    out = RESULTS / "time_to_quality.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    done = {(side, p["step"]): p for side, curve in previous.get("curves", {}).items() for p in curve
+            if previous.get("n") == args.n}
     for side, snaps in _snapshots(run).items():
+        if not snaps:
+            raise SystemExit(f"no {side} snapshots found under {run}")
         curve = []
+        results["curves"][side] = curve
         for snap in snaps:
             if args.only_steps and snap["step"] not in args.only_steps:
+                continue
+            if (side, snap["step"]) in done:  # each point is saved when done: a rerun resumes
+                curve.append(done[(side, snap["step"])])
                 continue
             load = _reverie_pipeline if side == "reverie" else _diffusers_pipeline
             pipe = load(args, snap["path"])
@@ -197,7 +207,8 @@ def evaluate(args) -> None:
                      **evaluate_samples(feats, reference(), ("fid", "kid"))}
             print(f"{side:9s} step {snap['step']:5d} {snap['elapsed_s']:7.0f}s  FID {point['fid']:.2f}", flush=True)
             curve.append(point)
-        results["curves"][side] = curve
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
     budget = min(c[-1]["elapsed_s"] for c in results["curves"].values())
     at_budget = {}
     for side, curve in results["curves"].items():
@@ -207,8 +218,7 @@ def evaluate(args) -> None:
     results["at_budget"] = at_budget
     if all(at_budget.values()):
         results["fid_ratio_reverie_over_diffusers"] = at_budget["reverie"]["fid"] / at_budget["diffusers"]["fid"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "time_to_quality.json").write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "time_to_quality.png")
     print(json.dumps(at_budget, indent=1))
 
