@@ -195,10 +195,10 @@ def evaluate(args) -> None:
         curve = []
         results["curves"][side] = curve
         for snap in snaps:
-            if args.only_steps and snap["step"] not in args.only_steps:
-                continue
             if (side, snap["step"]) in done:  # each point is saved when done: a rerun resumes
                 curve.append(done[(side, snap["step"])])
+                continue
+            if args.only_steps and snap["step"] not in args.only_steps:
                 continue
             load = _reverie_pipeline if side == "reverie" else _diffusers_pipeline
             pipe = load(args, snap["path"])
