@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from samplers_gmm import Counted, diffusers_schedulers  # the same anchors and NFE counter as the GMM study
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS_PER_STEP = {"heun": 2}
 REVERIE = ["dpmpp_2m", "unipc", "euler", "heun", "ddim"]
@@ -43,36 +45,15 @@ def all_methods() -> list[str]:
 
 
 def diffusers_scheduler(key: str, prediction: str = "eps"):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
-
+    """A fresh diffusers anchor scheduler (the table shared with samplers_gmm.py) for an eps or v model."""
     if prediction not in ("eps", "v"):
         raise SystemExit(f"diffusers anchors need an eps or v model, not {prediction!r}")
-    base = {"num_train_timesteps": 1000, "beta_schedule": "linear", "timestep_spacing": "trailing",
-            "prediction_type": "epsilon" if prediction == "eps" else "v_prediction"}
-    table = {
-        "dpmpp_2m": (DPMSolverMultistepScheduler, {**base, "algorithm_type": "dpmsolver++", "solver_order": 2}),
-        "unipc": (UniPCMultistepScheduler, {**base, "solver_order": 2, "solver_type": "bh2"}),
-        "euler": (EulerDiscreteScheduler, base),
-        "ddim": (DDIMScheduler, {**base, "clip_sample": False, "set_alpha_to_one": True}),
-        "dpmpp_2m+karras": (DPMSolverMultistepScheduler, {**base, "algorithm_type": "dpmsolver++",
-                                                          "use_karras_sigmas": True}),
-        "unipc+karras": (UniPCMultistepScheduler, {**base, "solver_order": 2, "use_karras_sigmas": True}),
-    }
-    cls, kwargs = table[key]
+    cls, kwargs = diffusers_schedulers("epsilon" if prediction == "eps" else "v_prediction")[key]
     return cls(**kwargs)
 
 
 def _noise(num: int, seed: int, shape) -> torch.Tensor:
     return torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed))
-
-
-class Counted:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
 
 
 def draw_reverie(pipe, sampler: str, grid: str, nfe: int, calls: list, num: int, seed: int) -> torch.Tensor:

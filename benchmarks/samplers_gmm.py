@@ -119,7 +119,8 @@ def run_reverie(name, gmm, grid: str, nfe: int, schedule, n, device, seed=7):
     return out, den.calls
 
 
-def diffusers_schedulers():
+def diffusers_schedulers(prediction_type: str = "epsilon"):
+    """(class, kwargs) of each diffusers anchor: trailing grids on DDPM's linear 1000-step schedule."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -127,7 +128,8 @@ def diffusers_schedulers():
         UniPCMultistepScheduler,
     )
 
-    base = {"num_train_timesteps": 1000, "beta_schedule": "linear", "timestep_spacing": "trailing"}
+    base = {"num_train_timesteps": 1000, "beta_schedule": "linear", "timestep_spacing": "trailing",
+            "prediction_type": prediction_type}
     return {
         "dpmpp_2m": (DPMSolverMultistepScheduler, {**base, "algorithm_type": "dpmsolver++", "solver_order": 2}),
         "unipc": (UniPCMultistepScheduler, {**base, "solver_order": 2, "solver_type": "bh2"}),

@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     info = dataset_info(dataset)
     vae = None
     if cfg.model.autoencoder:  # latent diffusion: a frozen VAE between the data and the network
-        from ..latent import LatentCache, latent_info, load_vae
+        from ..latent import LatentCache, encode_batch, latent_info, load_vae
 
         vae = load_vae(cfg.model.autoencoder, acc.device)
         info = latent_info(info, vae)
@@ -335,8 +335,6 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         for micro in range(cfg.train.grad_accum):
             batch = batches.next()
             if vae is not None:
-                from ..latent import encode_batch
-
                 x0 = encode_batch(vae, batch, g, cfg.model.latent_sample).to(acc.device)
             else:
                 x0 = batch["image"].to(acc.device)
