@@ -2,16 +2,18 @@
 
 Both sides train the same architecture on the same MNIST 32x32 data with the same batch size,
 learning rate, warmup, cosine decay, bf16 autocast, gradient clipping and EMA, one intra-op thread
-each. What differs is each side's recipe, on purpose: reverie trains ``configs/mnist-eps.yaml`` as
-shipped (min-SNR-5 loss weighting, LR floor 0.1x), the diffusers side the plain MSE of diffusers'
-examples (LR to 0); the measured gap is trainer + recipe, not implementation speed alone (that one is
-``benchmarks/train_throughput.py``). Run the two ``train`` commands at the same time so they share
-the machine alike:
+each. What differs is each side's recipe, on purpose: the ``reverie`` side trains
+``configs/mnist-eps.yaml`` as shipped (eps, min-SNR-5 loss weighting, LR floor 0.1x), the
+``reverie-edm`` side ``configs/mnist-edm.yaml`` (EDM preconditioning, lognormal noise levels, EDM
+loss weight; otherwise identical), the diffusers side the plain MSE on eps of diffusers' examples
+(LR to 0); the measured gap is trainer + recipe, not implementation speed alone (that one is
+``benchmarks/train_throughput.py``). Run two ``train`` commands at a time, one per core, so they
+share the machine alike:
 
-    python benchmarks/time_to_quality.py train --side reverie   &
-    python benchmarks/time_to_quality.py train --side diffusers &
+    python benchmarks/time_to_quality.py train --side reverie-edm &
+    python benchmarks/time_to_quality.py train --side diffusers   &
     wait
-    python benchmarks/time_to_quality.py eval --n 1000
+    python benchmarks/time_to_quality.py eval --n 500
 
 ``reverie`` is the real ``reverie train configs/mnist-eps.yaml`` loop (checkpoints every
 ``--snapshot-every`` steps; its log records the wall clock). ``diffusers`` is the loop of
@@ -35,14 +37,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIG = ROOT / "configs" / "mnist-eps.yaml"
+CONFIGS = {"reverie": ROOT / "configs" / "mnist-eps.yaml", "reverie-edm": ROOT / "configs" / "mnist-edm.yaml",
+           "diffusers": ROOT / "configs" / "mnist-eps.yaml"}  # diffusers: the architecture, data and optimizer
+SIDES = tuple(CONFIGS)
 
 
 def _cfg(args, side_dir: Path):
     from reverie.configs import load_config
     from reverie.train.config import TrainConfig
 
-    return load_config(TrainConfig, CONFIG, [
+    return load_config(TrainConfig, CONFIGS[side_dir.name], [
         f"--train.steps={args.steps}", f"--train.out_dir={side_dir}", f"--train.checkpoint_every={args.snapshot_every}",
         "--train.keep_last=1000", "--sample.every=0", "--train.progress=false", "--train.threads=1"])
 
@@ -109,14 +113,17 @@ def train_diffusers(args, side_dir: Path) -> None:
 def _snapshots(run: Path) -> dict[str, list[dict]]:
     """{side: [{step, elapsed_s, path}]} for the snapshots written by ``train``."""
     out = {}
-    log = [json.loads(line) for line in (run / "reverie" / "log.jsonl").read_text().splitlines()]
-    at = {r["step"]: r["elapsed_s"] for r in log}
-    rev = []
-    for ckpt in sorted((run / "reverie" / "checkpoints").glob("ckpt-*")):
-        step = int(ckpt.name.split("-")[1].split(".")[0])
-        if step in at:
-            rev.append({"step": step, "elapsed_s": at[step], "path": str(ckpt)})
-    out["reverie"] = rev
+    for side in ("reverie", "reverie-edm"):
+        if not (run / side / "log.jsonl").is_file():
+            continue
+        log = [json.loads(line) for line in (run / side / "log.jsonl").read_text().splitlines()]
+        at = {r["step"]: r["elapsed_s"] for r in log}
+        rev = []
+        for ckpt in sorted((run / side / "checkpoints").glob("ckpt-*")):
+            step = int(ckpt.name.split("-")[1].split(".")[0])
+            if step in at:
+                rev.append({"step": step, "elapsed_s": at[step], "path": str(ckpt)})
+        out[side] = rev
     times = json.loads((run / "diffusers" / "times.json").read_text())
     out["diffusers"] = [{**t, "path": str(run / "diffusers" / f"step-{t['step']:08d}.safetensors")} for t in times]
     return out
@@ -125,7 +132,8 @@ def _snapshots(run: Path) -> dict[str, list[dict]]:
 def _reverie_pipeline(args, ckpt: str):
     from reverie.pipeline import Pipeline, export_checkpoint
 
-    out = Path(args.run) / "exported" / Path(ckpt).name
+    side = Path(ckpt).parent.parent.name
+    out = Path(args.run) / "exported" / (Path(ckpt).name if side == "reverie" else f"{side}-{Path(ckpt).name}")
     if not (out / "config.json").exists():
         export_checkpoint(ckpt, out)
     return Pipeline.from_pretrained(out)
@@ -182,6 +190,8 @@ def evaluate(args) -> None:
     results = {"n": args.n, "reference": f"mnist test, {args.ref_n} images", "sampler": "dpmpp_2m", "steps": 20,
                "recipes": {"reverie": "configs/mnist-eps.yaml as is: min-SNR-5 loss weighting, cosine LR to 0.1 x, "
                                       "EMA warmup (power 0.75, max 0.9995), bf16, clip 1",
+                           "reverie-edm": "configs/mnist-edm.yaml: EDM preconditioning, lognormal noise levels, EDM "
+                                          "loss weight; otherwise as configs/mnist-eps.yaml",
                            "diffusers": "plain MSE on eps (its training examples), get_cosine_schedule_with_warmup "
                                         "(to 0), EMAModel (same decay settings), bf16, clip 1"},
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "curves": {}}
@@ -200,7 +210,7 @@ def evaluate(args) -> None:
                 continue
             if args.only_steps and snap["step"] not in args.only_steps:
                 continue
-            load = _reverie_pipeline if side == "reverie" else _diffusers_pipeline
+            load = _diffusers_pipeline if side == "diffusers" else _reverie_pipeline
             pipe = load(args, snap["path"])
             feats = sample_features(partial(_draw, pipe), n=args.n, seed=args.seed, desc=f"{side} step {snap['step']}")
             point = {"step": snap["step"], "elapsed_s": snap["elapsed_s"],
@@ -216,8 +226,9 @@ def evaluate(args) -> None:
         at_budget[side] = within[-1] if within else None
     results["budget_s"] = budget
     results["at_budget"] = at_budget
-    if all(at_budget.values()):
-        results["fid_ratio_reverie_over_diffusers"] = at_budget["reverie"]["fid"] / at_budget["diffusers"]["fid"]
+    for side in ("reverie", "reverie-edm"):
+        if at_budget.get(side) and at_budget.get("diffusers"):
+            results[f"fid_ratio_{side}_over_diffusers"] = at_budget[side]["fid"] / at_budget["diffusers"]["fid"]
     out.write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "time_to_quality.png")
     print(json.dumps(at_budget, indent=1))
@@ -246,7 +257,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--side", choices=["reverie", "diffusers"], required=True)
+    t.add_argument("--side", choices=SIDES, required=True)
     e = sub.add_parser("eval")
     e.add_argument("--n", type=int, default=1000)
     e.add_argument("--ref-n", type=int, default=10000)
@@ -261,7 +272,7 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "train":
         side_dir = Path(args.run) / args.side
-        (train_reverie if args.side == "reverie" else train_diffusers)(args, side_dir)
+        (train_diffusers if args.side == "diffusers" else train_reverie)(args, side_dir)
     else:
         evaluate(args)
 

@@ -66,6 +66,24 @@ def test_eval_fid_kid_pr_match_a_direct_computation(digits_model, cheap_features
     assert not torch.equal(train_ref.mu, ref.mu)
 
 
+def test_eval_grid_option_samples_on_that_grid(digits_model, cheap_features, tmp_path):
+    out = tmp_path / "eval.json"
+    common = ["--metrics", "fid", "--n", "12", "--ref-n", "40", "--steps", "3", "--sampler", "euler"]
+    assert main(["eval", str(digits_model), *common, "--grid", "ddim-trailing", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["grid"] == "ddim-trailing"
+    pipe = Pipeline.from_pretrained(digits_model)
+    ref = fid.dataset_reference("digits", resolution=8, n=40, split="test")
+
+    def direct(grid):
+        feats = fid.sample_features(lambda k, s: pipe.sample(k, steps=3, sampler="euler", seed=s, grid=grid), 12,
+                                    batch_size=100, seed=0, progress=False)
+        return fid.evaluate_samples(feats, ref, ("fid",))["fid"]
+
+    assert res["fid"] == pytest.approx(direct("ddim-trailing"), rel=1e-9)
+    assert res["fid"] != pytest.approx(direct("karras"), rel=1e-6)  # the option really changed the grid
+
+
 def test_eval_nll_is_the_elbo_and_the_ode_nll_of_the_test_images(digits_model, cheap_features, tmp_path):
     from reverie.data import get_dataset
     from reverie.likelihood import nll_bits_per_dim
@@ -89,6 +107,7 @@ def test_eval_nll_is_the_elbo_and_the_ode_nll_of_the_test_images(digits_model, c
     (["--metrics", "fid,sharpness"], "unknown metric"),
     (["--n", "0"], "--n must be at least 1"),
     (["--ref", "imagenet"], "unknown reference dataset"),
+    (["--grid", "cosine"], "unknown sigma grid 'cosine'; choose one of karras"),
 ])
 def test_eval_bad_input_is_one_line_error(digits_model, cheap_features, capsys, args, message):
     assert main(["eval", str(digits_model), *args]) == 2

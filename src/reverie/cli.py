@@ -199,8 +199,9 @@ def _sample_metrics(pipe, metrics: list[str], args) -> dict:
         if pipe.conditioning == "class":
             labels = torch.arange(start, start + num) % pipe.info["num_classes"]
         batch_prompts = prompts[start:start + num] if prompts else None
+        guidance = args.guidance if pipe.conditioning != "none" else None
         return pipe.sample(num, steps=args.steps, sampler=args.sampler, seed=seed, class_labels=labels,
-                           prompts=batch_prompts, guidance_scale=args.guidance if pipe.conditioning != "none" else None)
+                           grid=args.grid, prompts=batch_prompts, guidance_scale=guidance)
 
     feats = sample_features(draw, args.n, batch_size=args.batch_size, seed=args.seed, desc=f"sampling {pipe.name}",
                             extractor=get_inception(args.device))
@@ -243,6 +244,13 @@ def _nll_metrics(pipe, args) -> dict:
     return res
 
 
+def _check_grid(grid: str | None) -> None:
+    from .samplers import GRIDS
+
+    if grid is not None and grid not in GRIDS:
+        raise ValueError(f"unknown sigma grid {grid!r}; choose one of {', '.join(GRIDS)}")
+
+
 def _cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(EVAL_METRICS))
@@ -255,6 +263,7 @@ def _cmd_eval(args) -> int:
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    _check_grid(args.grid)
     if args.device is None:
         import torch
 
@@ -267,7 +276,7 @@ def _cmd_eval(args) -> int:
         raise ValueError("adherence needs a text-conditioned model")
     guidance = args.guidance if pipe.conditioning != "none" else None
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
-               "seed": args.seed, "guidance": guidance}
+               "grid": args.grid or pipe.cfg.sample.grid, "seed": args.seed, "guidance": guidance}
     rows = []
     if any(m in SAMPLE_METRICS for m in metrics):
         res = _sample_metrics(pipe, metrics, args)
@@ -290,14 +299,14 @@ def _cmd_eval(args) -> int:
         from .eval.adherence import evaluate_adherence
 
         res = evaluate_adherence(pipe, num_per_prompt=args.per_prompt, steps=args.steps, sampler=args.sampler,
-                                 guidance_scale=args.guidance, seed=args.seed)
+                                 guidance_scale=args.guidance, seed=args.seed, grid=args.grid)
         results["adherence"] = res
         where = f"{res['num_images']} images, {res['num_prompts']} held-out prompts, guidance {args.guidance}"
         for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
     extra = f", guidance {guidance}" if guidance is not None else ""
-    print(f"{pipe.name} ({args.sampler}, {args.steps} steps, seed {args.seed}{extra})")
+    print(f"{pipe.name} ({args.sampler}, {args.steps} steps on the {results['grid']} grid, seed {args.seed}{extra})")
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     for label, value, where in rows:
@@ -325,8 +334,9 @@ def _cmd_sample(args) -> int:
     from .images import save_grid
     from .pipeline import Pipeline
 
+    _check_grid(args.grid)
     pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
-    images = pipe.sample(num_images=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed)
+    images = pipe.sample(num_images=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, grid=args.grid)
     path = save_grid(images, args.output)
     print(f"wrote {args.n} samples to {path}")
     return 0
@@ -429,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    ev.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")
     ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=0, help="random seed")
     ev.add_argument("--json", default=None, help="also write the results as JSON here")
@@ -447,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=16, help="number of images")
     s.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    s.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")

@@ -186,14 +186,15 @@ class Pipeline:
     def sample(self, num_images: int = 16, steps: int | None = None, sampler: str | None = None,
                seed: int = 0, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                negative_prompt: str = "", guidance_scale: float | None = None,
-               guidance_rescale: float = 0.0, progress: bool = False) -> torch.Tensor:
-        """``[num_images, C, H, W]`` samples in [-1, 1]."""
+               guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None) -> torch.Tensor:
+        """``[num_images, C, H, W]`` samples in [-1, 1]; ``steps``, ``sampler`` and the sigma ``grid``
+        (``reverie.samplers.GRIDS``) default to the model's config."""
         from .train.sampling import sample_images
 
         return sample_images(self.net, self.cfg, self.schedule, self.info, num_images, seed=seed,
                              class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             guidance_rescale=guidance_rescale, progress=progress, vae=self.vae)
+                             guidance_rescale=guidance_rescale, progress=progress, vae=self.vae, grid=grid)
 
     def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,
