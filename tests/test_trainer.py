@@ -63,6 +63,18 @@ def test_resume_reproduces_uninterrupted_run(straight, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 9))
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(straight, tmp_path):
+    # A limit of 60 microseconds is over after the first step: the run stops there, checkpointed and
+    # exported, and a second invocation (no limit) finishes the very same run.
+    result = train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--train.time_limit_min=1e-6"),
+                   resume=False, dataset=Toy(40))
+    assert result.step == 1
+    assert latest_checkpoint(tmp_path / "checkpoints").name.startswith("ckpt-00000001")
+    assert (tmp_path / "model" / "config.json").is_file()
+    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4"), resume="auto", dataset=Toy(40))
+    _assert_same(_weights(straight), _weights(tmp_path))
+
+
 def test_kill_9_then_resume_matches(straight, tmp_path):
     script = TOY + textwrap.dedent(f"""
         from reverie.configs import load_config
@@ -148,3 +160,10 @@ def test_two_process_ddp_gloo(tmp_path):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["ckpt-00000002", "ckpt-00000004", "latest"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 4  # one writer
+
+
+def test_negative_time_limit_is_a_config_error():
+    from reverie.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="train.time_limit_min must be >= 0"):
+        _cfg("unused", "--train.time_limit_min=-5")

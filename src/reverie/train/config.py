@@ -101,6 +101,7 @@ class TrainSection:
     threads: int = 0                    # CPU intra-op threads (0: torch's default); 1 on a busy machine
     channels_last: bool = False
     gradient_checkpointing: bool = False
+    time_limit_min: float = 0.0         # stop (checkpoint + export) after this many minutes of this invocation
 
 
 @dataclass
@@ -125,6 +126,7 @@ class TrainConfig:
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),
             (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
+            (self.train.time_limit_min >= 0, "train.time_limit_min must be >= 0 (0: no limit)"),
         ]
         for ok, message in checks:
             if not ok:

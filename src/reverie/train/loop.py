@@ -79,7 +79,7 @@ class DataState:
     batch: int = 0  # batches consumed in this epoch (per rank)
 
 
-def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
 
 
@@ -165,7 +165,7 @@ def _noise_levels(cfg: TrainConfig, schedule):
     return UniformTimesteps(schedule)
 
 
-def _lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig):
     warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
 
     def f(step: int) -> float:
@@ -179,7 +179,7 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
-class _Batches:
+class Batches:
     """Endless per-rank batches with a resumable position (epoch, batch)."""
 
     def __init__(self, dataset, cfg: TrainConfig, rank: int, world: int, state: DataState):
@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     levels = _noise_levels(cfg, schedule)
     step, data_state, nonfinite_total = 0, DataState(), 0
 
@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
 
     model, opt = acc.prepare(net, opt)
     denoiser.model = model
-    batches = _Batches(dataset, cfg, rank, world, data_state)
+    batches = Batches(dataset, cfg, rank, world, data_state)
 
     def checkpoint(path_step: int) -> Path | None:
         if not main:
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     last_good = latest_checkpoint(ckpt_dir)
     model.train()
     while step < cfg.train.steps:
-        g = _step_generator(cfg.train.seed, rank, step)
+        g = step_generator(cfg.train.seed, rank, step)
         torch.manual_seed(g.initial_seed() % 2**63)  # the network's dropout
         opt.zero_grad(set_to_none=True)
         total_loss, bad = 0.0, False
@@ -406,6 +406,13 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             last_good = checkpoint(step) or last_good
             acc.wait_for_everyone()
+        if cfg.train.time_limit_min > 0:  # every rank must stop at the same step: rank 0's clock decides
+            over = torch.tensor([float(main and time.perf_counter() - t_start > 60 * cfg.train.time_limit_min)],
+                                device=acc.device)
+            if float(acc.reduce(over, reduction="sum")) > 0:
+                if main:
+                    bar.write(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
+                break
     bar.close()
     if log:
         log.close()

@@ -52,7 +52,7 @@ from ..nets.autoencoder import (
 )
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DataSection, OptimSection
-from .loop import DataState, TrainingError, _Batches, _lr_lambda, _step_generator, build_dataset, dataset_info
+from .loop import Batches, DataState, TrainingError, build_dataset, dataset_info, lr_lambda, step_generator
 
 __all__ = ["VAETrainConfig", "VAETrainResult", "train_vae", "vae_loss", "reconstruction_psnr",
            "save_reconstruction_grid", "save_autoencoder", "load_autoencoder"]
@@ -255,7 +255,7 @@ def train_vae(cfg: VAETrainConfig, resume: str | bool = "auto", dataset=None,
     vae = build_autoencoder(cfg, info)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step, data_state, nonfinite_total, elapsed_before = 0, DataState(), 0, 0.0
 
     ckpt_dir = out / "checkpoints"
@@ -271,7 +271,7 @@ def train_vae(cfg: VAETrainConfig, resume: str | bool = "auto", dataset=None,
             print(f"resumed from {source} at step {step}")
 
     model, opt = acc.prepare(vae, opt)
-    batches = _Batches(dataset, cfg, rank, world, data_state)
+    batches = Batches(dataset, cfg, rank, world, data_state)
     t_start = time.perf_counter()
 
     def checkpoint(at: int) -> Path | None:
@@ -292,7 +292,7 @@ def train_vae(cfg: VAETrainConfig, resume: str | bool = "auto", dataset=None,
     last_good = latest_checkpoint(ckpt_dir)
     model.train()
     while step < cfg.train.steps:
-        g = _step_generator(cfg.train.seed, rank, step)
+        g = step_generator(cfg.train.seed, rank, step)
         torch.manual_seed(g.initial_seed() % 2**63)  # dropout
         opt.zero_grad(set_to_none=True)
         x = batches.next()["image"].to(acc.device)
@@ -346,7 +346,7 @@ def train_vae(cfg: VAETrainConfig, resume: str | bool = "auto", dataset=None,
 
     vae = acc.unwrap_model(model)
     # The same first batches of epoch 0 whether or not the run was resumed: exact resume holds for the scaling.
-    stats = _Batches(dataset, cfg, rank, world, DataState())
+    stats = Batches(dataset, cfg, rank, world, DataState())
     moments = latent_moments(vae, (stats.next() for _ in range(cfg.train.scaling_batches)))
     if world > 1:
         moments = acc.reduce(moments.to(acc.device), reduction="sum").cpu()
