@@ -66,13 +66,19 @@ def test_resume_reproduces_uninterrupted_run(straight, tmp_path):
 def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(straight, tmp_path):
     # A limit of 60 microseconds is over after the first step: the run stops there, checkpointed and
     # exported, and a second invocation (no limit) finishes the very same run.
-    result = train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--train.time_limit_min=1e-6"),
+    # Sample grids are written at sample.every and for the last step (they must not disturb the run).
+    result = train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--train.time_limit_min=1e-6",
+                        "--sample.every=4", "--sample.num_images=2", "--sample.steps=2"),
                    resume=False, dataset=Toy(40))
     assert result.step == 1
     assert latest_checkpoint(tmp_path / "checkpoints").name.startswith("ckpt-00000001")
     assert (tmp_path / "model" / "config.json").is_file()
-    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4"), resume="auto", dataset=Toy(40))
+    assert sorted(f.name for f in (tmp_path / "samples").iterdir()) == ["step-00000001.png"]
+    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--sample.every=4", "--sample.num_images=2",
+               "--sample.steps=2"), resume="auto", dataset=Toy(40))
     _assert_same(_weights(straight), _weights(tmp_path))
+    assert sorted(f.name for f in (tmp_path / "samples").iterdir()) == [
+        "step-00000001.png", "step-00000004.png", "step-00000008.png"]
 
 
 def test_kill_9_then_resume_matches(straight, tmp_path):

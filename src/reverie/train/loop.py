@@ -414,6 +414,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
                     bar.write(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
                 break
     bar.close()
+    if main and cfg.sample.every and step % cfg.sample.every:  # the last weights' samples (time limit, odd steps)
+        save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png", vae=vae)
     if log:
         log.close()
     if tb is not None:
