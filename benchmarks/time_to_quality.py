@@ -10,10 +10,13 @@ loss weight; otherwise identical), the diffusers side the plain MSE on eps of di
 ``benchmarks/train_throughput.py``). Run two ``train`` commands at a time, one per core, so they
 share the machine alike:
 
-    python benchmarks/time_to_quality.py train --side reverie-edm &
-    python benchmarks/time_to_quality.py train --side diffusers   &
+    python benchmarks/time_to_quality.py train --side reverie-edm --run runs/ttq2 &
+    python benchmarks/time_to_quality.py train --side diffusers   --run runs/ttq2 &
     wait
-    python benchmarks/time_to_quality.py eval --n 500
+    python benchmarks/time_to_quality.py eval --n 500 --run runs/ttq2 --out benchmarks/results/time_to_quality_edm.json
+
+Only sides trained in the same ``--run`` at the same time are compared: wall clocks of runs made at
+different times on a shared machine are not comparable.
 
 ``reverie`` is the real ``reverie train configs/mnist-eps.yaml`` loop (checkpoints every
 ``--snapshot-every`` steps; its log records the wall clock). ``diffusers`` is the loop of
@@ -167,8 +170,8 @@ def _diffusers_pipeline(args, path: str):
     return Pipeline(_DiffusersNet(model), cfg, info, name=Path(path).stem)
 
 
-def _draw(pipe, num: int, seed: int) -> torch.Tensor:
-    return pipe.sample(num, steps=20, sampler="dpmpp_2m", seed=seed)
+def _draw(pipe, num: int, seed: int, grid: str | None = None) -> torch.Tensor:
+    return pipe.sample(num, steps=20, sampler="dpmpp_2m", seed=seed, grid=grid)
 
 
 def evaluate(args) -> None:
@@ -188,6 +191,7 @@ def evaluate(args) -> None:
         return loaded["ref"]
 
     results = {"n": args.n, "reference": f"mnist test, {args.ref_n} images", "sampler": "dpmpp_2m", "steps": 20,
+               "grid": args.grid or "each model's config (karras)",
                "recipes": {"reverie": "configs/mnist-eps.yaml as is: min-SNR-5 loss weighting, cosine LR to 0.1 x, "
                                       "EMA warmup (power 0.75, max 0.9995), bf16, clip 1",
                            "reverie-edm": "configs/mnist-edm.yaml: EDM preconditioning, lognormal noise levels, EDM "
@@ -195,7 +199,7 @@ def evaluate(args) -> None:
                            "diffusers": "plain MSE on eps (its training examples), get_cosine_schedule_with_warmup "
                                         "(to 0), EMAModel (same decay settings), bf16, clip 1"},
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "curves": {}}
-    out = RESULTS / "time_to_quality.json"
+    out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     done = {(side, p["step"]): p for side, curve in previous.get("curves", {}).items() for p in curve
             if previous.get("n") == args.n}
@@ -212,7 +216,8 @@ def evaluate(args) -> None:
                 continue
             load = _diffusers_pipeline if side == "diffusers" else _reverie_pipeline
             pipe = load(args, snap["path"])
-            feats = sample_features(partial(_draw, pipe), n=args.n, seed=args.seed, desc=f"{side} step {snap['step']}")
+            feats = sample_features(partial(_draw, pipe, grid=args.grid), n=args.n, seed=args.seed,
+                                    desc=f"{side} step {snap['step']}")
             point = {"step": snap["step"], "elapsed_s": snap["elapsed_s"],
                      **evaluate_samples(feats, reference(), ("fid", "kid"))}
             print(f"{side:9s} step {snap['step']:5d} {snap['elapsed_s']:7.0f}s  FID {point['fid']:.2f}", flush=True)
@@ -230,7 +235,7 @@ def evaluate(args) -> None:
         if at_budget.get(side) and at_budget.get("diffusers"):
             results[f"fid_ratio_{side}_over_diffusers"] = at_budget[side]["fid"] / at_budget["diffusers"]["fid"]
     out.write_text(json.dumps(results, indent=2))
-    _plot(results, RESULTS / "time_to_quality.png")
+    _plot(results, out.with_suffix(".png"))
     print(json.dumps(at_budget, indent=1))
 
 
@@ -265,6 +270,9 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--only-steps", type=int, nargs="*", default=None, help="evaluate only these snapshots")
     e.add_argument("--wait-reference", action="store_true", help="wait for another process to cache the reference")
+    e.add_argument("--out", default=str(RESULTS / "time_to_quality.json"), help="results JSON (plot beside it)")
+    e.add_argument("--grid", default=None, help="sigma grid of the VP sides (default: the config's, karras); "
+                                                "EDM models keep karras (their sigmas are not a VP table)")
     for q in (t, e):
         q.add_argument("--run", default=str(ROOT / "runs" / "ttq"))
         q.add_argument("--steps", type=int, default=2400)
