@@ -43,6 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"reverie": ROOT / "configs" / "mnist-eps.yaml", "reverie-edm": ROOT / "configs" / "mnist-edm.yaml",
            "diffusers": ROOT / "configs" / "mnist-eps.yaml"}  # diffusers: the architecture, data and optimizer
 SIDES = tuple(CONFIGS)
+REVERIE_SIDES = tuple(side for side in SIDES if side != "diffusers")
 
 
 def _cfg(args, side_dir: Path):
@@ -116,7 +117,7 @@ def train_diffusers(args, side_dir: Path) -> None:
 def _snapshots(run: Path) -> dict[str, list[dict]]:
     """{side: [{step, elapsed_s, path}]} for the snapshots written by ``train``."""
     out = {}
-    for side in ("reverie", "reverie-edm"):
+    for side in REVERIE_SIDES:
         if not (run / side / "log.jsonl").is_file():
             continue
         log = [json.loads(line) for line in (run / side / "log.jsonl").read_text().splitlines()]
@@ -216,7 +217,8 @@ def evaluate(args) -> None:
                 continue
             load = _diffusers_pipeline if side == "diffusers" else _reverie_pipeline
             pipe = load(args, snap["path"])
-            feats = sample_features(partial(_draw, pipe, grid=args.grid), n=args.n, seed=args.seed,
+            grid = None if pipe.cfg.model.prediction == "edm" else args.grid  # EDM: sigma grids only (karras)
+            feats = sample_features(partial(_draw, pipe, grid=grid), n=args.n, seed=args.seed,
                                     desc=f"{side} step {snap['step']}")
             point = {"step": snap["step"], "elapsed_s": snap["elapsed_s"],
                      **evaluate_samples(feats, reference(), ("fid", "kid"))}
@@ -231,7 +233,7 @@ def evaluate(args) -> None:
         at_budget[side] = within[-1] if within else None
     results["budget_s"] = budget
     results["at_budget"] = at_budget
-    for side in ("reverie", "reverie-edm"):
+    for side in REVERIE_SIDES:
         if at_budget.get(side) and at_budget.get("diffusers"):
             results[f"fid_ratio_{side}_over_diffusers"] = at_budget[side]["fid"] / at_budget["diffusers"]["fid"]
     out.write_text(json.dumps(results, indent=2))

@@ -67,10 +67,12 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(straight, tmp_pa
     # A limit of 60 microseconds is over after the first step: the run stops there, checkpointed and
     # exported, and a second invocation (no limit) finishes the very same run.
     # Sample grids are written at sample.every and for the last step (they must not disturb the run).
+    # The stopping step is logged even off the log_every grid.
     result = train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--train.time_limit_min=1e-6",
-                        "--sample.every=4", "--sample.num_images=2", "--sample.steps=2"),
+                        "--sample.every=4", "--sample.num_images=2", "--sample.steps=2", "--train.log_every=5"),
                    resume=False, dataset=Toy(40))
     assert result.step == 1
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
     assert latest_checkpoint(tmp_path / "checkpoints").name.startswith("ckpt-00000001")
     assert (tmp_path / "model" / "config.json").is_file()
     assert sorted(f.name for f in (tmp_path / "samples").iterdir()) == ["step-00000001.png"]
@@ -173,3 +175,26 @@ def test_negative_time_limit_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.time_limit_min must be >= 0"):
         _cfg("unused", "--train.time_limit_min=-5")
+
+
+def test_edm_models_sample_only_on_sigma_grids():
+    from reverie.configs import ConfigError
+    from reverie.train.loop import build_model
+    from reverie.train.sampling import sample_images
+
+    edm = ["--model.prediction=edm", "--loss.noise_levels=lognormal", "--loss.weighting=edm"]
+    with pytest.raises(ConfigError, match="edm samples on sample.grid=karras or exponential, not 'ddim-trailing'"):
+        _cfg("unused", *edm, "--sample.grid=ddim-trailing")
+    cfg = _cfg("unused", *edm, "--model.conditioning=none")
+    info = {"in_channels": 3, "resolution": 16, "num_classes": 0}
+    torch.manual_seed(0)
+    net, schedule, _ = build_model(cfg, info)
+    with torch.no_grad():  # off the zero-initialized output, so that the grid matters
+        for q in net.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+    # A VP timestep grid asked for explicitly is an error, never silently replaced by another grid.
+    with pytest.raises(ValueError, match="an EDM model samples on a sigma grid"):
+        sample_images(net, cfg, schedule, info, 2, steps=2, grid="ddim-trailing")
+    karras = sample_images(net, cfg, schedule, info, 2, steps=3, grid="karras")
+    expo = sample_images(net, cfg, schedule, info, 2, steps=3, grid="exponential")
+    assert torch.isfinite(expo).all() and not torch.equal(karras, expo)

@@ -16,14 +16,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .base import SAMPLERS, SamplerStep, ancestral_step, check_grid, register, to_d
-from .grids import GRIDS, get_sigmas, timesteps_for
+from .grids import GRIDS, SIGMA_GRIDS, get_sigmas, timesteps_for
 
 # Import every family module so that each registers its samplers.
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base", "grids"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["sample", "SAMPLERS", "get_sigmas", "timesteps_for", "GRIDS", "SamplerStep",
+__all__ = ["sample", "SAMPLERS", "get_sigmas", "timesteps_for", "GRIDS", "SIGMA_GRIDS", "SamplerStep",
            "register", "ancestral_step", "to_d"]
 
 

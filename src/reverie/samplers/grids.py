@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 GRIDS = ("karras", "exponential", "linspace-t", "ddim-leading", "ddim-trailing", "ddim-linspace")
+SIGMA_GRIDS = ("karras", "exponential")  # defined by sigma_min / sigma_max alone: the only ones an EDM model has
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ def get_sigmas(kind: str, n: int, sigma_min: float | None = None, sigma_max: flo
     """
     if n < 1:
         raise ValueError(f"the number of steps must be at least 1, got {n}")
-    if kind in ("karras", "exponential"):
+    if kind in SIGMA_GRIDS:
         lo = sigma_min if sigma_min is not None else getattr(schedule, "sigma_min", None)
         hi = sigma_max if sigma_max is not None else getattr(schedule, "sigma_max", None)
         if lo is None or hi is None:

@@ -135,3 +135,8 @@ class TrainConfig:
             raise ConfigError("data.cache_latents needs model.autoencoder (a VAE model directory)")
         if self.model.prediction == "edm" and self.loss.noise_levels != "lognormal":
             raise ConfigError("model.prediction=edm trains with loss.noise_levels=lognormal")
+        from ..samplers.grids import SIGMA_GRIDS
+
+        if self.model.prediction == "edm" and self.sample.grid not in SIGMA_GRIDS:
+            raise ConfigError(f"model.prediction=edm samples on sample.grid=karras or exponential, "
+                              f"not {self.sample.grid!r}")

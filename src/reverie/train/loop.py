@@ -386,7 +386,12 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         ema.update(acc.unwrap_model(model), step, global_batch)
         imgs_since += global_batch
         bar.update(1)
-        if main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+        out_of_time = False
+        if cfg.train.time_limit_min > 0:  # every rank must stop at the same step: rank 0's clock decides
+            over = torch.tensor([float(main and time.perf_counter() - t_start > 60 * cfg.train.time_limit_min)],
+                                device=acc.device)
+            out_of_time = float(acc.reduce(over, reduction="sum")) > 0
+        if main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time):
             now = time.perf_counter()
             rate = imgs_since / max(now - t_last, 1e-9)
             t_last, imgs_since = now, 0
@@ -406,13 +411,10 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             last_good = checkpoint(step) or last_good
             acc.wait_for_everyone()
-        if cfg.train.time_limit_min > 0:  # every rank must stop at the same step: rank 0's clock decides
-            over = torch.tensor([float(main and time.perf_counter() - t_start > 60 * cfg.train.time_limit_min)],
-                                device=acc.device)
-            if float(acc.reduce(over, reduction="sum")) > 0:
-                if main:
-                    bar.write(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
-                break
+        if out_of_time:
+            if main:
+                bar.write(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
+            break
     bar.close()
     if main and cfg.sample.every and step % cfg.sample.every:  # the last weights' samples (time limit, odd steps)
         save_sample_grid(ema.model, cfg, schedule, info, out / "samples" / f"step-{step:08d}.png", vae=vae)

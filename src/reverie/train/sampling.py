@@ -9,14 +9,16 @@ import torch
 from ..denoisers import make_denoiser
 from ..guidance import CFGDenoiser
 from ..images import save_grid
-from ..samplers import get_sigmas, sample
+from ..samplers import SIGMA_GRIDS, get_sigmas, sample
 
 
 def _denoiser_and_grid(net, cfg, schedule, steps: int, grid: str):
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
-        kind = grid if grid in ("karras", "exponential") else "karras"
-        return denoiser, get_sigmas(kind, steps, sigma_min=0.002, sigma_max=80.0)
+        if grid not in SIGMA_GRIDS:
+            raise ValueError(f"an EDM model samples on a sigma grid ({', '.join(SIGMA_GRIDS)}), not {grid!r}, "
+                             f"which needs a VP model's timestep table")
+        return denoiser, get_sigmas(grid, steps, sigma_min=0.002, sigma_max=80.0)
     return make_denoiser(cfg.model.prediction, net, schedule), get_sigmas(grid, steps, schedule=schedule)
 
 
