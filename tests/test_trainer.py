@@ -198,3 +198,18 @@ def test_edm_models_sample_only_on_sigma_grids():
     karras = sample_images(net, cfg, schedule, info, 2, steps=3, grid="karras")
     expo = sample_images(net, cfg, schedule, info, 2, steps=3, grid="exponential")
     assert torch.isfinite(expo).all() and not torch.equal(karras, expo)
+
+
+def test_sample_grid_puts_each_prompt_in_its_own_column(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from reverie.train import sampling
+
+    # 8 images of 4 prompts (repeated cyclically) -> a 4-column grid; 6 images of 4 prompts do not tile -> default
+    monkeypatch.setattr(sampling, "sample_images", lambda net, cfg, schedule, info, n, **kw: torch.zeros(n, 3, 16, 16))
+    cfg = load_config(TrainConfig, None, ["--sample.num_images=8", "--sample.prompts=[a, b, c, d]"])
+    with Image.open(sampling.save_sample_grid(None, cfg, None, {}, tmp_path / "a.png")) as im:
+        assert im.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+    cfg = load_config(TrainConfig, None, ["--sample.num_images=6", "--sample.prompts=[a, b, c, d]"])
+    with Image.open(sampling.save_sample_grid(None, cfg, None, {}, tmp_path / "b.png")) as im:
+        assert im.size == (3 * (64 + 2) + 2, 2 * (64 + 2) + 2)

@@ -73,4 +73,6 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
 def save_sample_grid(net, cfg, schedule, info: dict, path: Path, vae=None) -> Path:
     prompts = cfg.sample.prompts or None
     images = sample_images(net, cfg, schedule, info, cfg.sample.num_images, prompts=prompts, vae=vae)
-    return save_grid(images, path)
+    # prompts repeat cyclically over the images: one column per prompt when they tile the grid exactly
+    ncols = len(prompts) if prompts and len(images) % len(prompts) == 0 and len(prompts) <= 16 else None
+    return save_grid(images, path, ncols=ncols)
