@@ -12,6 +12,7 @@ cost counts against its budget). The U-Net keeps its attention at the same level
     python benchmarks/latent_vs_pixel_quality.py train --side latent --minutes 60 &
     wait
     python benchmarks/latent_vs_pixel_quality.py eval
+    python benchmarks/latent_vs_pixel_quality.py picture     # docs/latent_vs_pixel.png: same prompts, both sides
 
 ``eval`` scores each side's EMA weights with ``reverie eval``'s metrics: FID against shapes drawn
 with a held-out seed (``--n`` samples vs ``--ref-n`` images) and prompt adherence on the 72 held-out
@@ -97,6 +98,36 @@ def evaluate(args) -> None:
         print(side, json.dumps(sides[side]), flush=True)
 
 
+def picture(args) -> None:
+    """One row per prompt: ``--per-prompt`` pixel-model images, then the latent model's, from the same seeds."""
+    from PIL import Image, ImageDraw
+
+    from reverie.pipeline import Pipeline
+    from t2i_showcase import PROMPTS
+
+    torch.set_num_threads(args.threads)
+    pipes = {side: Pipeline.from_pretrained(Path(args.run) / side / "model") for side in ("pixel", "latent")}
+    k, size, pad, label_w, head = args.per_prompt, args.resolution * 2, 4, 250, 20
+    gap = 3 * pad
+    width = label_w + 2 * k * (size + pad) + gap
+    grid = Image.new("RGB", (width, head + len(PROMPTS) * (size + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, side in enumerate(pipes):
+        draw.text((label_w + i * (k * (size + pad) + gap), 4), f"{side} space", fill=(0, 0, 0))
+    for r, prompt in enumerate(PROMPTS):
+        y = head + pad + r * (size + pad)
+        draw.text((6, y + size // 2 - 6), prompt, fill=(0, 0, 0))
+        for i, pipe in enumerate(pipes.values()):
+            images = pipe.generate(prompt, num_images=k, steps=args.steps, sampler="dpmpp_2m",
+                                   guidance_scale=args.guidance, seed=0, grid="ddim-trailing")
+            for c, img in enumerate(images):
+                grid.paste(img.resize((size, size), Image.NEAREST),
+                           (label_w + i * (k * (size + pad) + gap) + c * (size + pad), y))
+    out = ROOT / "docs" / "latent_vs_pixel.png"
+    grid.save(out)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,14 +138,17 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--ref-n", type=int, default=2000)
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=4.0)
-    e.add_argument("--threads", type=int, default=2)
-    for q in (t, e):
+    pic = sub.add_parser("picture")
+    pic.add_argument("--per-prompt", type=int, default=4)
+    for q in (e, pic):
+        q.add_argument("--steps", type=int, default=20)
+        q.add_argument("--guidance", type=float, default=4.0)
+        q.add_argument("--threads", type=int, default=2)
+    for q in (t, e, pic):
         q.add_argument("--run", default=str(ROOT / "runs" / "lvp"))
         q.add_argument("--resolution", type=int, default=64)
     args = p.parse_args()
-    train_side(args) if args.cmd == "train" else evaluate(args)
+    {"train": train_side, "eval": evaluate, "picture": picture}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from samplers_gmm import Counted, diffusers_schedulers  # the same anchors and N
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS_PER_STEP = {"heun": 2}
-REVERIE = ["dpmpp_2m", "unipc", "euler", "heun", "ddim"]
+REVERIE = ["dpmpp_2m", "unipc", "euler", "heun", "ddim", "ddpm", "euler_ancestral", "dpmpp_2m_sde"]
 DIFFUSERS = ["dpmpp_2m", "unipc", "euler", "ddim", "dpmpp_2m+karras", "unipc+karras"]
 
 

@@ -129,3 +129,21 @@ def test_export_checkpoint_to_half_precision_model(tmp_path, capsys):
     a = half.sample(num_images=2, steps=2, sampler="euler", seed=0)
     b = full.sample(num_images=2, steps=2, sampler="euler", seed=0)
     assert (a - b).abs().max() < 2e-2  # fp16 rounding of the weights only
+
+
+def test_pipeline_generate_takes_a_sigma_grid(text_model):
+    import numpy as np
+
+    from reverie.images import to_pil
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(text_model)
+
+    def pixels(images):
+        return np.stack([np.asarray(im) for im in images])
+
+    kw = dict(num_images=2, steps=3, seed=1)
+    karras = pixels(pipe.generate("a red circle", grid="karras", **kw))
+    direct = pipe.sample(2, steps=3, seed=1, prompts=["a red circle"], guidance_scale=4.0, grid="karras")
+    assert np.array_equal(karras, pixels(to_pil(direct)))
+    assert not np.array_equal(karras, pixels(pipe.generate("a red circle", grid="ddim-trailing", **kw)))

@@ -198,13 +198,13 @@ class Pipeline:
 
     def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,
-                 guidance_rescale: float = 0.0, progress: bool = False) -> list:
-        """Images (PIL) for a text prompt; "" gives unconditional samples."""
+                 guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None) -> list:
+        """Images (PIL) for a text prompt; "" gives unconditional samples. ``grid``: see :meth:`sample`."""
         from .images import to_pil
 
         if self.conditioning != "text" and prompt:
             raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
         x = self.sample(num_images, steps=steps, sampler=sampler, seed=seed, prompts=[prompt],
                         negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, progress=progress)
+                        guidance_rescale=guidance_rescale, progress=progress, grid=grid)
         return to_pil(x)
