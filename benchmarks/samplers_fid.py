@@ -39,6 +39,10 @@ REVERIE = ["dpmpp_2m", "unipc", "euler", "heun", "ddim", "ddpm", "euler_ancestra
 DIFFUSERS = ["dpmpp_2m", "unipc", "euler", "ddim", "dpmpp_2m+karras", "unipc+karras"]
 
 
+SAMPLER_COLORS = {"dpmpp_2m": "tab:blue", "unipc": "tab:orange", "ddim": "tab:green", "euler": "tab:red",
+                  "heun": "tab:purple", "ddpm": "tab:brown", "euler_ancestral": "tab:pink", "dpmpp_2m_sde": "tab:gray"}
+
+
 def all_methods() -> list[str]:
     out = [f"reverie:{s}@{g}" for s in REVERIE for g in ("karras", "trailing")]
     return out + [f"diffusers:{k}" for k in DIFFUSERS]
@@ -131,10 +135,21 @@ def plot(results: dict, path: Path) -> None:
                 ax.axhline(1.1 * p["fid"], color="k", ls=":", lw=0.6, alpha=0.5)
             continue
         pts = sorted(pts, key=lambda p: p["nfe"])
-        style = "-" if method.startswith("reverie") else "--"
-        ax.plot([p["measured_nfe"] for p in pts], [p["fid"] for p in pts], style, marker="o", ms=3, label=method)
+        lib, rest = method.split(":")
+        sampler = rest.split("@")[0].split("+")[0]
+        karras = "karras" in rest
+        # one colour per sampler; reverie solid with dots, diffusers dashed with crosses (the two often coincide)
+        kw = {"color": SAMPLER_COLORS.get(sampler, "k"), "ls": ":" if karras else ("-" if lib == "reverie" else "--"),
+              "marker": "o" if lib == "reverie" else "x", "ms": 4 if lib == "reverie" else 7,
+              "mfc": "none" if karras else None}
+        ax.plot([p["measured_nfe"] for p in pts], [p["fid"] for p in pts], label=method, **kw)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("NFE (network evaluations)")
     ax.set_ylabel(f"FID ({results['n']} samples vs MNIST test)")
     ax.set_title("Samplers on one MNIST U-Net: FID vs NFE")
