@@ -16,8 +16,10 @@ from reverie.data import ShapesDataset, collate, shapes
 from reverie.data.shapes import COLORS, RELATIONS, SHAPES
 from reverie.data.transforms import uint8_to_tensor
 from reverie.eval.adherence import (
+    PARAPHRASES,
     evaluate_adherence,
     evaluation_prompts,
+    paraphrase,
     prompt_labels,
     score_images,
     score_real_images,
@@ -145,6 +147,12 @@ def test_evaluation_prompts_never_appear_in_training_captions():
     for prompt in evaluation_prompts():
         assert prompt not in captions
         assert set(re.findall(r"[a-z-]+", prompt)) - vocabulary, prompt
+    # the paraphrase synonyms are words no caption uses, and a paraphrase keeps none of the color/shape words
+    synonyms = {w for s in PARAPHRASES.values() for w in re.findall(r"[a-z]+", s)}
+    assert not synonyms & vocabulary
+    assert set(PARAPHRASES) == set(COLOR_NAMES) | set(SHAPES)
+    for prompt in evaluation_prompts():
+        assert not set(re.findall(r"[a-z]+", paraphrase(prompt))) & set(PARAPHRASES), prompt
 
 
 @pytest.mark.parametrize("text", ["a red circle, a blue square and a green star", "a sunny beach"])
@@ -205,6 +213,33 @@ def test_evaluate_adherence_perfect_pipeline_scores_full(classifier):
     for name in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy"):
         assert result[name] >= 0.97, (name, result[name])
     assert result["all_correct"] >= 0.93
+
+
+def test_paraphrase_swaps_words_and_fixes_articles():
+    assert paraphrase("a red circle above an orange square") == "a crimson disc above a tangerine box"
+    assert paraphrase("just an azure-free yellow ring") == "just an azure-free golden donut"
+    assert paraphrase("a white cross") == "an ivory plus sign"
+
+
+def test_evaluate_adherence_paraphrased_shows_synonyms_and_scores_originals(classifier):
+    inverse = {v: k for k, v in PARAPHRASES.items()}
+
+    class Translating(StubPipeline):  # a model that understands the synonyms perfectly
+        def sample(self, num_images, prompts=None, **kwargs):
+            shown = list(prompts)
+            back = [text.replace("plus sign", "cross") for text in shown]
+            back = [" ".join(inverse.get(w, w) for w in text.split(" ")) for text in back]
+            back = [re.sub(r"\ban (?=[^aeiou])", "a ", re.sub(r"\ba (?=[aeiou])", "an ", t)) for t in back]
+            self.shown = getattr(self, "shown", []) + shown
+            return super().sample(num_images, prompts=back, **kwargs)
+
+    prompts = evaluation_prompts()[::8]
+    stub = Translating()
+    result = evaluate_adherence(stub, prompts=prompts, num_per_prompt=2, classifier=classifier, progress=False,
+                                paraphrased=True)
+    assert stub.shown == [paraphrase(p) for p in prompts] and set(stub.shown).isdisjoint(prompts)
+    assert set(result["per_prompt"]) == set(prompts) and result["settings"]["paraphrased"] is True
+    assert result["all_correct"] >= 0.9
 
 
 def test_evaluate_adherence_on_64px_images(classifier):

@@ -113,3 +113,19 @@ def test_eval_bad_input_is_one_line_error(digits_model, cheap_features, capsys, 
     assert main(["eval", str(digits_model), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eval_adherence_paraphrase_shows_synonyms_and_scores_the_originals(tmp_path, monkeypatch):
+    """The shipped model through the CLI: --paraphrase changes what the model is shown, not what is scored."""
+    import reverie.eval.adherence as adherence
+
+    seen = []
+    real = adherence.paraphrase
+    monkeypatch.setattr(adherence, "paraphrase", lambda text: seen.append(text) or real(text))
+    out = tmp_path / "adh.json"
+    args = ["eval", "--metrics", "adherence", "--per-prompt", "1", "--steps", "2", "--json", str(out)]
+    assert main([*args, "--paraphrase"]) == 0
+    res = json.loads(out.read_text())["adherence"]
+    prompts = adherence.evaluation_prompts()
+    assert res["settings"]["paraphrased"] is True and sorted(seen) == sorted(prompts)
+    assert set(res["per_prompt"]) == set(prompts) and res["num_images"] == len(prompts)

@@ -177,6 +177,36 @@ def test_negative_time_limit_is_a_config_error():
         _cfg("unused", "--train.time_limit_min=-5")
 
 
+@pytest.mark.skipif(not hasattr(torch, "compile") or sys.platform == "win32", reason="torch.compile unavailable")
+def test_compiled_training_matches_eager_and_saves_the_same_names(straight, tmp_path):
+    train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4", "--train.compile=true"),
+          resume=False, dataset=Toy(40))
+    eager, compiled = _weights(straight), _weights(tmp_path)
+    for a, b in zip(eager, compiled):
+        assert a.keys() == b.keys()  # no "_orig_mod." prefixes: checkpoints interchange with eager runs
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_lr_schedules_follow_their_closed_forms():
+    from reverie.configs import ConfigError
+    from reverie.train.loop import lr_lambda
+
+    cos = lr_lambda(_cfg("unused", "--train.steps=102", "--optim.lr_schedule=cosine", "--optim.min_lr_ratio=0.1"))
+    assert cos(0) == pytest.approx(0.5) and cos(1) == pytest.approx(1.0)  # linear warmup over 2 steps
+    assert cos(52) == pytest.approx(0.55) and cos(102) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    wsd = lr_lambda(_cfg("unused", "--train.steps=100", "--optim.lr_schedule=wsd", "--optim.min_lr_ratio=0.2",
+                         "--optim.decay_fraction=0.25"))
+    assert [wsd(s) for s in (2, 50, 75)] == [1.0, 1.0, 1.0]  # stable until the last 25 steps
+    assert wsd(85) == pytest.approx(1 - 0.8 * 10 / 25) and wsd(100) == pytest.approx(0.2)
+    # extending a run: the same step is back on the plateau when train.steps grows
+    longer = lr_lambda(_cfg("unused", "--train.steps=200", "--optim.lr_schedule=wsd", "--optim.decay_fraction=0.25"))
+    assert longer(85) == 1.0 and longer(200) == pytest.approx(0.0)
+    for bad in ("--optim.decay_fraction=0", "--optim.min_lr_ratio=1.5"):
+        with pytest.raises(ConfigError):
+            _cfg("unused", bad)
+
+
 def test_edm_models_sample_only_on_sigma_grids():
     from reverie.configs import ConfigError
     from reverie.train.loop import build_model

@@ -299,9 +299,11 @@ def _cmd_eval(args) -> int:
         from .eval.adherence import evaluate_adherence
 
         res = evaluate_adherence(pipe, num_per_prompt=args.per_prompt, steps=args.steps, sampler=args.sampler,
-                                 guidance_scale=args.guidance, seed=args.seed, grid=args.grid)
+                                 guidance_scale=args.guidance, seed=args.seed, grid=args.grid,
+                                 paraphrased=args.paraphrase)
         results["adherence"] = res
-        where = f"{res['num_images']} images, {res['num_prompts']} held-out prompts, guidance {args.guidance}"
+        kind = "paraphrased held-out" if args.paraphrase else "held-out"
+        where = f"{res['num_images']} images, {res['num_prompts']} {kind} prompts, guidance {args.guidance}"
         for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref-n", type=int, default=10000, help="reference images (statistics are cached)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt for adherence")
+    ev.add_argument("--paraphrase", action="store_true",
+                    help="adherence: show the model synonyms of the color and shape words (crimson disc, ...)")
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")

@@ -11,6 +11,11 @@ training captions of dataset seed 0, and that every prompt parses with ``parse_c
 objects and relation it was built from). Scoring labels are always read back from the prompt text
 with ``parse_caption``, so user prompts are scored the same way.
 
+Paraphrases (``paraphrase=True``): every color and shape word of a prompt is replaced by a synonym that
+no training caption contains ("a crimson disc above an azure box"), while the image is still scored
+against the original prompt's labels. A frozen pretrained encoder (``minilm``) should place the synonyms
+near the trained words; a scratch encoder has never seen them.
+
 Scoring one image against a prompt (1 or 2 objects, at most one relation), from the classifier's
 detected objects (color, shape, center; ``reverie.eval.attributes``):
 
@@ -89,6 +94,24 @@ def prompt_labels(text: str) -> PromptLabels:
     return PromptLabels(text, objects, relation)
 
 
+# Synonyms outside the shapes caption vocabulary (checked in tests/test_adherence.py).
+PARAPHRASES = {
+    "red": "crimson", "orange": "tangerine", "yellow": "golden", "green": "emerald", "cyan": "turquoise",
+    "blue": "azure", "purple": "violet", "pink": "rose", "brown": "chocolate", "white": "ivory",
+    "circle": "disc", "square": "box", "triangle": "pyramid", "star": "pentagram", "ring": "donut",
+    "diamond": "rhombus", "cross": "plus sign",
+}
+
+
+def paraphrase(text: str) -> str:
+    """``text`` with every color and shape word replaced by its ``PARAPHRASES`` synonym (articles fixed)."""
+    words = [PARAPHRASES.get(w, w) for w in text.split(" ")]
+    for k in range(len(words) - 1):
+        if words[k] in ("a", "an"):
+            words[k] = "an" if words[k + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
 def _phrase(color: int, shape: int, article: bool = True) -> str:
     words = f"{_COLOR_NAMES[color]} {SHAPES[shape]}"
     if not article:
@@ -149,7 +172,8 @@ def score_image(labels: PromptLabels, pred: dict) -> dict:
 
 
 def score_images(images: torch.Tensor, prompts: list[str], classifier: AttributeClassifier | None = None) -> dict:
-    """Adherence of ``images`` ``[N, 3, H, W]`` in [-1, 1] to ``prompts`` (one per image)."""
+    """Adherence of ``images`` ``[N, 3, H, W]`` in [-1, 1] to ``prompts`` (one per image; labels are read
+    from these texts, so pass the original prompt of a paraphrased one)."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
     classifier = classifier or load_classifier()
@@ -188,13 +212,14 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
 def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_prompt: int = 4, steps: int = 20,
                        sampler: str = "dpmpp_2m", guidance_scale: float = 4.0, seed: int = 0,
                        batch_size: int = 64, classifier: AttributeClassifier | None = None,
-                       progress: bool = True, grid: str | None = None) -> dict:
+                       progress: bool = True, grid: str | None = None, paraphrased: bool = False) -> dict:
     """Generate ``num_per_prompt`` images per prompt (default: ``evaluation_prompts()``) with a text-to-image
     ``pipeline`` (anything with ``Pipeline.sample``'s signature) and score them (see module docstring).
 
     Prompts go to the model in batches of about ``batch_size`` images, ``num_per_prompt`` copies of each
     prompt per batch; batch ``k`` uses noise seed ``seed + k``. Returns ``summarize``'s dict plus the
-    generation settings. ``grid`` (a sigma grid name) is passed on only when given."""
+    generation settings. ``grid`` (a sigma grid name) is passed on only when given. ``paraphrased``: the model
+    sees ``paraphrase(prompt)``, the score uses the prompt's own labels."""
     if getattr(pipeline, "conditioning", "text") != "text":
         raise ValueError(f"prompt adherence needs a text-conditioned model, got conditioning={pipeline.conditioning!r}")
     prompts = list(prompts) if prompts is not None else evaluation_prompts()
@@ -208,15 +233,17 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     images, image_prompts = [], []
     for k, chunk in enumerate(tqdm(chunks, desc="adherence", disable=not progress)):
         # Pipeline.sample repeats the prompt list to fill num_images: image n gets chunk[n % len(chunk)].
+        shown = [paraphrase(text) for text in chunk] if paraphrased else chunk
         x = pipeline.sample(num_images=len(chunk) * num_per_prompt, steps=steps, sampler=sampler, seed=seed + k,
-                            prompts=chunk, guidance_scale=guidance_scale, **({"grid": grid} if grid else {}))
+                            prompts=shown, guidance_scale=guidance_scale, **({"grid": grid} if grid else {}))
         if len(x) != len(chunk) * num_per_prompt:
             raise ValueError(f"pipeline returned {len(x)} images, asked for {len(chunk) * num_per_prompt}")
         images.append(x.float().cpu())
         image_prompts += [chunk[n % len(chunk)] for n in range(len(x))]
     result = score_images(torch.cat(images), image_prompts, classifier)
     settings = {"num_per_prompt": num_per_prompt, "steps": steps, "sampler": sampler,
-                "guidance_scale": guidance_scale, "seed": seed, **({"grid": grid} if grid else {})}
+                "guidance_scale": guidance_scale, "seed": seed, "paraphrased": paraphrased,
+                **({"grid": grid} if grid else {})}
     return {**result, "settings": settings}
 
 

@@ -51,8 +51,12 @@ class OptimSection:
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
+    # constant; cosine (to lr * min_lr_ratio at train.steps); wsd: warmup-stable-decay, constant until the
+    # last decay_fraction of train.steps, then linear to lr * min_lr_ratio (a run can be extended and cooled
+    # down later: raise train.steps and resume).
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    min_lr_ratio: float = 0.0
+    decay_fraction: float = 0.2         # wsd: share of train.steps spent decaying
     grad_clip: float = 1.0              # max global grad norm; 0 disables
 
 
@@ -101,6 +105,7 @@ class TrainSection:
     threads: int = 0                    # CPU intra-op threads (0: torch's default); 1 on a busy machine
     channels_last: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False               # torch.compile the network (not the text encoder); ~1.4x on the CPU
     time_limit_min: float = 0.0         # stop (checkpoint + export) after this many minutes of this invocation
 
 
@@ -122,6 +127,8 @@ class TrainConfig:
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
             (self.data.resolution >= 8, "data.resolution must be >= 8"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+            (0 < self.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),

@@ -174,6 +174,10 @@ def lr_lambda(cfg: TrainConfig):
         if cfg.optim.lr_schedule == "cosine":
             progress = min(1.0, (step - warm) / max(1, total - warm))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.optim.lr_schedule == "wsd":  # Hu et al. 2024 (MiniCPM); Haegele et al. 2024
+            decay = max(1, round(cfg.optim.decay_fraction * total))
+            progress = min(1.0, max(0.0, (step - (total - decay)) / decay))
+            return 1.0 - (1 - floor) * progress
         return 1.0
 
     return f
@@ -256,6 +260,11 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         torch.set_num_threads(cfg.train.threads)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    if cfg.train.compile and cfg.train.mixed_precision != "no" and acc.device.type == "cpu":
+        # Measured with torch 2.13 on the CPU: the compiled shapes U-Net under bf16 autocast gave a finite
+        # first loss, then non-finite losses from the second step on; eager bf16 and compiled fp32 train fine.
+        raise TrainingError("train.compile with mixed precision on the CPU gave non-finite losses here "
+                            "(torch 2.13); use --train.mixed_precision=no with compile, or compile on a GPU")
     out = Path(cfg.train.out_dir)
     dataset = dataset if dataset is not None else build_dataset(cfg)
     info = dataset_info(dataset)
@@ -275,6 +284,10 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):
         net.set_gradient_checkpointing(True)
     ema = EMA(net, cfg.ema.max_decay, cfg.ema.power, cfg.ema.inv_gamma, cfg.ema.half_life_images)
+    if cfg.train.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and the EMA copy (made above, so
+        # sampling stays eager) are unchanged. Only the image network: a text encoder takes strings.
+        (net.net if hasattr(net, "encoder") else net).compile()
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
