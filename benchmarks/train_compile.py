@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="timed steps per mode (after 3 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["no", "bf16", "fp16"], help="override the config's mixed_precision")
-    ap.add_argument("--out", default="benchmarks/results/train_compile_cpu.json")
+    ap.add_argument("--out", default="benchmarks/results/train_compile_cpu.json", help="result JSON")
     ap.add_argument("--one", choices=["eager", "compile"], help=argparse.SUPPRESS)  # worker mode
     args = ap.parse_args()
     if args.one:
