@@ -188,6 +188,14 @@ def test_compiled_training_matches_eager_and_saves_the_same_names(straight, tmp_
             torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU training")
+def test_compile_with_mixed_precision_on_the_cpu_is_refused(tmp_path):
+    with pytest.raises(TrainingError, match="mixed_precision=no"):
+        train(_cfg(tmp_path, "--train.steps=2", "--train.compile=true", "--train.mixed_precision=bf16"),
+              resume=False, dataset=Toy(8))
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
+
+
 def test_lr_schedules_follow_their_closed_forms():
     from reverie.configs import ConfigError
     from reverie.train.loop import lr_lambda

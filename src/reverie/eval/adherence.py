@@ -108,15 +108,19 @@ def paraphrase(text: str) -> str:
     words = [PARAPHRASES.get(w, w) for w in text.split(" ")]
     for k in range(len(words) - 1):
         if words[k] in ("a", "an"):
-            words[k] = "an" if words[k + 1][0] in "aeiou" else "a"
+            words[k] = _article(words[k + 1])
     return " ".join(words)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _phrase(color: int, shape: int, article: bool = True) -> str:
     words = f"{_COLOR_NAMES[color]} {SHAPES[shape]}"
     if not article:
         return words
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+    return f"{_article(words)} {words}"
 
 
 def evaluation_prompts(num_pairs: int = 48, num_single: int = 24, seed: int = 0) -> list[str]:

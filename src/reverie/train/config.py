@@ -105,7 +105,7 @@ class TrainSection:
     threads: int = 0                    # CPU intra-op threads (0: torch's default); 1 on a busy machine
     channels_last: bool = False
     gradient_checkpointing: bool = False
-    compile: bool = False               # torch.compile the network (not the text encoder); ~1.4x on the CPU
+    compile: bool = False               # torch.compile the network (not the text encoder); meant for GPUs
     time_limit_min: float = 0.0         # stop (checkpoint + export) after this many minutes of this invocation
 
 

@@ -258,13 +258,13 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
         # OpenMP threads spin-wait: on a machine shared with other jobs, more threads than free cores
         # make every op wait for a descheduled thread (measured here: 5x slower with 2 than with 1).
         torch.set_num_threads(cfg.train.threads)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-    if cfg.train.compile and cfg.train.mixed_precision != "no" and acc.device.type == "cpu":
+    if cfg.train.compile and cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
         # Measured with torch 2.13 on the CPU: the compiled shapes U-Net under bf16 autocast gave a finite
         # first loss, then non-finite losses from the second step on; eager bf16 and compiled fp32 train fine.
         raise TrainingError("train.compile with mixed precision on the CPU gave non-finite losses here "
                             "(torch 2.13); use --train.mixed_precision=no with compile, or compile on a GPU")
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     out = Path(cfg.train.out_dir)
     dataset = dataset if dataset is not None else build_dataset(cfg)
     info = dataset_info(dataset)
