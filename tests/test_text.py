@@ -143,11 +143,23 @@ def minilm():
     return get_text_encoder("minilm")
 
 
-def masked_mean_reference(encoder, text: str) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def reference_bert():
+    """transformers' own tokenizer and BertModel on the same folder: the reference for reverie's BERT."""
+    transformers = pytest.importorskip("transformers")
+    from reverie.text.minilm import model_dir
+
+    path = model_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer, transformers.AutoModel.from_pretrained(path, local_files_only=True).float().eval()
+
+
+def masked_mean_reference(reference, text: str, max_length: int) -> torch.Tensor:
     """Sentence embedding computed without any padding: plain mean of the states, L2-normalized."""
-    ids = encoder.tokenizer([text], return_tensors="pt", truncation=True, max_length=encoder.max_length)
+    tokenizer, model = reference
+    ids = tokenizer([text], return_tensors="pt", truncation=True, max_length=max_length)
     with torch.no_grad():
-        hidden = encoder.model(**ids).last_hidden_state[0]
+        hidden = model(**ids).last_hidden_state[0]
     return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
 
@@ -170,10 +182,29 @@ def test_minilm_embedding_contract_frozen_and_deterministic(minilm):
 
 
 @needs_minilm
-def test_minilm_pooling_matches_unpadded_reference(minilm):
+def test_minilm_pooling_matches_unpadded_reference(minilm, reference_bert):
     emb = minilm.encode(CAPTIONS)
     for i, text in enumerate(CAPTIONS):
-        torch.testing.assert_close(emb.pooled[i], masked_mean_reference(minilm, text), rtol=0, atol=2e-5)
+        reference = masked_mean_reference(reference_bert, text, minilm.max_length)
+        torch.testing.assert_close(emb.pooled[i], reference, rtol=0, atol=2e-5)
+
+
+@needs_minilm
+def test_minilm_tokens_and_states_match_transformers(minilm, reference_bert):
+    """reverie's own BERT + tokenizers path (fast start-up) against transformers' BertModel: the same
+    token ids and mask (accents, case, punctuation, a literal special token, truncation) and the same
+    hidden states on the real tokens."""
+    tokenizer, model = reference_bert
+    texts = [*CAPTIONS, "A Crimson DISC, placed above an azure box!", "naïve café über [SEP] x",
+             " ".join(["blue"] * 45)]
+    with pytest.warns(UserWarning, match="dropped"):
+        emb = minilm.encode(texts)
+    ref = tokenizer(texts, padding="max_length", truncation=True, max_length=minilm.max_length, return_tensors="pt")
+    assert torch.equal(emb.mask, ref["attention_mask"].bool())
+    with torch.no_grad():
+        hidden = model(**ref).last_hidden_state
+    hidden = hidden.masked_fill(~emb.mask[..., None], 0.0)
+    torch.testing.assert_close(emb.tokens, hidden, rtol=0, atol=2e-5)
 
 
 @needs_minilm
