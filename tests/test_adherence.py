@@ -21,8 +21,10 @@ from reverie.eval.adherence import (
     evaluation_prompts,
     paraphrase,
     prompt_labels,
+    score_image,
     score_images,
     score_real_images,
+    summarize,
 )
 from reverie.eval.attributes import DEFAULT_PATH, classifier_accuracy, decode, load_classifier, splat
 
@@ -89,6 +91,30 @@ def test_real_images_score_near_ceiling(classifier):
     for name in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy"):
         assert result[name] >= 0.95, (name, result[name])
     assert result["all_correct"] >= 0.9
+
+
+def test_relation_diagnostics_separate_missing_objects_from_misplacement():
+    labels = prompt_labels("a red circle left of a blue square")
+    red, blue = COLOR_NAMES.index("red"), COLOR_NAMES.index("blue")
+    circle, square = SHAPES.index("circle"), SHAPES.index("square")
+
+    def pred(objects):  # detections [(color, shape, (x, y))], padded to 3 slots as the classifier does
+        slots = objects + [(-1, -1, (0.0, 0.0))] * (3 - len(objects))
+        return {"color": torch.tensor([c for c, _, _ in slots]), "shape": torch.tensor([s for _, s, _ in slots]),
+                "center": torch.tensor([xy for _, _, xy in slots]), "count": torch.tensor(len(objects))}
+
+    one = score_image(labels, pred([(red, circle, (0.3, 0.5))]))
+    wrong = score_image(labels, pred([(red, circle, (0.8, 0.5)), (blue, square, (0.2, 0.5))]))
+    right = score_image(labels, pred([(red, circle, (0.2, 0.5)), (blue, square, (0.8, 0.5))]))
+    assert (one["relation"], one["placed"]) == (False, None)
+    assert (wrong["relation"], wrong["placed"]) == (False, False)
+    assert (right["relation"], right["placed"]) == (True, True)
+    single = score_image(prompt_labels("a red circle"), pred([(red, circle, (0.5, 0.5))]))
+    result = summarize([one, wrong, right, single], [labels.text] * 3 + ["a red circle"])
+    assert result["relation_accuracy"] == pytest.approx(1 / 3)
+    assert result["relation_accuracy_when_drawn"] == pytest.approx(1 / 2)
+    assert result["pair_count_accuracy"] == pytest.approx(2 / 3)
+    assert result["count_accuracy"] == pytest.approx(3 / 4)
 
 
 def _caption(objects, rel: int) -> str:

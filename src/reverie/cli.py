@@ -304,7 +304,8 @@ def _cmd_eval(args) -> int:
         results["adherence"] = res
         kind = "paraphrased held-out" if args.paraphrase else "held-out"
         where = f"{res['num_images']} images, {res['num_prompts']} {kind} prompts, guidance {args.guidance}"
-        for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct"):
+        for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct",
+                    "pair_count_accuracy", "relation_accuracy_when_drawn"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
     extra = f", guidance {guidance}" if guidance is not None else ""
