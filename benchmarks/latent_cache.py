@@ -2,7 +2,7 @@
 
     python benchmarks/latent_cache.py --vae runs/vae-shapes-f4/model
 
-Both runs train the same latent text-to-image model (``configs/shapes-t2i.yaml`` at 64x64 through the
+Both runs train the same latent text-to-image model (``configs/shapes-t2i-scratch.yaml`` at 64x64 through the
 given autoencoder) for ``--steps`` steps on the same finite ``shapes`` subset (``--items`` images),
 one thread, alternating in ``--rounds``. Reported: training images/s (the median of the logged rates
 after the first ``--warmup`` steps) and, for the cached run, the one-off time to encode the subset.
@@ -31,7 +31,7 @@ def run(args, cache: bool) -> dict:
     from reverie.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(TrainConfig, ROOT / "configs" / "shapes-t2i.yaml", [
+        cfg = load_config(TrainConfig, ROOT / "configs" / "shapes-t2i-scratch.yaml", [
             f"--data.resolution={args.resolution}", f"--model.autoencoder={args.vae}",
             f"--data.cache_latents={str(cache).lower()}", f"--data.options={{max_objects: 2, length: {args.items}}}",
             f"--train.steps={args.steps}", f"--train.out_dir={tmp}", "--train.checkpoint_every=0",

@@ -1,6 +1,6 @@
 """Image quality at equal training budget: a pixel-space and a latent-space text-to-image model.
 
-Both sides train ``configs/shapes-t2i.yaml`` (same U-Net, text encoder, optimizer, constant LR,
+Both sides train ``configs/shapes-t2i-scratch.yaml`` (same U-Net, text encoder, optimizer, constant LR,
 EMA, bf16) on 64x64 ``shapes`` for the same wall-clock budget, one thread each, run at the same time
 so that they share the machine alike; the latent side goes through the f4 VAE
 (``reverie train-vae configs/vae-shapes-f4.yaml``), encoding every batch on the fly (the encoder's
@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIG = ROOT / "configs" / "shapes-t2i.yaml"
+CONFIG = ROOT / "configs" / "shapes-t2i-scratch.yaml"
 ATTENTION = {"pixel": "[32, 16]", "latent": "[8, 4]"}
 
 

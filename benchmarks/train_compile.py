@@ -1,7 +1,7 @@
 """Training-step throughput of a config's network, eager vs ``torch.compile``, in the same run.
 
     python benchmarks/train_compile.py                                  # configs/shapes-tiny.yaml, 2 threads
-    python benchmarks/train_compile.py --config configs/shapes-t2i.yaml --threads 1
+    python benchmarks/train_compile.py --config configs/shapes-t2i-scratch.yaml --threads 1
 
 One training step here is what the trainer does per batch: encode the captions (text models; the
 encoder stays eager), forward under the config's mixed precision, a squared-error loss, backward and
