@@ -332,3 +332,47 @@ def test_unet_equals_diffusers_unet2d_with_converted_weights(overrides):
         flops.append((out, counter.get_total_flops()))
     torch.testing.assert_close(flops[0][0], flops[1][0], rtol=1e-5, atol=1e-5)
     assert flops[0][1] == flops[1][1]
+
+
+def test_position_embedding_nd_and_fractional():
+    from reverie.nets.layers import sincos_position_embedding
+
+    # 1-D, integer positions: channel k < C/2 is sin(i * w_k), then cos, w_k = 10000^(-k / (C/2)).
+    pe = sincos_position_embedding((5,), 4)
+    torch.testing.assert_close(pe[3], torch.tensor([math.sin(3.0), math.sin(0.03), math.cos(3.0), math.cos(0.03)]))
+    # Fractional coordinates (2-D, extent 32): cell (i, j) of an n x n grid is coded at ((i + .5) / n * 32,
+    # (j + .5) / n * 32), image coordinates, so a point keeps its code across resolutions.
+    fine = sincos_position_embedding((16, 16), 8, extent=32.0)
+    y, x = (2 + 0.5) / 16 * 32, (7 + 0.5) / 16 * 32
+    expect = [f(p * w) for p in (y, x) for f in (math.sin, math.cos) for w in (1.0, 0.01)]
+    torch.testing.assert_close(fine[2 * 16 + 7], torch.tensor(expect))
+    coarse = sincos_position_embedding((8, 8), 8, extent=32.0)  # cell (1, 3) of 8 is centred at (6, 14)
+    expect = [f(p * w) for p in (6.0, 14.0) for f in (math.sin, math.cos) for w in (1.0, 0.01)]
+    torch.testing.assert_close(coarse[1 * 8 + 3], torch.tensor(expect))
+    with pytest.raises(ValueError, match="divisible by 6"):
+        sincos_position_embedding((2, 2, 2), 8)
+
+
+def test_attention_positions_break_translation_symmetry():
+    """Without positions, self-attention is permutation-equivariant: a constant input gives the same output
+    at every position of the attention block. With them, positions differ."""
+    from reverie.nets.layers import AttentionBlock
+
+    torch.manual_seed(0)
+    outputs = []
+    for positions in (False, True):
+        torch.manual_seed(0)
+        block = AttentionBlock(16, 2, 4, context_dim=8, positions=positions)
+        for p in block.parameters():  # undo the zero init so the attention output is visible
+            torch.nn.init.normal_(p, std=0.2)
+        x = torch.randn(1, 16, 1, 1).expand(1, 16, 6, 6).contiguous()
+        with torch.no_grad():
+            outputs.append(block(x, torch.randn(1, 3, 8)))
+    flat_without, flat_with = (o.flatten(2) for o in outputs)
+    assert (flat_without - flat_without[..., :1]).abs().max() < 1e-5
+    assert (flat_with - flat_with[..., :1]).abs().max() > 1e-2
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(16,), sample_size=32,
+                     attention_positions=True)
+    with pytest.raises(ValueError, match="attention_positions"):
+        diffusers_unet2d_kwargs(cfg)
+    assert UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).attention_positions

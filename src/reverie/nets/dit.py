@@ -26,7 +26,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import TIME_EMBEDDINGS, Attention, NetConfig, TimeEmbedding, check_choice
+from .layers import (
+    TIME_EMBEDDINGS,
+    Attention,
+    NetConfig,
+    TimeEmbedding,
+    check_choice,
+    sincos_position_embedding,
+)
 
 __all__ = ["DiTConfig", "DiT", "sincos_pos_embed_2d"]
 
@@ -74,15 +81,7 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int) -> Tensor:
 
     Computed on the CPU in float64 (a constant; callers move it), also under ``torch.device("meta")``.
     """
-    f64 = dict(dtype=torch.float64, device="cpu")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, **f64) / (dim // 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(h, **f64), torch.arange(w, **f64), indexing="ij")
-
-    def axis(pos: Tensor) -> Tensor:  # (h*w,) -> (h*w, dim/2)
-        args = pos.reshape(-1, 1) * omega
-        return torch.cat([args.sin(), args.cos()], dim=1)
-
-    return torch.cat([axis(rows), axis(cols)], dim=1).float()
+    return sincos_position_embedding((h, w), dim, device="cpu", dtype=torch.float32)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -230,12 +230,40 @@ class Attention(nn.Module):
         return out if keep is None else out * keep
 
 
+def sincos_position_embedding(shape: tuple[int, ...], channels: int, extent: float | None = None,
+                              device=None, dtype=None) -> Tensor:
+    """Fixed sine-cosine code of every position of a grid of ``shape`` (1-3 axes): (N, channels),
+    N = prod(shape), row-major (as ``flatten``). Each axis gets ``channels / ndim`` channels, sines then
+    cosines of Vaswani et al. (2017, Sec. 3.5)'s frequencies, as in MAE / DiT. Positions are the integer
+    indices, or with ``extent`` the fractional coordinate (i + 0.5) / size * extent, which gives the same
+    point of an image the same code at every resolution. Computed in float64, returned in ``dtype``."""
+    ndim = len(shape)
+    if channels % (2 * ndim):
+        raise ValueError(f"position embedding needs channels divisible by {2 * ndim}, got {channels}")
+    f64 = dict(dtype=torch.float64, device=device)
+    half = channels // ndim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, **f64) / half)
+    axes = [torch.arange(n, **f64) if extent is None else (torch.arange(n, **f64) + 0.5) / n * extent for n in shape]
+    parts = []
+    for grid in torch.meshgrid(*axes, indexing="ij"):
+        angles = grid.reshape(-1, 1) * omega
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).to(dtype or torch.get_default_dtype())
+
+
 class AttentionBlock(nn.Module):
     """Residual self-attention over all positions, x + proj(attn(GroupNorm(x))) (Ho et al. 2020, App. B),
-    then, with ``context_dim``, residual cross-attention to text tokens (Rombach et al. 2022, Sec. 3.3)."""
+    then, with ``context_dim``, residual cross-attention to text tokens (Rombach et al. 2022, Sec. 3.3).
 
-    def __init__(self, channels: int, num_heads: int, norm_groups: int, context_dim: int | None = None):
+    ``positions=True`` adds a fixed sine-cosine code of each position (``sincos_position_embedding``) to
+    the normalized tokens before both attentions, so that a query knows where it is: convolutions only
+    see position through the zero padding at the borders, and "a red circle left of a blue square" needs
+    the cross-attention to tell left from right."""
+
+    def __init__(self, channels: int, num_heads: int, norm_groups: int, context_dim: int | None = None,
+                 positions: bool = False):
         super().__init__()
+        self.positions = positions
         self.norm = GroupNorm(norm_groups, channels)
         self.attn = Attention(channels, num_heads)
         zero_module(self.attn.proj)
@@ -250,9 +278,15 @@ class AttentionBlock(nn.Module):
         return h.flatten(2).transpose(1, 2)  # (B, C, *S) -> (B, N, C); a view when channels_last
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self._tokens(self.norm(x))).transpose(1, 2).reshape(x.shape)
+        pos = None
+        if self.positions:
+            pos = sincos_position_embedding(tuple(x.shape[2:]), x.shape[1], extent=32.0, device=x.device,
+                                            dtype=x.dtype)
+        tokens = self._tokens(self.norm(x))
+        x = x + self.attn(tokens if pos is None else tokens + pos).transpose(1, 2).reshape(x.shape)
         if self.cross is not None:
             tokens = self._tokens(self.cross_norm(x))
+            tokens = tokens if pos is None else tokens + pos
             x = x + self.cross(tokens, context, context_mask).transpose(1, 2).reshape(x.shape)
         return x
 

@@ -62,6 +62,8 @@ class UNetConfig(NetConfig):
     attention at the same levels. ``head_channels`` (if set) overrides ``num_heads`` with
     ``channels // head_channels`` heads. ``out_channels`` (the prediction's channels) defaults to
     ``in_channels``; ``learned_variance`` appends as many variance channels (Nichol & Dhariwal 2021).
+    ``attention_positions`` adds a fixed sine-cosine position code before every attention (see
+    ``AttentionBlock``).
     """
 
     arch = "unet"
@@ -86,6 +88,7 @@ class UNetConfig(NetConfig):
     time_embed_dim: int | None = None
     fourier_scale: float = 16.0
     context_dim: int | None = None
+    attention_positions: bool = False
     num_classes: int | None = None
     pooled_dim: int | None = None
     channels_last: bool = False
@@ -165,7 +168,8 @@ class UNet(nn.Module):
         res = ResBlock(cfg.dims, in_ch, out_ch, cfg.dropout, cfg.norm_groups, cfg.scale_shift)
         attn = None
         if attention:
-            attn = AttentionBlock(out_ch, cfg.heads_for(out_ch), cfg.norm_groups, cfg.context_dim)
+            attn = AttentionBlock(out_ch, cfg.heads_for(out_ch), cfg.norm_groups, cfg.context_dim,
+                                  positions=cfg.attention_positions)
         return UNetBlock(res, attn)
 
     def _build_encoder(self) -> tuple[nn.ModuleList, list[int]]:
@@ -263,7 +267,8 @@ def diffusers_unet2d_kwargs(cfg: UNetConfig, strict: bool = True) -> dict:
                    "dims": cfg.dims != 2, "context_dim": cfg.context_dim is not None,
                    "pooled_dim": cfg.pooled_dim is not None,
                    "time_embedding": cfg.time_embedding != "sinusoidal",
-                   "resample_with_conv": not cfg.resample_with_conv}
+                   "resample_with_conv": not cfg.resample_with_conv,
+                   "attention_positions": cfg.attention_positions}
     if any(unsupported.values()):
         raise ValueError(f"no UNet2DModel equivalent for {[k for k, v in unsupported.items() if v]}")
     widths = [m * cfg.model_channels for m in cfg.channel_mult]
