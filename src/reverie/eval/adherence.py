@@ -32,7 +32,8 @@ detected objects (color, shape, center; ``reverie.eval.attributes``):
 
 Two diagnostics say why relations fail: ``pair_count_accuracy`` (``count`` over two-object prompts only)
 and ``relation_accuracy_when_drawn`` (``relation`` over the images where both prompted objects got a
-detection: placement alone, a missing object does not count against it).
+detection: placement alone, a missing object does not count against it), with ``relation_confusion``
+(for each asked relation, how often each relation was drawn, over those images).
 
 Accuracies are averaged over objects (color, shape), over images with a relation (relation) and over
 images (count, all_correct). ``score_real_images`` applies the same scoring to real ``shapes`` images
@@ -169,18 +170,17 @@ def score_image(labels: PromptLabels, pred: dict) -> dict:
     match = _match(labels, color, shape)
     colors_ok = [k is not None and color[k] == o[0] for o, k in zip(labels.objects, match)]
     shapes_ok = [k is not None and shape[k] == o[1] for o, k in zip(labels.objects, match)]
-    relation_ok = placed_ok = None
+    relation_ok = drawn = None  # drawn: (asked, drawn) relation indices when both objects were found
     if labels.relation is not None:
         i, rel, j = labels.relation
         a, b = match[i], match[j]
         if a is not None and b is not None:
-            relation_ok = placed_ok = relation_between(pred["center"][a], pred["center"][b]) == rel
-        else:
-            relation_ok = False
+            drawn = (rel, relation_between(pred["center"][a], pred["center"][b]))
+        relation_ok = drawn is not None and drawn[0] == drawn[1]
     count_ok = int(pred["count"]) == len(labels.objects)
     all_ok = all(colors_ok) and all(shapes_ok) and relation_ok is not False and count_ok
-    return {"color": colors_ok, "shape": shapes_ok, "relation": relation_ok, "placed": placed_ok,
-            "count": count_ok, "objects": len(labels.objects), "all_correct": all_ok}
+    return {"color": colors_ok, "shape": shapes_ok, "relation": relation_ok, "relation_drawn": drawn,
+            "count": count_ok, "all_correct": all_ok}
 
 
 def score_images(images: torch.Tensor, prompts: list[str], classifier: AttributeClassifier | None = None) -> dict:
@@ -202,7 +202,7 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
     """Aggregate per-image scores: accuracies in [0, 1] (None when nothing to average), counts, and the
     all-correct rate of every distinct prompt."""
     relations = [r["relation"] for r in rows if r["relation"] is not None]
-    placed = [r["placed"] for r in rows if r.get("placed") is not None]
+    drawn = [r["relation_drawn"] for r in rows if r["relation_drawn"] is not None]
     per_prompt: dict[str, list[bool]] = {}
     for row, text in zip(rows, prompts):
         per_prompt.setdefault(text, []).append(row["all_correct"])
@@ -212,9 +212,12 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
         "relation_accuracy": _mean(relations),
         "count_accuracy": _mean([r["count"] for r in rows]),
         # Diagnostics: how often a two-object prompt gets exactly two objects, and the relation accuracy
-        # over only those relation images where both prompted objects were found (placement, not count).
-        "pair_count_accuracy": _mean([r["count"] for r in rows if r.get("objects") == 2]),
-        "relation_accuracy_when_drawn": _mean(placed),
+        # over only those relation images where both prompted objects were found (placement, not count),
+        # with its confusion counts: asked relation -> relation drawn.
+        "pair_count_accuracy": _mean([r["count"] for r in rows if len(r["color"]) == 2]),
+        "relation_accuracy_when_drawn": _mean([asked == got for asked, got in drawn]),
+        "relation_confusion": {RELATIONS[asked]: {RELATIONS[k]: sum(d == (asked, k) for d in drawn)
+                                                  for k in range(len(RELATIONS))} for asked in range(len(RELATIONS))},
         "all_correct": _mean([r["all_correct"] for r in rows]),
         "num_images": len(rows),
         "num_relation_images": len(relations),

@@ -24,6 +24,7 @@ Choices (the "why" that the code cannot show):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -251,6 +252,13 @@ def sincos_position_embedding(shape: tuple[int, ...], channels: int, extent: flo
     return torch.cat(parts, dim=1).to(dtype or torch.get_default_dtype())
 
 
+@functools.lru_cache(maxsize=32)
+def _grid_code(shape: tuple[int, ...], channels: int) -> Tensor:
+    """``sincos_position_embedding`` of a feature map in image coordinates (extent 32), float64 on the CPU:
+    computed once per map size, not in every forward."""
+    return sincos_position_embedding(shape, channels, extent=32.0, device="cpu", dtype=torch.float64)
+
+
 class AttentionBlock(nn.Module):
     """Residual self-attention over all positions, x + proj(attn(GroupNorm(x))) (Ho et al. 2020, App. B),
     then, with ``context_dim``, residual cross-attention to text tokens (Rombach et al. 2022, Sec. 3.3).
@@ -280,8 +288,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         pos = None
         if self.positions:
-            pos = sincos_position_embedding(tuple(x.shape[2:]), x.shape[1], extent=32.0, device=x.device,
-                                            dtype=x.dtype)
+            pos = _grid_code(tuple(x.shape[2:]), x.shape[1]).to(device=x.device, dtype=x.dtype)
         tokens = self._tokens(self.norm(x))
         x = x + self.attn(tokens if pos is None else tokens + pos).transpose(1, 2).reshape(x.shape)
         if self.cross is not None:
