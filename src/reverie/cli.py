@@ -132,7 +132,7 @@ def _cmd_generate(args) -> int:
 
 
 SAMPLE_METRICS = ("fid", "kid", "pr")
-EVAL_METRICS = (*SAMPLE_METRICS, "nll", "adherence")
+EVAL_METRICS = (*SAMPLE_METRICS, "nll", "adherence", "probe")
 
 
 def _load_for_eval(path: str | None, device: str = "cpu"):
@@ -256,7 +256,7 @@ def _cmd_eval(args) -> int:
     unknown = sorted(set(metrics) - set(EVAL_METRICS))
     if not metrics or unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(EVAL_METRICS)}")
-    for key in ("n", "steps", "ref_n", "batch_size", "per_prompt", "nll_n"):
+    for key in ("n", "steps", "ref_n", "batch_size", "per_prompt", "nll_n", "probe_n"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     from .samplers import SAMPLERS
@@ -272,8 +272,9 @@ def _cmd_eval(args) -> int:
     # Checks that would otherwise fire only after the (long) sample-based metrics:
     if "nll" in metrics and (pipe.vae is not None or pipe.conditioning != "none"):
         raise ValueError("nll needs an unconditional pixel-space model")
-    if "adherence" in metrics and pipe.conditioning != "text":
-        raise ValueError("adherence needs a text-conditioned model")
+    for name in ("adherence", "probe"):
+        if name in metrics and pipe.conditioning != "text":
+            raise ValueError(f"{name} needs a text-conditioned model")
     guidance = args.guidance if pipe.conditioning != "none" else None
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
                "grid": args.grid or pipe.cfg.sample.grid, "seed": args.seed, "guidance": guidance}
@@ -308,6 +309,16 @@ def _cmd_eval(args) -> int:
                     "pair_count_accuracy", "relation_accuracy_when_drawn"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
+    if "probe" in metrics:
+        from .eval.probe import caption_probe
+
+        res = caption_probe(pipe.denoiser, num_images=args.probe_n, seed=args.seed)
+        results["probe"] = res
+        sigmas = " ".join(f"{s:g}" for s in res["sigmas"])
+        for kind, r in res["probes"].items():
+            per_sigma = " ".join(f"{a:.2f}" for a in r["accuracy"])
+            rows.append((f"probe {kind}", f"{r['mean_accuracy']:.3f}",
+                         f"true caption wins, {res['num_images']} images; at sigma {sigmas}: {per_sigma}"))
     extra = f", guidance {guidance}" if guidance is not None else ""
     print(f"{pipe.name} ({args.sampler}, {args.steps} steps on the {results['grid']} grid, seed {args.seed}{extra})")
     width = max(len(r[0]) for r in rows)
@@ -442,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--paraphrase", action="store_true",
                     help="adherence: show the model synonyms of the color and shape words (crimson disc, ...)")
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
+    ev.add_argument("--probe-n", type=int, default=256,
+                    help="probe: real images per caption probe (0.5 = the words are ignored)")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
     ev.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")

@@ -329,8 +329,11 @@ def _reference(obj: ShapeObject) -> str:
     return f"the {_COLOR_NAMES[obj.color]} {SHAPES[obj.shape]}"
 
 
-def _caption_one(obj: ShapeObject, rng: random.Random) -> str:
-    form = rng.randrange(5)
+def _caption_one(obj: ShapeObject, rng: random.Random, position_prob: float | None = None) -> str:
+    if position_prob is None:
+        form = rng.randrange(5)
+    else:  # form 1 states the position
+        form = 1 if rng.random() < position_prob else rng.choice((0, 2, 3, 4))
     if form == 0:
         return _noun_phrase(obj, rng)
     if form == 1:
@@ -350,8 +353,11 @@ def _relation_clause(a: ShapeObject, b: ShapeObject, rng: random.Random) -> tupl
     return _noun_phrase(a, rng), rng.choice(_RELATION_WORDS[relation(a, b)]), _noun_phrase(b, rng)
 
 
-def _caption_two(objects, rng: random.Random) -> str:
-    form = rng.randrange(6)
+def _caption_two(objects, rng: random.Random, relation_prob: float | None = None) -> str:
+    if relation_prob is None:
+        form = rng.randrange(6)
+    else:  # forms 0-3 state the relation
+        form = rng.randrange(4) if rng.random() < relation_prob else rng.randrange(4, 6)
     if form < 4:
         subject, rel, obj = _relation_clause(*objects, rng)
         template = ("{} {} {}", "{} {} {}", "there is {} {} {}", "{} is {} {}")[form]
@@ -378,13 +384,17 @@ def _caption_three(objects, rng: random.Random) -> str:
     return f"{clause}, and {_noun_phrase(third, rng)} {rel} {_reference(anchor)}"
 
 
-def make_caption(scene: Scene, rng: random.Random) -> str:
-    """A caption from varied templates; every stated color, shape, size, position and relation is true."""
+def make_caption(scene: Scene, rng: random.Random, position_prob: float | None = None,
+                 relation_prob: float | None = None) -> str:
+    """A caption from varied templates; every stated color, shape, size, position and relation is true.
+
+    By default a single object's caption states its position one time in five and a two-object caption
+    states the relation two times in three; ``position_prob`` / ``relation_prob`` set these shares."""
     objects = scene.objects
     if len(objects) == 1:
-        return _caption_one(objects[0], rng)
+        return _caption_one(objects[0], rng, position_prob)
     if len(objects) == 2:
-        return _caption_two(objects, rng)
+        return _caption_two(objects, rng, relation_prob)
     return _caption_three(objects, rng)
 
 
@@ -446,18 +456,33 @@ class ShapesDataset(Dataset):
     "relation" (object 0 to object 1, -1 if none), "relations" [3, 3], "background"}``.
 
     Per-object fields are padded to 3 objects with -1. ``shapes`` / ``colors`` / ``sizes`` restrict the
-    vocabulary; ``gradient_prob`` is the share of gradient (vs plain) backgrounds.
+    vocabulary; ``gradient_prob`` is the share of gradient (vs plain) backgrounds. The caption mix:
+    ``object_weights`` (relative frequencies of ``min_objects..max_objects`` objects; default equal),
+    ``position_prob`` (share of single-object captions that state the position; default 1/5) and
+    ``relation_prob`` (share of two-object captions that state the relation; default 2/3). Spatial words
+    are what a text-to-image model learns last, so a recipe may want more of them.
     """
 
     def __init__(self, resolution: int = 32, max_objects: int = 3, min_objects: int = 1, seed: int = 0,
                  length: int = 2**20, shapes=None, colors=None, gradient_prob: float = 0.5,
-                 supersample: int = 4, sizes=None):
+                 supersample: int = 4, sizes=None, object_weights=None, position_prob: float | None = None,
+                 relation_prob: float | None = None):
         if not isinstance(resolution, int) or resolution < 8:
             raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
         if not 1 <= min_objects <= max_objects <= 3:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
         if length < 1 or supersample < 1 or not 0 <= gradient_prob <= 1:
             raise ValueError("length and supersample must be >= 1 and gradient_prob in [0, 1]")
+        for name, p in (("position_prob", position_prob), ("relation_prob", relation_prob)):
+            if p is not None and not 0 <= p <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {p!r}")
+        if object_weights is not None:
+            object_weights = [float(w) for w in object_weights]
+            if len(object_weights) != max_objects - min_objects + 1 or min(object_weights) < 0 \
+                    or sum(object_weights) <= 0:
+                raise ValueError(f"object_weights needs {max_objects - min_objects + 1} non-negative weights "
+                                 f"(object counts {min_objects}..{max_objects}), got {object_weights}")
+        self.object_weights, self.position_prob, self.relation_prob = object_weights, position_prob, relation_prob
         self.resolution, self.seed, self.length, self.supersample = resolution, seed, length, supersample
         self.min_objects, self.max_objects, self.gradient_prob = min_objects, max_objects, gradient_prob
         self.shapes = _indices(shapes, SHAPES, "shapes")
@@ -483,14 +508,17 @@ class ShapesDataset(Dataset):
         """The scene of sample ``index`` and the generator, positioned to draw its caption."""
         index = range(self.length)[index]  # IndexError when out of range; negative indices wrap
         rng = random.Random(f"reverie.shapes/{self.seed}/{index}")
-        num_objects = rng.randint(self.min_objects, self.max_objects)
+        if self.object_weights is None:
+            num_objects = rng.randint(self.min_objects, self.max_objects)
+        else:
+            num_objects = rng.choices(range(self.min_objects, self.max_objects + 1), self.object_weights)[0]
         scene = sample_scene(rng, num_objects, self.shapes, self.colors, self.backgrounds, self.gradient_prob,
                              self.sizes)
         return scene, rng
 
     def __getitem__(self, index: int) -> dict:
         scene, rng = self.scene(index)
-        text = make_caption(scene, rng)
+        text = make_caption(scene, rng, self.position_prob, self.relation_prob)
         pixels = torch.from_numpy(render_array(scene, self.resolution, self.supersample))
         image = uint8_to_tensor(pixels.permute(2, 0, 1))
         return {"image": image, "text": text, "label": -1, **scene_labels(scene)}
