@@ -183,6 +183,7 @@ def test_shapes_caption_mix_options():
     plain = ShapesDataset(max_objects=2)
     assert (plain[5]["text"], plain[6]["text"]) == ("a pink circle", "two shapes: an orange circle and a brown diamond")
     for bad in ({"object_weights": [1, 2, 3]}, {"object_weights": [0, 0]}, {"object_weights": [-1, 2]},
+                {"object_weights": [1, float("nan")]},
                 {"position_prob": 1.5}, {"relation_prob": -0.1}):
         with pytest.raises(ValueError):
             ShapesDataset(max_objects=2, **bad)

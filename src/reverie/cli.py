@@ -275,6 +275,8 @@ def _cmd_eval(args) -> int:
     for name in ("adherence", "probe"):
         if name in metrics and pipe.conditioning != "text":
             raise ValueError(f"{name} needs a text-conditioned model")
+    if "probe" in metrics and (pipe.vae is not None or pipe.cfg.data.name != "shapes"):
+        raise ValueError("probe needs a pixel-space model trained on shapes (it denoises real shapes images)")
     guidance = args.guidance if pipe.conditioning != "none" else None
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
                "grid": args.grid or pipe.cfg.sample.grid, "seed": args.seed, "guidance": guidance}
@@ -312,13 +314,15 @@ def _cmd_eval(args) -> int:
     if "probe" in metrics:
         from .eval.probe import caption_probe
 
-        res = caption_probe(pipe.denoiser, num_images=args.probe_n, seed=args.seed)
+        res = caption_probe(pipe.denoiser, num_images=args.probe_n, seed=args.seed, batch_size=args.batch_size,
+                            resolution=pipe.cfg.data.resolution, data_options=pipe.cfg.data.options)
         results["probe"] = res
         sigmas = " ".join(f"{s:g}" for s in res["sigmas"])
         for kind, r in res["probes"].items():
             per_sigma = " ".join(f"{a:.2f}" for a in r["accuracy"])
             rows.append((f"probe {kind}", f"{r['mean_accuracy']:.3f}",
-                         f"true caption wins, {res['num_images']} images; at sigma {sigmas}: {per_sigma}"))
+                         f"true caption wins (0.5: words ignored; s.e. <= {max(r['stderr']):.2f}), "
+                         f"{res['num_images']} images; at sigma {sigmas}: {per_sigma}"))
     extra = f", guidance {guidance}" if guidance is not None else ""
     print(f"{pipe.name} ({args.sampler}, {args.steps} steps on the {results['grid']} grid, seed {args.seed}{extra})")
     width = max(len(r[0]) for r in rows)
@@ -454,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="adherence: show the model synonyms of the color and shape words (crimson disc, ...)")
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
     ev.add_argument("--probe-n", type=int, default=256,
-                    help="probe: real images per caption probe (0.5 = the words are ignored)")
+                    help="real shapes images per caption probe (probe metric)")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
     ev.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")

@@ -459,8 +459,10 @@ class ShapesDataset(Dataset):
     vocabulary; ``gradient_prob`` is the share of gradient (vs plain) backgrounds. The caption mix:
     ``object_weights`` (relative frequencies of ``min_objects..max_objects`` objects; default equal),
     ``position_prob`` (share of single-object captions that state the position; default 1/5) and
-    ``relation_prob`` (share of two-object captions that state the relation; default 2/3). Spatial words
-    are what a text-to-image model learns last, so a recipe may want more of them.
+    ``relation_prob`` (share of two-object captions that state the relation; default 2/3; three-object
+    captions are unaffected). Spatial words are what a text-to-image model learns last, so a recipe may
+    want more of them. Leaving an option unset draws the captions of earlier versions; setting it, even to
+    the default share, draws a different (equally distributed) stream.
     """
 
     def __init__(self, resolution: int = 32, max_objects: int = 3, min_objects: int = 1, seed: int = 0,
@@ -479,7 +481,7 @@ class ShapesDataset(Dataset):
         if object_weights is not None:
             object_weights = [float(w) for w in object_weights]
             if len(object_weights) != max_objects - min_objects + 1 or min(object_weights) < 0 \
-                    or sum(object_weights) <= 0:
+                    or sum(object_weights) <= 0 or not all(math.isfinite(w) for w in object_weights):
                 raise ValueError(f"object_weights needs {max_objects - min_objects + 1} non-negative weights "
                                  f"(object counts {min_objects}..{max_objects}), got {object_weights}")
         self.object_weights, self.position_prob, self.relation_prob = object_weights, position_prob, relation_prob
