@@ -29,17 +29,11 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from ..data.shapes import COLORS, POSITIONS, RELATIONS, SHAPES, ShapesDataset
+from ..data.shapes import _INVERSE, POSITIONS, RELATIONS, ShapesDataset
+from .adherence import _phrase as _np
 
 PROBES = ("color", "shape", "position", "binding", "relation")
 DEFAULT_SIGMAS = (0.3, 1.0, 2.0, 4.0, 8.0, 20.0)
-_COLOR_NAMES = tuple(COLORS)
-_INVERSE = (1, 0, 3, 2)
-
-
-def _np(color: int, shape: int) -> str:
-    words = f"{_COLOR_NAMES[color]} {SHAPES[shape]}"
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def probe_pairs(kind: str, num_images: int = 256, seed: int = 2024, resolution: int = 32, **options
