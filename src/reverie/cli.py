@@ -65,7 +65,23 @@ def _generation_params(args) -> dict:
         return json.loads(meta)
     return {"prompt": args.prompt or "", "negative_prompt": args.negative_prompt, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-            "guidance_rescale": args.guidance_rescale, "num_images": args.num_images}
+            "guidance_rescale": args.guidance_rescale, "num_images": args.num_images,
+            "layout": _layout_arg(args.layout)}
+
+
+def _layout_arg(value: str):
+    """--layout: auto, none, or a JSON list of [phrase, [x0, y0, x1, y1]] (inline or a file) for every image."""
+    if value in ("auto", "none"):
+        return value
+    from .layout import check_layout
+
+    text = Path(value).read_text() if Path(value).suffix == ".json" and Path(value).is_file() else value
+    try:
+        layout = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"--layout must be auto, none, or a JSON list like "
+                         f"'[[\"red circle\", [0.1, 0.1, 0.4, 0.4]]]', got {value!r}") from None
+    return [[phrase, list(box)] for phrase, box in check_layout(layout, "--layout")]
 
 
 def _validate_generation(p: dict) -> None:
@@ -93,6 +109,18 @@ def _save_png(image, path: Path, params: dict) -> None:
     image.save(path, pnginfo=info)
 
 
+def _layouts(params: dict, pipe):
+    """The ``layouts`` argument of generate: a given layout for every image, or auto / none."""
+    layout = params.get("layout", "auto")
+    if isinstance(layout, str):
+        if layout == "none" or pipe.takes_layouts:
+            return layout
+        return "none"
+    if not pipe.takes_layouts:
+        raise ValueError(f"model {pipe.name!r} takes no layouts (it was trained without model.layout_channels)")
+    return [[(phrase, tuple(box)) for phrase, box in layout]]
+
+
 def _cmd_generate(args) -> int:
     import time
 
@@ -111,7 +139,7 @@ def _cmd_generate(args) -> int:
     images = pipe.generate(params["prompt"], num_images=params["num_images"], steps=params["steps"],
                            sampler=params["sampler"], guidance_scale=params["guidance"],
                            negative_prompt=params["negative_prompt"], seed=params["seed"],
-                           guidance_rescale=params["guidance_rescale"])
+                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params, pipe))
     elapsed = time.perf_counter() - start
     if params.get("index") is not None:  # reproducing one file of an --out-dir batch
         images = [images[params["index"]]]
@@ -303,10 +331,12 @@ def _cmd_eval(args) -> int:
 
         res = evaluate_adherence(pipe, num_per_prompt=args.per_prompt, steps=args.steps, sampler=args.sampler,
                                  guidance_scale=args.guidance, seed=args.seed, grid=args.grid,
-                                 paraphrased=args.paraphrase)
+                                 paraphrased=args.paraphrase, layouts=args.layout)
         results["adherence"] = res
         kind = "paraphrased held-out" if args.paraphrase else "held-out"
         where = f"{res['num_images']} images, {res['num_prompts']} {kind} prompts, guidance {args.guidance}"
+        if pipe.takes_layouts:
+            where += f", layouts {args.layout}"
         for key in ("color_accuracy", "shape_accuracy", "relation_accuracy", "count_accuracy", "all_correct",
                     "pair_count_accuracy", "relation_accuracy_when_drawn"):
             value = res.get(key)
@@ -439,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (a grid for several images)")
     gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
     gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
+    gen.add_argument("--layout", default="auto",
+                     help="layout models: auto (plan object boxes from the prompt), none (the prompt alone), or "
+                          "a JSON list (or .json file) of [phrase, [x0, y0, x1, y1]] in image fractions, y down")
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model: FID, KID, precision/recall, NLL, prompt adherence",
@@ -454,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref-n", type=int, default=10000, help="reference images (statistics are cached)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt for adherence")
+    ev.add_argument("--layout", choices=("auto", "none"), default="auto",
+                    help="adherence of a layout model: auto (boxes planned from each prompt) or none (prompt alone)")
     ev.add_argument("--paraphrase", action="store_true",
                     help="adherence: show the model synonyms of the color and shape words (crimson disc, ...)")
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")

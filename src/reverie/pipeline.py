@@ -128,6 +128,11 @@ class Pipeline:
         return image_shape(self.info)
 
     @property
+    def takes_layouts(self) -> bool:
+        """Whether the model is conditioned on object layouts as well as the prompt."""
+        return getattr(self.net, "layout", None) is not None
+
+    @property
     def denoiser(self):
         """The network wrapped as ``D(x, sigma, **cond) -> x0_hat`` for its prediction type."""
         from .denoisers import make_denoiser
@@ -159,7 +164,8 @@ class Pipeline:
             from .conditioning import TextConditionedNet
             from .text import get_text_encoder
 
-            net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]))
+            net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]),
+                                     layout_channels=cfg.model.layout_channels)
         weights = path / "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() \
             else path / "model.safetensors"
         if not weights.is_file():
@@ -186,25 +192,31 @@ class Pipeline:
     def sample(self, num_images: int = 16, steps: int | None = None, sampler: str | None = None,
                seed: int = 0, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                negative_prompt: str = "", guidance_scale: float | None = None,
-               guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None) -> torch.Tensor:
+               guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None,
+               layouts="auto") -> torch.Tensor:
         """``[num_images, C, H, W]`` samples in [-1, 1]; ``steps``, ``sampler`` and the sigma ``grid``
-        (``reverie.samplers.GRIDS``) default to the model's config."""
+        (``reverie.samplers.GRIDS``) default to the model's config. ``layouts`` (layout models only):
+        ``"auto"`` plans object boxes from each prompt, ``"none"`` uses the prompt alone, or a list of
+        per-image ``[(phrase, (x0, y0, x1, y1)), ...]`` (see ``reverie.layout``)."""
         from .train.sampling import sample_images
 
         return sample_images(self.net, self.cfg, self.schedule, self.info, num_images, seed=seed,
                              class_labels=class_labels, prompts=prompts, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                             guidance_rescale=guidance_rescale, progress=progress, vae=self.vae, grid=grid)
+                             guidance_rescale=guidance_rescale, progress=progress, vae=self.vae, grid=grid,
+                             layouts=layouts)
 
     def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,
-                 guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None) -> list:
-        """Images (PIL) for a text prompt; "" gives unconditional samples. ``grid``: see :meth:`sample`."""
+                 guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None,
+                 layouts="auto") -> list:
+        """Images (PIL) for a text prompt; "" gives unconditional samples. ``grid``, ``layouts``: see
+        :meth:`sample`."""
         from .images import to_pil
 
         if self.conditioning != "text" and prompt:
             raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
         x = self.sample(num_images, steps=steps, sampler=sampler, seed=seed, prompts=[prompt],
                         negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, progress=progress, grid=grid)
+                        guidance_rescale=guidance_rescale, progress=progress, grid=grid, layouts=layouts)
         return to_pil(x)

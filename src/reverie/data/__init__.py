@@ -48,13 +48,18 @@ def get_dataset(name: str, **kwargs) -> Dataset:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Batch dataset items: tensors and numbers are stacked, captions stay a ``list[str]``."""
+    """Batch dataset items: tensors and numbers are stacked, captions stay a ``list[str]`` and object
+    layouts (``reverie.layout``; a different number of objects per image) a list of per-image lists."""
     shapes = {tuple(item["image"].shape) for item in batch}
     if len(shapes) > 1:
         raise ValueError(
             f"cannot batch images of different shapes {sorted(shapes)}; give the dataset a resolution "
             "(e.g. imagefolder's resolution=64) so every image has the same size"
         )
+    if batch and "layout" in batch[0]:
+        layouts = [item["layout"] for item in batch]
+        out = default_collate([{k: v for k, v in item.items() if k != "layout"} for item in batch])
+        return {**out, "layout": layouts}
     return default_collate(batch)
 
 

@@ -232,14 +232,16 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
 def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_prompt: int = 4, steps: int = 20,
                        sampler: str = "dpmpp_2m", guidance_scale: float = 4.0, seed: int = 0,
                        batch_size: int = 64, classifier: AttributeClassifier | None = None,
-                       progress: bool = True, grid: str | None = None, paraphrased: bool = False) -> dict:
+                       progress: bool = True, grid: str | None = None, paraphrased: bool = False,
+                       layouts: str = "auto") -> dict:
     """Generate ``num_per_prompt`` images per prompt (default: ``evaluation_prompts()``) with a text-to-image
     ``pipeline`` (anything with ``Pipeline.sample``'s signature) and score them (see module docstring).
 
     Prompts go to the model in batches of about ``batch_size`` images, ``num_per_prompt`` copies of each
     prompt per batch; batch ``k`` uses noise seed ``seed + k``. Returns ``summarize``'s dict plus the
     generation settings. ``grid`` (a sigma grid name) is passed on only when given. ``paraphrased``: the model
-    sees ``paraphrase(prompt)``, the score uses the prompt's own labels."""
+    sees ``paraphrase(prompt)``, the score uses the prompt's own labels. ``layouts`` (layout models):
+    ``"auto"`` lets the pipeline plan object boxes from each prompt, ``"none"`` generates from the prompt alone."""
     if getattr(pipeline, "conditioning", "text") != "text":
         raise ValueError(f"prompt adherence needs a text-conditioned model, got conditioning={pipeline.conditioning!r}")
     prompts = list(prompts) if prompts is not None else evaluation_prompts()
@@ -255,7 +257,8 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
         # Pipeline.sample repeats the prompt list to fill num_images: image n gets chunk[n % len(chunk)].
         shown = [paraphrase(text) for text in chunk] if paraphrased else chunk
         x = pipeline.sample(num_images=len(chunk) * num_per_prompt, steps=steps, sampler=sampler, seed=seed + k,
-                            prompts=shown, guidance_scale=guidance_scale, **({"grid": grid} if grid else {}))
+                            prompts=shown, guidance_scale=guidance_scale, **({"grid": grid} if grid else {}),
+                            **({"layouts": layouts} if layouts != "auto" else {}))
         if len(x) != len(chunk) * num_per_prompt:
             raise ValueError(f"pipeline returned {len(x)} images, asked for {len(chunk) * num_per_prompt}")
         images.append(x.float().cpu())
@@ -263,7 +266,8 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     result = score_images(torch.cat(images), image_prompts, classifier)
     settings = {"num_per_prompt": num_per_prompt, "steps": steps, "sampler": sampler,
                 "guidance_scale": guidance_scale, "seed": seed, "paraphrased": paraphrased,
-                **({"grid": grid} if grid else {})}
+                **({"grid": grid} if grid else {}),
+                **({"layouts": layouts} if getattr(pipeline, "takes_layouts", False) else {})}
     return {**result, "settings": settings}
 
 

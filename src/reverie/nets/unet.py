@@ -63,7 +63,9 @@ class UNetConfig(NetConfig):
     ``channels // head_channels`` heads. ``out_channels`` (the prediction's channels) defaults to
     ``in_channels``; ``learned_variance`` appends as many variance channels (Nichol & Dhariwal 2021).
     ``attention_positions`` adds a fixed sine-cosine position code before every attention (see
-    ``AttentionBlock``).
+    ``AttentionBlock``). ``spatial_channels`` accepts a per-pixel condition ``spatial`` (B, channels,
+    *spatial) at the input resolution, added to the first feature map through a zero-initialized
+    convolution (a layout map, ``reverie.layout``; without ``spatial`` the network is unchanged).
     """
 
     arch = "unet"
@@ -89,6 +91,7 @@ class UNetConfig(NetConfig):
     fourier_scale: float = 16.0
     context_dim: int | None = None
     attention_positions: bool = False
+    spatial_channels: int = 0
     num_classes: int | None = None
     pooled_dim: int | None = None
     channels_last: bool = False
@@ -145,6 +148,9 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes, temb) if cfg.num_classes else None
         self.pooled_proj = nn.Linear(cfg.pooled_dim, temb) if cfg.pooled_dim else None
         self.conv_in = conv_nd(dims, cfg.in_channels, mc, 3, padding=1)
+        self.spatial_in = None
+        if cfg.spatial_channels:
+            self.spatial_in = zero_module(conv_nd(dims, cfg.spatial_channels, mc, 3, padding=1))
         self.down, skip_chans = self._build_encoder()
         ch = mc * cfg.channel_mult[-1]
         self.mid = nn.ModuleList([self._block(ch, ch, cfg.mid_attention), self._block(ch, ch, False)])
@@ -218,7 +224,7 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_input(self, x: Tensor, context: Tensor | None) -> None:
+    def _check_input(self, x: Tensor, context: Tensor | None, spatial: Tensor | None = None) -> None:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(f"expected a ({cfg.dims + 2})-D input (B, C, *spatial) for dims={cfg.dims}")
@@ -227,14 +233,21 @@ class UNet(nn.Module):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {tuple(factors)}")
         if (context is None) != (cfg.context_dim is None):
             raise ValueError("`context` must be given exactly when UNetConfig.context_dim is set")
+        if spatial is not None:
+            expected = (x.shape[0], cfg.spatial_channels, *x.shape[2:])
+            if not cfg.spatial_channels or tuple(spatial.shape) != expected:
+                raise ValueError(f"`spatial` must be {expected} (UNetConfig.spatial_channels), "
+                                 f"got {tuple(spatial.shape)}")
 
     def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None,
                 context_mask: Tensor | None = None, class_labels: Tensor | None = None,
-                pooled: Tensor | None = None) -> Tensor:
-        self._check_input(x, context)
+                pooled: Tensor | None = None, spatial: Tensor | None = None) -> Tensor:
+        self._check_input(x, context, spatial)
         emb = self.embed(c_noise, class_labels, pooled)
         embs = self.emb_proj(F.silu(emb)).split(self.emb_sizes, dim=1)  # one (B, E_i) slice per block
         h = self.conv_in(x.contiguous(memory_format=self.memory_format))
+        if spatial is not None:
+            h = h + self.spatial_in(spatial.to(h.dtype).contiguous(memory_format=self.memory_format))
         skips, i = [h], 0
         for block in self.down:
             if isinstance(block, UNetBlock):
@@ -268,7 +281,8 @@ def diffusers_unet2d_kwargs(cfg: UNetConfig, strict: bool = True) -> dict:
                    "pooled_dim": cfg.pooled_dim is not None,
                    "time_embedding": cfg.time_embedding != "sinusoidal",
                    "resample_with_conv": not cfg.resample_with_conv,
-                   "attention_positions": cfg.attention_positions}
+                   "attention_positions": cfg.attention_positions,
+                   "spatial_channels": bool(cfg.spatial_channels)}
     if any(unsupported.values()):
         raise ValueError(f"no UNet2DModel equivalent for {[k for k, v in unsupported.items() if v]}")
     widths = [m * cfg.model_channels for m in cfg.channel_mult]

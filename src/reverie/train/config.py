@@ -21,6 +21,7 @@ class ModelSection:
     conditioning: Literal["none", "class", "text"] = "none"
     text_encoder: str = "scratch"       # text conditioning: scratch (trained) | minilm (frozen)
     text_encoder_options: dict = field(default_factory=dict)
+    layout_channels: int = 0            # text models: >0 also conditions on object boxes (reverie.layout)
     autoencoder: str = ""               # latent diffusion: a VAE model directory ("" = pixel space)
     latent_sample: bool = True          # train on posterior samples (LDM) rather than posterior means
 
@@ -99,6 +100,8 @@ class TrainSection:
     keep_last: int = 3
     log_every: int = 10
     cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
+    layout_dropout: float = 0.2         # layout models: probability of dropping the layout, keeping the caption
+    init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
     max_nonfinite: int = 5              # consecutive non-finite losses before stopping
     tensorboard: bool = False
     progress: bool = True
@@ -130,6 +133,10 @@ class TrainConfig:
             (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (0 < self.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
+            (0 <= self.train.layout_dropout <= 1, "train.layout_dropout must be in [0, 1]"),
+            (self.model.layout_channels >= 0, "model.layout_channels must be >= 0"),
+            (not self.model.layout_channels or self.model.conditioning == "text",
+             "model.layout_channels needs model.conditioning=text (layouts pair phrases with boxes)"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.sample.steps >= 1, "sample.steps must be >= 1"),
             (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),

@@ -70,6 +70,8 @@ def collate(items: list[dict]) -> dict:
     for key in ("image", "moments"):  # moments: cached VAE posteriors (reverie.latent.LatentCache)
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if "layout" in items[0]:  # per-image lists of (phrase, box): reverie.layout
+        batch["layout"] = [it["layout"] for it in items]
     return batch
 
 
@@ -119,6 +121,28 @@ def load_model_state(module: torch.nn.Module, state: dict) -> None:
         module.load_state_dict(state)
 
 
+def init_weights(net: torch.nn.Module, model_dir: str | Path) -> list[str]:
+    """Start ``net`` from a model directory's weights (EMA if present) for fine-tuning. Tensors the
+    directory lacks (a module the new config adds, e.g. a layout encoder) keep their initialization,
+    which for reverie's new input paths is zero, so the run starts as the old model; a tensor of another
+    shape, or one the new network lacks, is an error. Returns the new tensors' module names."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir)
+    weights = next((path / f for f in ("ema.safetensors", "model.safetensors") if (path / f).is_file()), None)
+    if weights is None:
+        raise TrainingError(f"train.init_from={model_dir!r} is not a model directory (no model.safetensors)")
+    found, state = load_file(str(weights)), model_state(net)
+    unexpected = sorted(set(found) - set(state))
+    shapes = [k for k in set(found) & set(state) if found[k].shape != state[k].shape]
+    if unexpected or shapes:
+        raise TrainingError(f"{weights} does not fit this network: unexpected {unexpected[:5]}, "
+                            f"other shapes {sorted(shapes)[:5]}")
+    added = sorted({k.rsplit(".", 1)[0] for k in set(state) - set(found)})
+    load_model_state(net, {**state, **found})
+    return added
+
+
 def build_schedule(cfg: TrainConfig) -> DiscreteVPSchedule:
     return DiscreteVPSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps,
                                         zero_terminal_snr=cfg.schedule.zero_terminal_snr)
@@ -144,11 +168,15 @@ def build_model(cfg: TrainConfig, info: dict):
         encoder = build_text_encoder(cfg)
         overrides["context_dim"] = encoder.dim
         overrides["pooled_dim"] = encoder.pooled_dim
+        if cfg.model.layout_channels:
+            if PRESETS[cfg.model.network].arch != "unet":
+                raise TrainingError("model.layout_channels needs a U-Net (the DiT takes no spatial condition yet)")
+            overrides["spatial_channels"] = cfg.model.layout_channels
     net = create_network(cfg.model.network, **overrides)
     if encoder is not None:
         from ..conditioning import TextConditionedNet
 
-        net = TextConditionedNet(net, encoder)
+        net = TextConditionedNet(net, encoder, layout_channels=cfg.model.layout_channels)
     schedule = build_schedule(cfg)
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
@@ -218,7 +246,11 @@ class Batches:
 def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, device) -> dict:
     if cfg.model.conditioning == "text":
         drop = (torch.rand(len(batch["text"]), generator=g) < cfg.train.cond_dropout).tolist()
-        return {"text": ["" if d else t for d, t in zip(drop, batch["text"])]}
+        cond = {"text": ["" if d else t for d, t in zip(drop, batch["text"])]}
+        if cfg.model.layout_channels:  # no layout without the caption: guidance's null condition has neither
+            keep = (torch.rand(len(drop), generator=g) >= cfg.train.layout_dropout).tolist()
+            cond["layout"] = [lay if k and not d else None for lay, k, d in zip(batch["layout"], keep, drop)]
+        return cond
     if cfg.model.conditioning != "class":
         return {}
     labels = batch["label"].to(device)
@@ -268,6 +300,8 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     out = Path(cfg.train.out_dir)
     dataset = dataset if dataset is not None else build_dataset(cfg)
     info = dataset_info(dataset)
+    if cfg.model.layout_channels and "layout" not in dataset[0]:
+        raise TrainingError(f"model.layout_channels needs a dataset with object layouts; {cfg.data.name!r} has none")
     vae = None
     if cfg.model.autoencoder:  # latent diffusion: a frozen VAE between the data and the network
         from ..latent import LatentCache, encode_batch, latent_info, load_vae
@@ -279,6 +313,10 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
             dataset = LatentCache(dataset, vae, progress=main and cfg.train.progress)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net, schedule, denoiser = build_model(cfg, info)
+    if cfg.train.init_from:
+        added = init_weights(net, cfg.train.init_from)
+        if main:
+            print(f"initialized from {cfg.train.init_from}" + (f"; new: {', '.join(added)}" if added else ""))
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):

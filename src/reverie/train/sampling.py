@@ -22,9 +22,34 @@ def _denoiser_and_grid(net, cfg, schedule, steps: int, grid: str):
     return make_denoiser(cfg.model.prediction, net, schedule), get_sigmas(grid, steps, schedule=schedule)
 
 
+def resolve_layouts(net, cfg, prompts: list[str], layouts="auto", seed: int = 0) -> list | None:
+    """Per-image layouts for a layout model: ``"auto"`` plans them from the prompts with the training
+    data's planner (``reverie.layout``), ``"none"`` or None gives none, a list holds one per image (or
+    one for all). Models without layout conditioning take only ``"auto"`` / ``"none"`` / None."""
+    has_layout = getattr(net, "layout", None) is not None
+    if layouts is None or (isinstance(layouts, str) and layouts in ("auto", "none")):
+        if layouts != "auto" or not has_layout:
+            return None
+        from ..layout import get_planner, plan_layouts
+
+        return plan_layouts(get_planner(cfg.data.name), prompts, seed)
+    if isinstance(layouts, str):
+        raise ValueError(f"layouts must be 'auto', 'none' or a list of layouts, got {layouts!r}")
+    if not has_layout:
+        raise ValueError("this model takes no layouts (it was trained without model.layout_channels)")
+    layouts = list(layouts)
+    if len(layouts) == 1:
+        layouts = layouts * len(prompts)
+    if len(layouts) != len(prompts):
+        raise ValueError(f"got {len(layouts)} layouts for {len(prompts)} images")
+    return layouts
+
+
 def conditions(net, cfg, info: dict, num_images: int, prompts: list[str] | None = None,
-               negative_prompt: str = "", class_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """``(cond, uncond)`` keyword arguments for the network; empty dicts for unconditional models."""
+               negative_prompt: str = "", class_labels: torch.Tensor | None = None, layouts="auto",
+               seed: int = 0) -> tuple[dict, dict]:
+    """``(cond, uncond)`` keyword arguments for the network; empty dicts for unconditional models.
+    ``layouts`` (layout models): see :func:`resolve_layouts`; the unconditional side has none."""
     device = next(net.parameters()).device
     if cfg.model.conditioning == "class":
         if class_labels is None:
@@ -34,7 +59,10 @@ def conditions(net, cfg, info: dict, num_images: int, prompts: list[str] | None 
     if cfg.model.conditioning == "text":
         prompts = list(prompts) if prompts else [""]
         prompts = (prompts * num_images)[:num_images]
-        return net.encode(prompts), net.encode([negative_prompt] * num_images)
+        layouts = resolve_layouts(net, cfg, prompts, layouts, seed)
+        if layouts is None:
+            return net.encode(prompts), net.encode([negative_prompt] * num_images)
+        return net.encode(prompts, layouts), net.encode([negative_prompt] * num_images, [None] * num_images)
     return {}, {}
 
 
@@ -43,9 +71,10 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
                   class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                   negative_prompt: str = "", guidance_scale: float | None = None,
                   steps: int | None = None, sampler: str | None = None, grid: str | None = None,
-                  guidance_rescale: float = 0.0, callback=None, progress: bool = False, vae=None) -> torch.Tensor:
+                  guidance_rescale: float = 0.0, callback=None, progress: bool = False, vae=None,
+                  layouts="auto") -> torch.Tensor:
     """``num_images`` samples in [-1, 1] (decoded by ``vae`` for a latent model, whose ``info`` describes
-    the latent shape). The initial noise is drawn on the CPU, so a seed starts
+    the latent shape); ``layouts``: see :func:`resolve_layouts`. The initial noise is drawn on the CPU, so a seed starts
     from the same noise on every device; ancestral samplers' per-step noise uses the device's own
     generator, so their images match across devices only in distribution."""
     denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps or cfg.sample.steps, grid or cfg.sample.grid)
@@ -55,7 +84,7 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
     # VP models start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2).
     scale = float(sigmas[0]) if cfg.model.prediction == "edm" else (1 + float(sigmas[0]) ** 2) ** 0.5
     x = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(device)
-    cond, uncond = conditions(net, cfg, info, num_images, prompts, negative_prompt, class_labels)
+    cond, uncond = conditions(net, cfg, info, num_images, prompts, negative_prompt, class_labels, layouts, seed)
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if cond and scale != 1.0:
         denoiser = CFGDenoiser(denoiser, uncond, scale=scale, rescale=guidance_rescale)

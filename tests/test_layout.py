@@ -1,0 +1,268 @@
+"""Layout conditioning: painted maps, the shapes planner, the zero-initialized input path, fine-tuning
+from a text-only model, training's layout dropout, and the CLI's --layout."""
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from reverie.cli import main
+from reverie.conditioning import TextConditionedNet
+from reverie.configs import load_config
+from reverie.data.shapes import (
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    ShapeObject,
+    ShapesDataset,
+    parse_caption,
+    plan_layout,
+    position_cell,
+    relation,
+)
+from reverie.layout import LayoutEncoder, box_masks, check_layout, pad_layouts, plan_layouts
+from reverie.pipeline import Pipeline, save_model_dir
+from reverie.train.config import TrainConfig
+from reverie.train.loop import TrainingError, _condition, build_model, init_weights
+from reverie.train.sampling import sample_images
+
+NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
+TEXT = "{width: 32, depth: 1, num_heads: 2, pooled_dim: 32, max_length: 8, num_buckets: 64}"
+INFO = {"in_channels": 3, "resolution": 16, "num_classes": 0}
+COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "white")
+
+
+def _cfg(*extra):
+    return load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--model.conditioning=text",
+                                           f"--model.text_encoder_options={TEXT}", "--data.resolution=16",
+                                           *extra])
+
+
+def _model(*extra, seed=0, perturb=0.05):
+    torch.manual_seed(seed)
+    net, _, denoiser = build_model(_cfg(*extra), INFO)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * perturb)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def layout_model(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-layout", _cfg("--model.layout_channels=4"), INFO,
+                          _model("--model.layout_channels=4"))
+
+
+# ------------------------------------------------------------------------------------------- the map
+
+def test_box_masks_select_pixel_centers_inside_the_box():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 0.75]]])
+    m = box_masks(boxes, (4, 4))
+    expected0 = torch.zeros(4, 4)
+    expected0[:2, :2] = 1
+    expected1 = torch.zeros(4, 4)
+    expected1[1:3, 2:] = 1
+    assert torch.equal(m[0, 0], expected0) and torch.equal(m[0, 1], expected1)
+    # non-square maps: rows follow y, columns x
+    assert box_masks(torch.tensor([[[0.0, 0.0, 0.5, 1.0]]]), (2, 4))[0, 0].tolist() == [[1, 1, 0, 0]] * 2
+
+
+def test_layout_map_paints_each_phrase_code_in_its_box_only():
+    torch.manual_seed(0)
+    enc = LayoutEncoder(phrase_dim=6, channels=3)
+    phrases = torch.randn(2, 3, 6)
+    boxes = torch.tensor([[[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 1, 1]]] * 2, dtype=torch.float32)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = enc(phrases, boxes, mask, (8, 8))
+    code = enc.proj(phrases)
+    assert out.shape == (2, 3, 8, 8)
+    assert torch.allclose(out[0, :, 1, 2], code[0, 0]) and torch.allclose(out[0, :, 6, 5], code[0, 1])
+    assert torch.equal(out[0, :, 1, 6], torch.zeros(3))  # top right: in no (unmasked) box
+    assert torch.equal(out[1], torch.zeros(3, 8, 8))  # masked objects paint nothing
+
+
+def test_pad_layouts_and_validation():
+    phrases, boxes, mask = pad_layouts([[("red circle", (0, 0, 0.5, 0.5))], None], max_objects=2)
+    assert phrases == [["red circle", ""], ["", ""]]
+    assert mask.tolist() == [[True, False], [False, False]] and boxes[0, 0].tolist() == [0, 0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="at most 1"):
+        pad_layouts([[("a", (0, 0, 1, 1)), ("b", (0, 0, 1, 1))]], max_objects=1)
+    for bad, match in ((["red circle"], r"\(phrase"), ([("", (0, 0, 1, 1))], "non-empty"),
+                       ([("x", (0.5, 0, 0.2, 1))], "x0 < x1"), ([("x", (0, 0, 1))], "4 finite"), ("abc", "list")):
+        with pytest.raises(ValueError, match=match):
+            check_layout(bad)
+
+
+# ----------------------------------------------------------------------------------------- the planner
+
+def _centers(layout):
+    return [((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2) for _, (x0, y0, x1, y1) in layout]
+
+
+def _objects(layout):
+    return [ShapeObject(0, 0, 0, x, y, r) for x, y, r in _centers(layout)]
+
+
+def test_planned_layouts_satisfy_every_stated_relation_and_position():
+    data = ShapesDataset(max_objects=2, position_prob=0.5, relation_prob=1.0, seed=3)
+    checked = {"relation": 0, "position": 0}
+    for i in range(300):
+        text = data[i]["text"]
+        parsed = parse_caption(text)
+        layout = plan_layout(text, random.Random(i))
+        assert [p for p, _ in layout] == [f"{COLORS[o['color']]} {SHAPES[o['shape']]}" for o in parsed["objects"]]
+        objs = _objects(layout)
+        for a, rel, b in parsed["relations"]:
+            assert relation(objs[a], objs[b]) == rel, (text, layout)
+            checked["relation"] += 1
+        for obj, spec in zip(objs, parsed["objects"]):
+            if spec["position"] >= 0:
+                assert position_cell(obj) == spec["position"], (text, layout)
+                checked["position"] += 1
+            if spec["size"] >= 0:  # radius 0.13 / 0.21 +- 8 %
+                assert abs(obj.radius - (0.13, 0.21)[spec["size"]]) <= 0.021
+            assert 0 <= obj.x - obj.radius and obj.x + obj.radius <= 1  # inside the image
+        if len(objs) == 2:  # no overlap
+            (x0, y0, r0), (x1, y1, r1) = _centers(layout)
+            assert ((x0 - x1) ** 2 + (y0 - y1) ** 2) ** 0.5 >= r0 + r1
+    assert checked["relation"] > 120 and checked["position"] > 20
+
+
+def test_planner_reads_only_the_grammar_and_is_seeded():
+    assert plan_layout("hello world", random.Random(0)) is None
+    assert plan_layouts(None, ["a red circle"], seed=0) == [None]
+    a = plan_layouts(plan_layout, ["a red circle above a blue square"] * 3 + [""], seed=5)
+    assert a == plan_layouts(plan_layout, ["a red circle above a blue square"] * 3 + [""], seed=5)
+    assert a[0] != a[1] and a[3] is None  # each image its own layout; no prompt, no layout
+    assert all(relation(*_objects(lay)) == RELATIONS.index("above") for lay in a[:3])
+    single = plan_layout("a green star in the bottom right", random.Random(1))
+    assert position_cell(_objects(single)[0]) == POSITIONS.index("in the bottom right")
+
+
+def test_dataset_layout_is_the_scene():
+    item = ShapesDataset(max_objects=2)[7]
+    centers = item["objects"]["center"][: item["num_objects"]]
+    radii = item["objects"]["radius"][: item["num_objects"]]
+    for (phrase, (x0, y0, x1, y1)), c, r, color, shape in zip(item["layout"], centers, radii,
+                                                               item["objects"]["color"], item["objects"]["shape"]):
+        assert phrase == f"{COLORS[color]} {SHAPES[shape]}"
+        assert torch.allclose(torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2]),
+                              torch.tensor([*c.tolist(), float(r)]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ network and training
+
+def test_layout_input_path_starts_at_zero_and_then_moves_the_output():
+    torch.manual_seed(0)
+    net, _, _ = build_model(_cfg("--model.layout_channels=4"), INFO)
+    assert isinstance(net, TextConditionedNet) and net.net.config.spatial_channels == 4
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        for p in net.net.conv_out.parameters():  # the zero-initialized output would hide everything
+            p.normal_(0, 0.1)
+        layouts = [[("red circle", (0.1, 0.1, 0.5, 0.5))], None]
+        plain = net(x, t, text=["a red circle", "a red circle"])
+        assert torch.equal(net(x, t, text=["a red circle"] * 2, layout=layouts), plain)
+        net.net.spatial_in.weight.normal_(0, 0.1)
+        moved = net(x, t, text=["a red circle"] * 2, layout=layouts)
+    assert not torch.allclose(moved[0], plain[0]) and torch.equal(moved[1], plain[1])
+    with pytest.raises(ValueError, match="spatial"):
+        net.net(x, t, spatial=torch.zeros(2, 3, 16, 16), **{k: v for k, v in net.encode(["a"] * 2).items()
+                                                            if not k.startswith("layout")})
+
+
+def test_layout_needs_text_conditioning_a_unet_and_a_layout_dataset(tmp_path):
+    with pytest.raises(Exception, match="conditioning=text"):
+        load_config(TrainConfig, None, ["--model.layout_channels=4"]).validate()
+    with pytest.raises(TrainingError, match="U-Net"):
+        build_model(_cfg("--model.layout_channels=4", "--model.network=dit-s-2"), INFO)
+    from reverie.train.loop import train
+
+    cfg = _cfg("--model.layout_channels=4", "--data.name=digits", f"--train.out_dir={tmp_path}")
+    with pytest.raises(TrainingError, match="layouts"):
+        train(cfg, resume=False)
+
+
+def test_init_from_a_text_model_reproduces_it_exactly(tmp_path):
+    text_net = _model()
+    src = save_model_dir(tmp_path / "text", _cfg(), INFO, text_net)
+    torch.manual_seed(1)
+    net, _, _ = build_model(_cfg("--model.layout_channels=4"), INFO)
+    assert init_weights(net, src) == ["layout.proj", "net.spatial_in"]
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        want = text_net(x, t, text=["a red circle", "a blue square above a red circle"])
+        got = net.eval()(x, t, text=["a red circle", "a blue square above a red circle"],
+                         layout=[[("red circle", (0, 0, 0.5, 0.5))], None])
+    assert torch.equal(got, want)
+    other = save_model_dir(tmp_path / "other", _cfg(f"--model.network_overrides={NET[:-1]}, model_channels: 16}}"),
+                           INFO, _model(f"--model.network_overrides={NET[:-1]}, model_channels: 16}}"))
+    with pytest.raises(TrainingError, match="other shapes"):
+        init_weights(net, other)
+    with pytest.raises(TrainingError, match="not a model directory"):
+        init_weights(net, tmp_path)
+
+
+def test_training_drops_the_layout_with_the_caption_and_on_its_own():
+    cfg = _cfg("--model.layout_channels=4", "--train.cond_dropout=0.3", "--train.layout_dropout=0.4")
+    batch = {"text": ["a red circle"] * 4000, "layout": [[("red circle", (0, 0, 1, 1))]] * 4000}
+    cond = _condition(cfg, batch, INFO, torch.Generator().manual_seed(0), "cpu")
+    pairs = list(zip(cond["text"], cond["layout"]))
+    assert not any(t == "" and lay is not None for t, lay in pairs)  # the null condition has no layout
+    kept = sum(lay is not None for _, lay in pairs) / len(pairs)
+    assert abs(kept - 0.7 * 0.6) < 0.03  # 0.42, binomial s.e. 0.008
+    assert abs(sum(t == "" for t, _ in pairs) / len(pairs) - 0.3) < 0.03
+
+
+def test_saved_layout_model_loads_and_guided_sampling_uses_the_layout(layout_model):
+    pipe = Pipeline.from_pretrained(layout_model)
+    assert pipe.takes_layouts
+    with torch.no_grad():
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+    kw = dict(num_images=2, steps=3, prompts=["a red circle above a blue square"], guidance_scale=3.0, seed=0)
+    auto, again, none = pipe.sample(**kw), pipe.sample(**kw), pipe.sample(**kw, layouts="none")
+    given = pipe.sample(**kw, layouts=[[("red circle", (0.0, 0.0, 0.4, 0.4))]])
+    assert torch.equal(auto, again) and not torch.allclose(auto, none) and not torch.allclose(auto, given)
+    with pytest.raises(ValueError, match="layouts for"):
+        pipe.sample(**kw, layouts=[None, None, None])
+
+
+def test_text_only_models_refuse_explicit_layouts():
+    cfg = _cfg()
+    net, schedule, _ = build_model(cfg, INFO)
+    with pytest.raises(ValueError, match="takes no layouts"):
+        sample_images(net, cfg, schedule, INFO, 1, prompts=["a red circle"], layouts=[[("red circle", (0, 0, 1, 1))]])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def test_generate_with_a_layout_is_recorded_and_reproducible(layout_model, tmp_path):
+    box = '[["red circle", [0.1, 0.1, 0.5, 0.5]]]'
+    out = tmp_path / "a.png"
+    args = ["generate", "a red circle", "--model", str(layout_model), "--steps", "3", "--num-images", "1"]
+    assert main([*args, "--layout", box, "-o", str(out)]) == 0
+    meta = json.loads(Image.open(out).text["reverie"])
+    assert meta["layout"] == [["red circle", [0.1, 0.1, 0.5, 0.5]]]
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(layout_model), "-o", str(again)]) == 0
+    assert out.read_bytes() == again.read_bytes()
+    assert main([*args, "-o", str(tmp_path / "c.png")]) == 0
+    assert json.loads(Image.open(tmp_path / "c.png").text["reverie"])["layout"] == "auto"
+
+
+@pytest.mark.parametrize("value, message", [("[[1, 2]", "JSON list"),
+                                            ('[["red circle", [0.5, 0, 0.1, 1]]]', "x0 < x1")])
+def test_bad_layout_is_one_line_error(layout_model, tmp_path, capsys, value, message):
+    code = main(["generate", "a red circle", "--model", str(layout_model), "--layout", value,
+                 "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_explicit_layout_on_a_text_only_model_is_refused(tmp_path, capsys):
+    text_dir = save_model_dir(tmp_path / "t", _cfg(), INFO, _model())
+    code = main(["generate", "a red circle", "--model", str(text_dir), "--steps", "2",
+                 "--layout", '[["red circle", [0, 0, 1, 1]]]', "-o", str(tmp_path / "x.png")])
+    assert code == 2 and "takes no layouts" in capsys.readouterr().err
