@@ -266,3 +266,8 @@ def test_explicit_layout_on_a_text_only_model_is_refused(tmp_path, capsys):
     code = main(["generate", "a red circle", "--model", str(text_dir), "--steps", "2",
                  "--layout", '[["red circle", [0, 0, 1, 1]]]', "-o", str(tmp_path / "x.png")])
     assert code == 2 and "takes no layouts" in capsys.readouterr().err
+
+
+def test_inspect_names_the_layout_conditioning(layout_model, capsys):
+    assert main(["inspect", str(layout_model)]) == 0
+    assert "condition:  text (scratch encoder), + object layouts (4 channels)" in capsys.readouterr().out

@@ -401,7 +401,12 @@ def _cmd_inspect(args) -> int:
         net = config["network"]
         print(f"model directory {path}")
         print(f"  network:    {net.get('arch')} ({n:,} parameters)")
-        print(f"  prediction: {config['train_config']['model']['prediction']}")
+        model = config["train_config"]["model"]
+        print(f"  prediction: {model['prediction']}")
+        if model.get("conditioning", "none") != "none":
+            encoder = f" ({model['text_encoder']} encoder)" if model["conditioning"] == "text" else ""
+            layout = f", + object layouts ({model['layout_channels']} channels)" if model.get("layout_channels") else ""
+            print(f"  condition:  {model['conditioning']}{encoder}{layout}")
         print(f"  schedule:   {config['train_config']['schedule']['name']}")
         print(f"  data:       {config['train_config']['data']['name']} {config['data']}")
         print(f"  ema:        {'yes' if (path / 'ema.safetensors').is_file() else 'no'}")
