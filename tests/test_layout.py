@@ -214,6 +214,14 @@ def test_training_drops_the_layout_with_the_caption_and_on_its_own():
     kept = sum(lay is not None for _, lay in pairs) / len(pairs)
     assert abs(kept - 0.7 * 0.6) < 0.03  # 0.42, binomial s.e. 0.008
     assert abs(sum(t == "" for t, _ in pairs) / len(pairs) - 0.3) < 0.03
+    # layout_only: some kept layouts lose their caption; nothing else changes (same generator stream first)
+    alone_cfg = _cfg("--model.layout_channels=4", "--train.cond_dropout=0.3", "--train.layout_dropout=0.4",
+                     "--train.layout_only=0.5")
+    alone = _condition(alone_cfg, batch, INFO, torch.Generator().manual_seed(0), "cpu")
+    assert alone["layout"] == cond["layout"]
+    emptied = [a == "" and t != "" for a, t in zip(alone["text"], cond["text"])]
+    assert all(lay is not None for lay, e in zip(cond["layout"], emptied) if e)
+    assert abs(sum(emptied) / sum(lay is not None for lay in cond["layout"]) - 0.5) < 0.04
 
 
 def test_saved_layout_model_loads_and_guided_sampling_uses_the_layout(layout_model):

@@ -101,6 +101,7 @@ class TrainSection:
     log_every: int = 10
     cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
     layout_dropout: float = 0.2         # layout models: probability of dropping the layout, keeping the caption
+    layout_only: float = 0.0            # layout models: probability of dropping the caption, keeping the layout
     init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
     max_nonfinite: int = 5              # consecutive non-finite losses before stopping
     tensorboard: bool = False
@@ -134,6 +135,7 @@ class TrainConfig:
             (0 < self.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
             (0 <= self.train.layout_dropout <= 1, "train.layout_dropout must be in [0, 1]"),
+            (0 <= self.train.layout_only <= 1, "train.layout_only must be in [0, 1]"),
             (self.model.layout_channels >= 0, "model.layout_channels must be >= 0"),
             (not self.model.layout_channels or self.model.conditioning == "text",
              "model.layout_channels needs model.conditioning=text (layouts pair phrases with boxes)"),

@@ -250,6 +250,10 @@ def _condition(cfg: TrainConfig, batch: dict, info: dict, g: torch.Generator, de
         if cfg.model.layout_channels:  # no layout without the caption: guidance's null condition has neither
             keep = (torch.rand(len(drop), generator=g) >= cfg.train.layout_dropout).tolist()
             cond["layout"] = [lay if k and not d else None for lay, k, d in zip(batch["layout"], keep, drop)]
+            if cfg.train.layout_only > 0:  # caption-less layouts: the map alone must say what goes where
+                alone = (torch.rand(len(drop), generator=g) < cfg.train.layout_only).tolist()
+                cond["text"] = ["" if a and lay is not None else t
+                                for a, lay, t in zip(alone, cond["layout"], cond["text"])]
         return cond
     if cfg.model.conditioning != "class":
         return {}
