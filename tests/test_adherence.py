@@ -119,6 +119,11 @@ def test_relation_diagnostics_separate_missing_objects_from_misplacement():
     assert result["count_accuracy"] == pytest.approx(3 / 4)
     assert result["relation_confusion"]["left of"] == {"left of": 1, "right of": 1, "above": 0, "below": 0}
     assert sum(result["relation_confusion"]["above"].values()) == 0
+    # per object count: the three two-object images (5 of 6 colours right: "one" misses the blue square), the single
+    assert result["two_object"] == {"color_accuracy": pytest.approx(5 / 6), "shape_accuracy": pytest.approx(5 / 6),
+                                     "relation_accuracy": pytest.approx(1 / 3), "all_correct": pytest.approx(1 / 3),
+                                     "num_images": 3}
+    assert result["one_object"]["all_correct"] == 1.0 and result["one_object"]["relation_accuracy"] is None
 
 
 def _caption(objects, rel: int) -> str:
@@ -309,3 +314,36 @@ def test_shipped_model_draws_what_single_object_prompts_ask(classifier):
     x = pipe.sample(num_images=16, prompts=prompts, steps=20, sampler="dpmpp_2m", guidance_scale=4.0, seed=0)
     result = score_images(x, prompts * 2, classifier)
     assert result["color_accuracy"] >= 0.8 and result["shape_accuracy"] >= 0.8, result
+
+
+class LayoutStub(StubPipeline):
+    """A layout model that draws exactly its layout map (each phrase's object in its box) and reads no text."""
+
+    takes_layouts = True
+    cfg = type("Cfg", (), {"data": type("Data", (), {"name": "shapes"})})
+
+    def sample(self, num_images, prompts=None, seed=0, layouts=None, **kwargs):
+        self.calls.append((list(prompts), layouts))
+        pixels = []
+        for layout in layouts:
+            objects = []
+            for phrase, (x0, y0, x1, y1) in layout:
+                color, shape = phrase.split(" ")
+                objects.append(shapes.ShapeObject(SHAPES.index(shape), COLOR_NAMES.index(color), 0, (x0 + x1) / 2,
+                                                  (y0 + y1) / 2, (x1 - x0) / 2))
+            background = next(b for b, ok in enumerate(shapes._READABLE) if {o.color for o in objects} <= set(ok))
+            pixels.append(shapes.render_array(shapes.Scene(background, None, tuple(objects)), self.resolution))
+        return uint8_to_tensor(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2))
+
+
+def test_layout_only_adherence_shows_the_planned_boxes_under_an_empty_caption(classifier):
+    prompts = evaluation_prompts()[::4]
+    stub = LayoutStub()
+    result = evaluate_adherence(stub, prompts=prompts, num_per_prompt=2, classifier=classifier, progress=False,
+                                layouts="only")
+    assert all(shown == [""] and len(lay) == 2 * len(prompts) for shown, lay in stub.calls)
+    assert result["all_correct"] >= 0.9 and result["settings"]["layouts"] == "only"  # the planner obeys the prompts
+    with pytest.raises(ValueError, match="needs a layout model"):
+        evaluate_adherence(StubPipeline(), prompts=prompts, classifier=classifier, progress=False, layouts="none")
+    with pytest.raises(ValueError, match="auto, none or only"):
+        evaluate_adherence(stub, prompts=prompts, classifier=classifier, progress=False, layouts="boxes")

@@ -279,3 +279,21 @@ def test_explicit_layout_on_a_text_only_model_is_refused(tmp_path, capsys):
 def test_inspect_names_the_layout_conditioning(layout_model, capsys):
     assert main(["inspect", str(layout_model)]) == 0
     assert "condition:  text (scratch encoder), + object layouts (4 channels)" in capsys.readouterr().out
+
+
+def test_fine_tuning_run_trains_and_resumes_without_its_source(tmp_path):
+    import shutil
+
+    from reverie.train.loop import train
+
+    src = save_model_dir(tmp_path / "text", _cfg(), INFO, _model())
+    run = ["--model.layout_channels=4", "--data.batch_size=4", "--train.progress=false", "--sample.every=0",
+           f"--train.out_dir={tmp_path / 'run'}", f"--train.init_from={src}", "--train.checkpoint_every=1",
+           "--train.layout_only=0.5", "--data.options={max_objects: 2}"]
+    first = train(_cfg(*run, "--train.steps=2"), resume="auto")
+    assert first.step == 2
+    shutil.rmtree(src)  # resuming reads the checkpoint, not the model it started from
+    again = train(_cfg(*run, "--train.steps=3"), resume="auto")
+    assert again.step == 3 and again.model.layout is not None
+    with pytest.raises(TrainingError, match="not a model directory"):
+        train(_cfg(*run, "--train.steps=1", f"--train.out_dir={tmp_path / 'fresh'}"), resume="auto")

@@ -341,6 +341,10 @@ def _cmd_eval(args) -> int:
                     "pair_count_accuracy", "relation_accuracy_when_drawn"):
             value = res.get(key)
             rows.append((key, "n/a" if value is None else f"{value:.3f}", where))
+        two = res.get("two_object") or {}
+        for key in ("color_accuracy", "shape_accuracy", "all_correct"):
+            if two.get(key) is not None:
+                rows.append((f"two-object {key}", f"{two[key]:.3f}", f"{two['num_images']} images of 2-object prompts"))
     if "probe" in metrics:
         from .eval.probe import caption_probe
 
@@ -492,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref-n", type=int, default=10000, help="reference images (statistics are cached)")
     ev.add_argument("--batch-size", type=int, default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt for adherence")
-    ev.add_argument("--layout", choices=("auto", "none"), default="auto",
-                    help="adherence of a layout model: auto (boxes planned from each prompt) or none (prompt alone)")
+    ev.add_argument("--layout", choices=("auto", "none", "only"), default="auto",
+                    help="adherence of a layout model: auto (boxes planned from each prompt), none (prompt alone) "
+                         "or only (the planned boxes under an empty caption: what the layout map alone conveys)")
     ev.add_argument("--paraphrase", action="store_true",
                     help="adherence: show the model synonyms of the color and shape words (crimson disc, ...)")
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")

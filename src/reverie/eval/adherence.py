@@ -36,7 +36,8 @@ detection: placement alone, a missing object does not count against it), with ``
 (for each asked relation, how often each relation was drawn, over those images).
 
 Accuracies are averaged over objects (color, shape), over images with a relation (relation) and over
-images (count, all_correct). ``score_real_images`` applies the same scoring to real ``shapes`` images
+images (count, all_correct); ``one_object`` / ``two_object`` repeat color, shape, relation and all_correct
+over the single- and two-object prompts alone. ``score_real_images`` applies the same scoring to real ``shapes`` images
 and their own captions: the ceiling a perfect model reaches (~100 %).
 """
 
@@ -51,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..data import collate
 from ..data.shapes import _RELATION_WORDS, COLORS, RELATIONS, SHAPES, ShapesDataset, parse_caption
+from ..layout import get_planner, plan_layouts
 from .attributes import AttributeClassifier, load_classifier, relation_between
 
 _COLOR_NAMES = tuple(COLORS)
@@ -198,6 +200,14 @@ def _mean(values: list) -> float | None:
     return sum(map(float, values)) / len(values) if values else None
 
 
+def _subset(rows: list[dict]) -> dict:
+    """Color, shape, relation and all-correct accuracy over some of the images."""
+    return {"color_accuracy": _mean([ok for r in rows for ok in r["color"]]),
+            "shape_accuracy": _mean([ok for r in rows for ok in r["shape"]]),
+            "relation_accuracy": _mean([r["relation"] for r in rows if r["relation"] is not None]),
+            "all_correct": _mean([r["all_correct"] for r in rows]), "num_images": len(rows)}
+
+
 def summarize(rows: list[dict], prompts: list[str]) -> dict:
     """Aggregate per-image scores: accuracies in [0, 1] (None when nothing to average), counts, and the
     all-correct rate of every distinct prompt."""
@@ -219,6 +229,9 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
         "relation_confusion": {RELATIONS[asked]: {RELATIONS[k]: sum(d == (asked, k) for d in drawn)
                                                   for k in range(len(RELATIONS))} for asked in range(len(RELATIONS))},
         "all_correct": _mean([r["all_correct"] for r in rows]),
+        # The same per object count (the text-to-image target is stated on two-object prompts).
+        "one_object": _subset([r for r in rows if len(r["color"]) == 1]),
+        "two_object": _subset([r for r in rows if len(r["color"]) == 2]),
         "num_images": len(rows),
         "num_relation_images": len(relations),
         "num_prompts": len(per_prompt),
@@ -241,7 +254,13 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     prompt per batch; batch ``k`` uses noise seed ``seed + k``. Returns ``summarize``'s dict plus the
     generation settings. ``grid`` (a sigma grid name) is passed on only when given. ``paraphrased``: the model
     sees ``paraphrase(prompt)``, the score uses the prompt's own labels. ``layouts`` (layout models):
-    ``"auto"`` lets the pipeline plan object boxes from each prompt, ``"none"`` generates from the prompt alone."""
+    ``"auto"`` lets the pipeline plan object boxes from each prompt, ``"none"`` generates from the prompt alone,
+    ``"only"`` from the same planned boxes under an empty caption (a diagnostic: does the layout map alone say
+    which object goes where?)."""
+    if layouts not in ("auto", "none", "only"):
+        raise ValueError(f"layouts must be auto, none or only, got {layouts!r}")
+    if layouts != "auto" and not getattr(pipeline, "takes_layouts", False):
+        raise ValueError(f"layouts={layouts!r} needs a layout model; this one takes none")
     if getattr(pipeline, "conditioning", "text") != "text":
         raise ValueError(f"prompt adherence needs a text-conditioned model, got conditioning={pipeline.conditioning!r}")
     prompts = list(prompts) if prompts is not None else evaluation_prompts()
@@ -256,9 +275,16 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     for k, chunk in enumerate(tqdm(chunks, desc="adherence", disable=not progress)):
         # Pipeline.sample repeats the prompt list to fill num_images: image n gets chunk[n % len(chunk)].
         shown = [paraphrase(text) for text in chunk] if paraphrased else chunk
-        x = pipeline.sample(num_images=len(chunk) * num_per_prompt, steps=steps, sampler=sampler, seed=seed + k,
-                            prompts=shown, guidance_scale=guidance_scale, **({"grid": grid} if grid else {}),
-                            **({"layouts": layouts} if layouts != "auto" else {}))
+        n = len(chunk) * num_per_prompt
+        extra = {"grid": grid} if grid else {}
+        if layouts == "only":  # the boxes "auto" would plan for these images, under an empty caption
+            extra["layouts"] = plan_layouts(get_planner(pipeline.cfg.data.name),
+                                            [shown[i % len(shown)] for i in range(n)], seed + k)
+            shown = [""]
+        elif layouts != "auto":
+            extra["layouts"] = layouts
+        x = pipeline.sample(num_images=n, steps=steps, sampler=sampler, seed=seed + k, prompts=shown,
+                            guidance_scale=guidance_scale, **extra)
         if len(x) != len(chunk) * num_per_prompt:
             raise ValueError(f"pipeline returned {len(x)} images, asked for {len(chunk) * num_per_prompt}")
         images.append(x.float().cpu())

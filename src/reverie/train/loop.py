@@ -317,7 +317,9 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
             dataset = LatentCache(dataset, vae, progress=main and cfg.train.progress)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net, schedule, denoiser = build_model(cfg, info)
-    if cfg.train.init_from:
+    ckpt_dir = out / "checkpoints"
+    source = latest_checkpoint(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if cfg.train.init_from and source is None:  # a resumed run's checkpoint already holds the weights
         added = init_weights(net, cfg.train.init_from)
         if main:
             print(f"initialized from {cfg.train.init_from}" + (f"; new: {', '.join(added)}" if added else ""))
@@ -337,8 +339,6 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
     levels = _noise_levels(cfg, schedule)
     step, data_state, nonfinite_total = 0, DataState(), 0
 
-    ckpt_dir = out / "checkpoints"
-    source = latest_checkpoint(ckpt_dir) if resume == "auto" else (Path(resume) if resume else None)
     if source is not None:
         state = load_checkpoint(source)
         trained_with = (state.get("info") or {}).get("autoencoder_hash")
