@@ -317,7 +317,7 @@ def test_shipped_model_draws_what_single_object_prompts_ask(classifier):
 
 
 def test_shipped_model_draws_relations_through_its_planned_layouts(classifier):
-    """Two-object prompts: the planned layouts put the objects where the relation says (15 of 16 on this seed
+    """Two-object prompts: the planned layouts put the objects where the relation says (16 of 16 on this seed
     when shipped; 26% for the text-only model before it), and without them the relations fall to chance."""
     from reverie.cli import DEFAULT_MODEL
     from reverie.pipeline import Pipeline
