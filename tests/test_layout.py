@@ -10,7 +10,7 @@ from PIL import Image
 
 from reverie.cli import main
 from reverie.conditioning import TextConditionedNet
-from reverie.configs import load_config
+from reverie.configs import ConfigError, load_config
 from reverie.data.shapes import (
     POSITIONS,
     RELATIONS,
@@ -174,7 +174,7 @@ def test_layout_input_path_starts_at_zero_and_then_moves_the_output():
 
 
 def test_layout_needs_text_conditioning_a_unet_and_a_layout_dataset(tmp_path):
-    with pytest.raises(Exception, match="conditioning=text"):
+    with pytest.raises(ConfigError, match="conditioning=text"):
         load_config(TrainConfig, None, ["--model.layout_channels=4"]).validate()
     with pytest.raises(TrainingError, match="U-Net"):
         build_model(_cfg("--model.layout_channels=4", "--model.network=dit-s-2"), INFO)

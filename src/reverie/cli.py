@@ -99,6 +99,12 @@ def _validate_generation(p: dict) -> None:
         raise ValueError(f"--guidance-rescale must be between 0 and 1, got {p['guidance_rescale']}")
 
 
+def _layouts(params: dict):
+    """generate's ``layouts``: auto / none (PNGs from before layouts: auto), or the one given for every image."""
+    layout = params.get("layout", "auto")
+    return layout if isinstance(layout, str) else [layout]
+
+
 def _save_png(image, path: Path, params: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
@@ -107,18 +113,6 @@ def _save_png(image, path: Path, params: dict) -> None:
     info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in sorted(params.items())))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, pnginfo=info)
-
-
-def _layouts(params: dict, pipe):
-    """The ``layouts`` argument of generate: a given layout for every image, or auto / none."""
-    layout = params.get("layout", "auto")
-    if isinstance(layout, str):
-        if layout == "none" or pipe.takes_layouts:
-            return layout
-        return "none"
-    if not pipe.takes_layouts:
-        raise ValueError(f"model {pipe.name!r} takes no layouts (it was trained without model.layout_channels)")
-    return [[(phrase, tuple(box)) for phrase, box in layout]]
 
 
 def _cmd_generate(args) -> int:
@@ -139,7 +133,7 @@ def _cmd_generate(args) -> int:
     images = pipe.generate(params["prompt"], num_images=params["num_images"], steps=params["steps"],
                            sampler=params["sampler"], guidance_scale=params["guidance"],
                            negative_prompt=params["negative_prompt"], seed=params["seed"],
-                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params, pipe))
+                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params))
     elapsed = time.perf_counter() - start
     if params.get("index") is not None:  # reproducing one file of an --out-dir batch
         images = [images[params["index"]]]

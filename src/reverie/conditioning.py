@@ -65,7 +65,9 @@ class TextConditionedNet(nn.Module):
             raise ValueError(f"got {len(layouts)} layouts for {len(texts)} captions")
         phrases, boxes, mask = pad_layouts(layouts, self.max_objects)
         flat = [p for row in phrases for p in row]
-        pooled = self._encode_texts(flat).pooled.view(len(texts), self.max_objects, -1)
+        unique = list(dict.fromkeys(flat))  # a batch names few distinct phrases; most slots are "" padding
+        row_of = {p: k for k, p in enumerate(unique)}
+        pooled = self._encode_texts(unique).pooled[[row_of[p] for p in flat]].view(len(texts), self.max_objects, -1)
         return {**out, "layout_phrases": pooled.to(device), "layout_boxes": boxes.to(device),
                 "layout_mask": mask.to(device)}
 

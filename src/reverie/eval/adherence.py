@@ -216,10 +216,11 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
     per_prompt: dict[str, list[bool]] = {}
     for row, text in zip(rows, prompts):
         per_prompt.setdefault(text, []).append(row["all_correct"])
+    overall = _subset(rows)
     return {
-        "color_accuracy": _mean([ok for r in rows for ok in r["color"]]),
-        "shape_accuracy": _mean([ok for r in rows for ok in r["shape"]]),
-        "relation_accuracy": _mean(relations),
+        "color_accuracy": overall["color_accuracy"],
+        "shape_accuracy": overall["shape_accuracy"],
+        "relation_accuracy": overall["relation_accuracy"],
         "count_accuracy": _mean([r["count"] for r in rows]),
         # Diagnostics: how often a two-object prompt gets exactly two objects, and the relation accuracy
         # over only those relation images where both prompted objects were found (placement, not count),
@@ -228,7 +229,7 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
         "relation_accuracy_when_drawn": _mean([asked == got for asked, got in drawn]),
         "relation_confusion": {RELATIONS[asked]: {RELATIONS[k]: sum(d == (asked, k) for d in drawn)
                                                   for k in range(len(RELATIONS))} for asked in range(len(RELATIONS))},
-        "all_correct": _mean([r["all_correct"] for r in rows]),
+        "all_correct": overall["all_correct"],
         # The same per object count (the text-to-image target is stated on two-object prompts).
         "one_object": _subset([r for r in rows if len(r["color"]) == 1]),
         "two_object": _subset([r for r in rows if len(r["color"]) == 2]),
