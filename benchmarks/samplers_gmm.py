@@ -47,6 +47,13 @@ Choices (also written into the JSON under "notes"):
   numbers (same start states, same generator seeds) make the curves comparable with each other
   even where their absolute level is noisy: the deterministic solvers on a grid all converge to
   one shared value.
+* Tuned grids (``reverie:{dpmpp_2m,unipc}@tuned``): :func:`reverie.samplers.tune_sigmas` chooses
+  each NFE's grid for that sampler by matching, on 512 pilot start states drawn with other seeds
+  than the evaluation's, the outputs of a 200-step dpmpp_2m Karras solve from the same states
+  (derivative-free coordinate search; levels kept in [0.002, 80]). Its cost (sampler runs,
+  denoiser calls on the pilot batch, seconds) is recorded per NFE under "tuning": a one-off per
+  model, sampler and NFE, not part of the NFE. Tuned up to ``--tune-max-nfe`` (20): above it the
+  plain Karras grids already reach the floor.
 * Why some diffusers curves stop improving: the discrete ``trailing`` grid of n steps ends at
   t = 1000/n - 1 and then jumps to sigma 0 with one denoiser call, x0 = D(x, sigma(t)); that is
   sigma 0.34 at 10 steps and still 0.024 at 200, where E[x0 | x] is narrower than the 0.05-std
@@ -66,7 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reverie.gmm import grid2d, random_mixture, sliced_w2, sorted_projections
-from reverie.samplers import SAMPLERS, get_sigmas, sample
+from reverie.samplers import SAMPLERS, get_sigmas, sample, tune_sigmas
 from reverie.schedules import DiscreteVPSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,6 +84,8 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 # std (0.05) EDM's 0.002 .. 0.01 steps are nearly identity maps, wasted at very low NFE.
 KARRAS = {"karras": (SIGMA_MIN, SIGMA_MAX), "karras(0.01..80)": (0.01, SIGMA_MAX)}
 TUNED = ("dpmpp_2m", "unipc")
+TUNE_MAX_NFE = 20  # grids are tuned up to this NFE; above it the Karras grids already reach the floor
+PILOT = 512  # pilot start states per tuning (seeds apart from the evaluation's)
 REF_STEPS = 1000
 TOL = 0.10  # "within 10% of the 1000-step reference"
 
@@ -106,17 +115,31 @@ class Counted:
         return self.denoiser(x, sigma, **cond)
 
 
-def run_reverie(name, gmm, grid: str, nfe: int, schedule, n, device, seed=7):
+def pilot_state(gmm, n: int, device) -> torch.Tensor:
+    """Start states for tuning grids: like :func:`start_state`, other seeds (held out from evaluation)."""
+    x0 = gmm.sample(n, torch.Generator().manual_seed(5))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    return (x0 + SIGMA_MAX * noise).to(device)
+
+
+def run_reverie(name, gmm, grid: str, nfe: int, schedule, n, device, seed=7, pilot=PILOT):
+    """(samples, denoiser calls, tuning record or None) of one reverie sampler at one NFE."""
     per = CALLS_PER_STEP.get(name, 1)
     steps = max(1, nfe if per == 1 else (nfe + 1) // per)
-    if grid in KARRAS:
+    tuning = None
+    if grid == "tuned":
+        t0 = time.perf_counter()
+        tuned = tune_sigmas(gmm, pilot_state(gmm, pilot, device), name, steps, SIGMA_MIN, SIGMA_MAX)
+        tuning = {**tuned.to_dict(), "seconds": time.perf_counter() - t0}
+        sigmas = tuned.sigmas
+    elif grid in KARRAS:
         sigmas = get_sigmas("karras", steps, *KARRAS[grid])
     else:
         sigmas = get_sigmas("ddim-trailing", steps, schedule=schedule)
     den = Counted(gmm)
     x = start_state(gmm, float(sigmas[0]), n, device)
     out = sample(name, den, x, sigmas.to(device), generator=torch.Generator(device).manual_seed(seed))
-    return out, den.calls
+    return out, den.calls, tuning
 
 
 def diffusers_schedulers(prediction_type: str = "epsilon"):
@@ -174,6 +197,7 @@ def methods(include_diffusers: bool):
         out.append((f"reverie:{name}@trailing", "reverie", name, "trailing"))
         if name in TUNED:
             out.append((f"reverie:{name}@karras(0.01..80)", "reverie", name, "karras(0.01..80)"))
+            out.append((f"reverie:{name}@tuned", "reverie", name, "tuned"))
     if include_diffusers:
         for key in diffusers_schedulers():
             grid = "karras(0.01..157)" if key.endswith("+karras") else "trailing"
@@ -218,11 +242,18 @@ def bench_dim(dim, args, device, bar):
            "methods": {}}
     for key, lib, name, grid in methods(not args.no_diffusers):
         entry = {"library": lib, "sampler": name, "grid": grid, "nfe": [], "sw2": [], "seconds": 0.0}
+        if grid == "tuned":
+            entry["tuning"] = []
         for nfe in args.nfe:
             bar.set_postfix_str(f"{dim}-D {key} NFE {nfe}")
+            if grid == "tuned" and nfe > args.tune_max_nfe:
+                bar.update(1)
+                continue
             t0 = time.perf_counter()
             if lib == "reverie":
-                out, calls = run_reverie(name, gmm, grid, nfe, schedule, n, device)
+                out, calls, tuning = run_reverie(name, gmm, grid, nfe, schedule, n, device)
+                if tuning is not None:
+                    entry["tuning"].append(tuning)
             else:
                 out, calls = run_diffusers(name, gmm, nfe, schedule, n, device)
             entry["seconds"] += time.perf_counter() - t0
@@ -250,11 +281,12 @@ def plot(results, path):
         for key, m in r["methods"].items():
             base = m["sampler"].split("+")[0]
             if m["library"] == "reverie":
-                style = {"karras": "-", "trailing": ":"}.get(m["grid"], (0, (5, 1, 1, 1, 1, 1)))
+                style = {"karras": "-", "trailing": ":", "tuned": "-"}.get(m["grid"], (0, (5, 1, 1, 1, 1, 1)))
             else:
                 style = "--" if "+karras" not in m["sampler"] else "-."
-            ax.plot(m["nfe"], m["sw2"], linestyle=style, color=colors[base], marker="o", ms=3, lw=1.4,
-                    label=key)
+            tuned = m["grid"] == "tuned"
+            ax.plot(m["nfe"], m["sw2"], linestyle=style, color=colors[base], marker="s" if tuned else "o",
+                    ms=5 if tuned else 3, lw=2.8 if tuned else 1.4, alpha=1.0 if tuned else 0.8, label=key)
         ref = r["reference"]
         ax.axhline(ref["sw2"], color="k", lw=1.5, label=f"{ref['sampler']} {ref['nfe']} steps (reference)")
         lo, hi = min(r["floor_all"]), max(r["floor_all"])
@@ -274,9 +306,9 @@ def plot(results, path):
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=5, loc="lower center", frameon=False)
-    fig.suptitle("Exact GMM denoiser. reverie: solid = karras 0.002..80, dotted = diffusers' trailing grid, "
-                 "dash-dot-dot = karras 0.01..80; diffusers: dashed = trailing, dash-dot = karras sigmas",
-                 fontsize=10)
+    fig.suptitle("Exact GMM denoiser. reverie: solid = karras 0.002..80, thick with squares = tuned grid, "
+                 "dotted = diffusers' trailing grid, dash-dot-dot = karras 0.01..80;\n"
+                 "diffusers: dashed = trailing, dash-dot = karras sigmas", fontsize=10)
     rows = math.ceil(len(labels) / 5)
     fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))
     fig.savefig(path, dpi=130)
@@ -289,13 +321,15 @@ def print_table(results):
         print(f"\n{dim}-D  {r['mixture']}\n  reference {ref['sampler']} x{ref['nfe']}: SW2 {ref['sw2']:.4g}; "
               f"noise floor {r['floor_mean']:.4g} (range {min(r['floor_all']):.4g} .. {max(r['floor_all']):.4g})")
         print("  NFE@ref: smallest NFE with SW2 <= 1.1 x the reference's; NFE@floor: <= 1.1 x the floor mean")
-        nfes = next(iter(r["methods"].values()))["nfe"]
+        nfes = max((m["nfe"] for m in r["methods"].values()), key=len)
         print(f"{'method':38s} {'NFE@ref':>7s} {'NFE@floor':>9s}  " + " ".join(f"{k:>7d}" for k in nfes))
         order = sorted(r["methods"].items(), key=lambda kv: (kv[1]["nfe_to_floor"] or 10**9,
                                                              kv[1]["nfe_to_ref"] or 10**9, kv[0]))
         for key, m in order:
             hits = ["-" if v is None else str(v) for v in (m["nfe_to_ref"], m["nfe_to_floor"])]
-            print(f"{key:38s} {hits[0]:>7s} {hits[1]:>9s}  " + " ".join(f"{e:7.4f}" for e in m["sw2"]))
+            errs = m["sw2"] + [None] * (len(nfes) - len(m["sw2"]))  # tuned curves stop at --tune-max-nfe
+            print(f"{key:38s} {hits[0]:>7s} {hits[1]:>9s}  "
+                  + " ".join(f"{e:7.4f}" if e is not None else f"{'':7s}" for e in errs))
         for crit in ("nfe_to_ref", "nfe_to_floor"):
             for lib in ("reverie", "diffusers"):
                 hits = [(m[crit], k) for k, m in r["methods"].items() if m["library"] == lib and m[crit]]
@@ -310,6 +344,7 @@ def main(argv=None):
     p.add_argument("--dims", type=int, nargs="+", default=None, help="dimensions (default 2 64; --quick: 2)")
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8, 10, 15, 20, 50, 100, 1000],
                    help="numbers of denoiser calls to test")
+    p.add_argument("--tune-max-nfe", type=int, default=TUNE_MAX_NFE, help="tune grids up to this NFE")
     p.add_argument("--projections", type=int, default=256, help="sliced-W2 directions (fixed seed)")
     p.add_argument("--floor-repeats", type=int, default=16, help="true-vs-true pairs for the noise floor")
     p.add_argument("--quick", action="store_true", help="4000 samples, NFE 4 8 15 50, 2-D only")

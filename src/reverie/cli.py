@@ -266,11 +266,57 @@ def _nll_metrics(pipe, args) -> dict:
     return res
 
 
-def _check_grid(grid: str | None) -> None:
-    from .samplers import GRIDS
+def _resolve_grid(args, default_steps: int | None = None) -> None:
+    """``--grid``: a grid name, or a grid file from ``reverie tune-grid`` whose sigmas fix the steps (an
+    explicit, different ``--steps`` is an error). Sets ``args.grid`` (a name or a sigma tensor),
+    ``args.grid_label`` (what to print and record) and ``args.steps``."""
+    from .samplers import GRIDS, TunedGrid
 
-    if grid is not None and grid not in GRIDS:
-        raise ValueError(f"unknown sigma grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    grid = args.grid
+    args.grid_label = grid
+    if grid is None or grid in GRIDS:
+        if args.steps is None:
+            args.steps = default_steps
+        return
+    if not grid.endswith(".json") and not Path(grid).is_file():
+        raise ValueError(f"unknown sigma grid {grid!r}; choose one of {', '.join(GRIDS)}, or a .json grid file "
+                         f"from reverie tune-grid")
+    tuned = TunedGrid.load(grid)
+    if args.steps is not None and args.steps != tuned.steps:
+        raise ValueError(f"{grid} is a grid of {tuned.steps} steps; leave out --steps (or pass {tuned.steps})")
+    if args.sampler is not None and args.sampler != tuned.sampler:
+        print(f"reverie: warning: {grid} was tuned for {tuned.sampler}, not {args.sampler}", file=sys.stderr)
+    args.steps, args.grid = tuned.steps, tuned.sigmas
+
+
+def _cmd_tune_grid(args) -> int:
+    import time
+
+    from .samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    for key in ("pilot", "teacher_steps"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    pipe = _load_for_eval(args.model, args.device or "cpu")
+    if args.prompt and pipe.conditioning != "text":
+        raise ValueError(f"model {pipe.name!r} is not text-conditioned; --prompt needs a text model")
+    start = time.perf_counter()
+    tuned = pipe.tune_grid(args.sampler, args.steps, pilot=args.pilot, seed=args.seed, prompts=args.prompt or None,
+                           guidance_scale=args.guidance if pipe.conditioning != "none" else None,
+                           teacher_steps=args.teacher_steps, progress=True)
+    elapsed = time.perf_counter() - start
+    path = tuned.save(args.output)
+    print(f"{pipe.name}: {tuned.steps} {tuned.sampler} steps tuned in {elapsed:.1f} s ({tuned.evaluations} pilot runs, "
+          f"{tuned.denoiser_calls} denoiser calls on {tuned.pilot} pilot images)")
+    print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve (mean squared, per value): "
+          f"{tuned.loss:.4g} tuned, {tuned.start_loss:.4g} best standard grid ({tuned.start}), "
+          f"{tuned.karras_loss:.4g} Karras")
+    print("  sigmas: " + " ".join(f"{float(v):.4g}" for v in tuned.sigmas))
+    print(f"wrote {path}; use it with: reverie sample {args.model or ''} --grid {path} --sampler {tuned.sampler}"
+          .replace("  ", " "))
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -285,7 +331,7 @@ def _cmd_eval(args) -> int:
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    _check_grid(args.grid)
+    _resolve_grid(args, default_steps=20)
     if args.device is None:
         import torch
 
@@ -301,7 +347,7 @@ def _cmd_eval(args) -> int:
         raise ValueError("probe needs a pixel-space model trained on shapes (it denoises real shapes images)")
     guidance = args.guidance if pipe.conditioning != "none" else None
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": args.sampler, "steps": args.steps,
-               "grid": args.grid or pipe.cfg.sample.grid, "seed": args.seed, "guidance": guidance}
+               "grid": args.grid_label or pipe.cfg.sample.grid, "seed": args.seed, "guidance": guidance}
     rows = []
     if any(m in SAMPLE_METRICS for m in metrics):
         res = _sample_metrics(pipe, metrics, args)
@@ -380,7 +426,7 @@ def _cmd_sample(args) -> int:
     from .images import save_grid
     from .pipeline import Pipeline
 
-    _check_grid(args.grid)
+    _resolve_grid(args)
     pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
     images = pipe.sample(num_images=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, grid=args.grid)
     path = save_grid(images, args.output)
@@ -498,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nll-n", type=int, default=64, help="reference images for nll")
     ev.add_argument("--probe-n", type=int, default=256,
                     help="real shapes images per caption probe (probe metric)")
-    ev.add_argument("--steps", type=int, default=20, help="sampling steps")
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or the grid file's)")
     ev.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
-    ev.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")
+    ev.add_argument("--grid", default=None,
+                    help="sigma grid: karras, ddim-trailing, ..., or a grid file from tune-grid (default: the model's)")
     ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=0, help="random seed")
     ev.add_argument("--json", default=None, help="also write the results as JSON here")
@@ -519,11 +566,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=16, help="number of images")
     s.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    s.add_argument("--grid", default=None, help="sigma grid: karras, ddim-trailing, ... (default: the model's)")
+    s.add_argument("--grid", default=None,
+                   help="sigma grid: karras, ddim-trailing, ..., or a grid file from tune-grid (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")
     s.set_defaults(func=_cmd_sample)
+
+    tg = sub.add_parser("tune-grid", help="tune a few-step sigma grid to a model and a sampler", formatter_class=fmt,
+                        description="Choose the noise levels of a STEPS-step sampler for one model: the grid whose "
+                                    "samples best match a fine-grid solve from the same pilot noise "
+                                    "(reverie.samplers.tune_sigmas). Writes a JSON grid for sample/eval --grid.")
+    tg.add_argument("model", nargs="?", default=None,
+                    help="model, checkpoint or run directory (default: the shipped shapes model)")
+    tg.add_argument("--sampler", default="dpmpp_2m", help="the sampler the grid is for")
+    tg.add_argument("--steps", type=int, default=8, help="sampling steps of the grid")
+    tg.add_argument("--pilot", type=int, default=16, help="pilot noise draws the grid is tuned on")
+    tg.add_argument("--teacher-steps", type=int, default=100, help="steps of the fine reference solve")
+    tg.add_argument("--prompt", action="append", default=None,
+                    help="text models: a prompt to tune under (repeatable; default: the config's sample prompts)")
+    tg.add_argument("--guidance", type=float, default=4.0, help="guidance scale to tune under (conditional models)")
+    tg.add_argument("--seed", type=int, default=10_000, help="pilot noise seed (keep apart from sampling seeds)")
+    tg.add_argument("--device", default=None, help="cpu or cuda")
+    tg.add_argument("-o", "--output", default="grid.json", help="grid file to write")
+    tg.set_defaults(func=_cmd_tune_grid)
 
     i = sub.add_parser("inspect", help="describe a model directory, checkpoint or run", formatter_class=fmt)
     i.add_argument("path")

@@ -192,10 +192,11 @@ class Pipeline:
     def sample(self, num_images: int = 16, steps: int | None = None, sampler: str | None = None,
                seed: int = 0, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                negative_prompt: str = "", guidance_scale: float | None = None,
-               guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None,
+               guidance_rescale: float = 0.0, progress: bool = False, grid=None,
                layouts="auto") -> torch.Tensor:
         """``[num_images, C, H, W]`` samples in [-1, 1]; ``steps``, ``sampler`` and the sigma ``grid``
-        (``reverie.samplers.GRIDS``) default to the model's config. ``layouts`` (layout models only):
+        (a name in ``reverie.samplers.GRIDS``, or explicit sigmas such as :meth:`tune_grid`'s, which fix the
+        steps) default to the model's config. ``layouts`` (layout models only):
         ``"auto"`` plans object boxes from each prompt, ``"none"`` uses the prompt alone, or a list of
         per-image ``[(phrase, (x0, y0, x1, y1)), ...]`` (see ``reverie.layout``)."""
         from .train.sampling import sample_images
@@ -206,16 +207,33 @@ class Pipeline:
                              guidance_rescale=guidance_rescale, progress=progress, vae=self.vae, grid=grid,
                              layouts=layouts)
 
-    def generate(self, prompt: str = "", num_images: int = 1, steps: int = 20, sampler: str = "dpmpp_2m",
+    def tune_grid(self, sampler: str = "dpmpp_2m", steps: int = 8, pilot: int = 16, seed: int = 10_000,
+                  prompts: list[str] | None = None, guidance_scale: float | None = None, teacher_steps: int = 100,
+                  progress: bool = False, **opts):
+        """A sigma grid of ``steps`` levels for ``sampler``, tuned to this model on ``pilot`` noise draws
+        (``reverie.samplers.tune_sigmas``); pass its ``.sigmas`` as ``grid=`` to :meth:`sample`, or
+        ``.save(path)`` it for ``reverie sample/eval --grid path``. Text models tune under ``prompts`` (default:
+        the config's sample prompts) and the guidance they will sample with."""
+        from .train.sampling import tune_grid
+
+        if prompts is None and self.conditioning == "text":
+            prompts = list(self.cfg.sample.prompts) or [""]
+        return tune_grid(self.net, self.cfg, self.schedule, self.info, sampler, steps, pilot=pilot, seed=seed,
+                         prompts=prompts, guidance_scale=guidance_scale, teacher_steps=teacher_steps,
+                         progress=progress, **opts)
+
+    def generate(self, prompt: str = "", num_images: int = 1, steps: int | None = None, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,
-                 guidance_rescale: float = 0.0, progress: bool = False, grid: str | None = None,
+                 guidance_rescale: float = 0.0, progress: bool = False, grid=None,
                  layouts="auto") -> list:
-        """Images (PIL) for a text prompt; "" gives unconditional samples. ``grid``, ``layouts``: see
-        :meth:`sample`."""
+        """Images (PIL) for a text prompt; "" gives unconditional samples. ``steps``: 20, or an explicit
+        ``grid``'s length. ``grid``, ``layouts``: see :meth:`sample`."""
         from .images import to_pil
 
         if self.conditioning != "text" and prompt:
             raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
+        if steps is None and (grid is None or isinstance(grid, str)):
+            steps = 20
         x = self.sample(num_images, steps=steps, sampler=sampler, seed=seed, prompts=[prompt],
                         negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, progress=progress, grid=grid, layouts=layouts)

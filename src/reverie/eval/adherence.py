@@ -246,15 +246,16 @@ def summarize(rows: list[dict], prompts: list[str]) -> dict:
 def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_prompt: int = 4, steps: int = 20,
                        sampler: str = "dpmpp_2m", guidance_scale: float = 4.0, seed: int = 0,
                        batch_size: int = 64, classifier: AttributeClassifier | None = None,
-                       progress: bool = True, grid: str | None = None, paraphrased: bool = False,
+                       progress: bool = True, grid=None, paraphrased: bool = False,
                        layouts: str = "auto") -> dict:
     """Generate ``num_per_prompt`` images per prompt (default: ``evaluation_prompts()``) with a text-to-image
     ``pipeline`` (anything with ``Pipeline.sample``'s signature) and score them (see module docstring).
 
     Prompts go to the model in batches of about ``batch_size`` images, ``num_per_prompt`` copies of each
     prompt per batch; batch ``k`` uses noise seed ``seed + k``. Returns ``summarize``'s dict plus the
-    generation settings. ``grid`` (a sigma grid name) is passed on only when given. ``paraphrased``: the model
-    sees ``paraphrase(prompt)``, the score uses the prompt's own labels. ``layouts`` (layout models):
+    generation settings. ``grid`` (a sigma grid name, or explicit sigmas, which then fix the steps) is passed
+    on only when given. ``paraphrased``: the model sees ``paraphrase(prompt)``, the score uses the prompt's
+    own labels. ``layouts`` (layout models):
     ``"auto"`` lets the pipeline plan object boxes from each prompt, ``"none"`` generates from the prompt alone,
     ``"only"`` from the same planned boxes under an empty caption (a diagnostic: does the layout map alone say
     which object goes where?)."""
@@ -269,6 +270,10 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
         prompt_labels(text)  # fail before generating anything
     if num_per_prompt < 1 or batch_size < 1 or not prompts:
         raise ValueError("need at least one prompt, num_per_prompt >= 1 and batch_size >= 1")
+    explicit = grid is not None and not isinstance(grid, str)
+    if explicit:
+        grid = [float(v) for v in grid]
+        steps = len(grid) - 1
     classifier = classifier or load_classifier()
     per_batch = max(1, batch_size // num_per_prompt)
     chunks = [prompts[k: k + per_batch] for k in range(0, len(prompts), per_batch)]
@@ -277,15 +282,15 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
         # Pipeline.sample repeats the prompt list to fill num_images: image n gets chunk[n % len(chunk)].
         shown = [paraphrase(text) for text in chunk] if paraphrased else chunk
         n = len(chunk) * num_per_prompt
-        extra = {"grid": grid} if grid else {}
+        extra = {"grid": torch.tensor(grid, dtype=torch.float64) if explicit else grid} if grid else {}
         if layouts == "only":  # the boxes "auto" would plan for these images, under an empty caption
             extra["layouts"] = plan_layouts(get_planner(pipeline.cfg.data.name),
                                             [shown[i % len(shown)] for i in range(n)], seed + k)
             shown = [""]
         elif layouts != "auto":
             extra["layouts"] = layouts
-        x = pipeline.sample(num_images=n, steps=steps, sampler=sampler, seed=seed + k, prompts=shown,
-                            guidance_scale=guidance_scale, **extra)
+        x = pipeline.sample(num_images=n, steps=None if explicit else steps, sampler=sampler, seed=seed + k,
+                            prompts=shown, guidance_scale=guidance_scale, **extra)
         if len(x) != len(chunk) * num_per_prompt:
             raise ValueError(f"pipeline returned {len(x)} images, asked for {len(chunk) * num_per_prompt}")
         images.append(x.float().cpu())

@@ -17,14 +17,15 @@ from tqdm.auto import tqdm
 
 from .base import SAMPLERS, SamplerStep, ancestral_step, check_grid, register, to_d
 from .grids import GRIDS, SIGMA_GRIDS, get_sigmas, timesteps_for
+from .tuning import TunedGrid, tune_sigmas
 
 # Import every family module so that each registers its samplers.
 for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in ("base", "grids"):
+    if _m.name not in ("base", "grids", "tuning"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["sample", "SAMPLERS", "get_sigmas", "timesteps_for", "GRIDS", "SIGMA_GRIDS", "SamplerStep",
-           "register", "ancestral_step", "to_d"]
+           "register", "ancestral_step", "to_d", "tune_sigmas", "TunedGrid"]
 
 
 def sample(name: str, denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,

@@ -10,16 +10,41 @@ from ..denoisers import make_denoiser
 from ..guidance import CFGDenoiser
 from ..images import save_grid
 from ..samplers import SIGMA_GRIDS, get_sigmas, sample
+from ..samplers.base import check_grid
+
+EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range (Karras et al. 2022)
 
 
-def _denoiser_and_grid(net, cfg, schedule, steps: int, grid: str):
+def sigma_range(cfg, schedule) -> tuple[float, float]:
+    """The noise levels a model samples over: EDM's (0.002, 80), or a VP schedule's own range."""
+    if cfg.model.prediction == "edm":
+        return EDM_SIGMA_RANGE
+    return float(schedule.sigma_min), float(schedule.sigma_max)
+
+
+def _denoiser_and_grid(net, cfg, schedule, steps: int | None, grid):
+    """The model's denoiser and its sigma grid: ``grid`` names a kind (``reverie.samplers.GRIDS``) or is
+    an explicit decreasing grid ending at 0 (e.g. ``TunedGrid.sigmas``), whose length fixes the steps."""
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
+    else:
+        denoiser = make_denoiser(cfg.model.prediction, net, schedule)
+    if not isinstance(grid, str):
+        sigmas = check_grid(grid)
+        if steps is not None and steps != len(sigmas) - 1:
+            raise ValueError(f"the grid has {len(sigmas) - 1} steps, not {steps}; leave the steps out")
+        lo, hi = sigma_range(cfg, schedule)
+        if float(sigmas[0]) > hi * (1 + 1e-6) or float(sigmas[-2]) < lo * (1 - 1e-6):
+            raise ValueError(f"the grid spans sigma {float(sigmas[-2]):.4g} .. {float(sigmas[0]):.4g}, outside "
+                             f"this model's range {lo:.4g} .. {hi:.4g}")
+        return denoiser, sigmas
+    steps = steps or cfg.sample.steps
+    if cfg.model.prediction == "edm":
         if grid not in SIGMA_GRIDS:
             raise ValueError(f"an EDM model samples on a sigma grid ({', '.join(SIGMA_GRIDS)}), not {grid!r}, "
                              f"which needs a VP model's timestep table")
-        return denoiser, get_sigmas(grid, steps, sigma_min=0.002, sigma_max=80.0)
-    return make_denoiser(cfg.model.prediction, net, schedule), get_sigmas(grid, steps, schedule=schedule)
+        return denoiser, get_sigmas(grid, steps, *EDM_SIGMA_RANGE)
+    return denoiser, get_sigmas(grid, steps, schedule=schedule)
 
 
 def resolve_layouts(net, cfg, prompts: list[str], layouts="auto", seed: int = 0) -> list | None:
@@ -66,24 +91,29 @@ def conditions(net, cfg, info: dict, num_images: int, prompts: list[str] | None 
     return {}, {}
 
 
+def start_noise(cfg, info: dict, num_images: int, sigma_top: float, generator: torch.Generator) -> torch.Tensor:
+    """Pure noise at the top of the grid, in the sampler's (VE) coordinates, drawn on the CPU. VP models
+    start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2)."""
+    shape = (num_images, info["in_channels"], info["resolution"], info["resolution"])
+    scale = sigma_top if cfg.model.prediction == "edm" else (1 + sigma_top**2) ** 0.5
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+
+
 @torch.no_grad()
 def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0,
                   class_labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                   negative_prompt: str = "", guidance_scale: float | None = None,
-                  steps: int | None = None, sampler: str | None = None, grid: str | None = None,
+                  steps: int | None = None, sampler: str | None = None, grid=None,
                   guidance_rescale: float = 0.0, callback=None, progress: bool = False, vae=None,
                   layouts="auto") -> torch.Tensor:
     """``num_images`` samples in [-1, 1] (decoded by ``vae`` for a latent model, whose ``info`` describes
     the latent shape); ``layouts``: see :func:`resolve_layouts`. The initial noise is drawn on the CPU, so a seed starts
     from the same noise on every device; ancestral samplers' per-step noise uses the device's own
     generator, so their images match across devices only in distribution."""
-    denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps or cfg.sample.steps, grid or cfg.sample.grid)
+    denoiser, sigmas = _denoiser_and_grid(net, cfg, schedule, steps, cfg.sample.grid if grid is None else grid)
     device = next(net.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    shape = (num_images, info["in_channels"], info["resolution"], info["resolution"])
-    # VP models start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2).
-    scale = float(sigmas[0]) if cfg.model.prediction == "edm" else (1 + float(sigmas[0]) ** 2) ** 0.5
-    x = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(device)
+    x = start_noise(cfg, info, num_images, float(sigmas[0]), g).to(device)
     cond, uncond = conditions(net, cfg, info, num_images, prompts, negative_prompt, class_labels, layouts, seed)
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if cond and scale != 1.0:
@@ -97,6 +127,33 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
     if vae is not None:
         out = vae.from_latent(out.to(next(vae.parameters()).device))
     return out.clamp(-1, 1)
+
+
+@torch.no_grad()
+def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: int = 16, seed: int = 0,
+              prompts: list[str] | None = None, negative_prompt: str = "", guidance_scale: float | None = None,
+              guidance_rescale: float = 0.0, teacher_steps: int = 100, progress: bool = False, **opts):
+    """A ``steps``-level grid for ``sampler`` tuned to this model (``reverie.samplers.tune_sigmas``), on
+    ``pilot`` start states from noise seed ``seed`` (keep it apart from the seeds you will sample with),
+    with the same conditioning and guidance as :func:`sample_images`. Returns a ``TunedGrid``."""
+    from ..samplers import tune_sigmas
+
+    lo, hi = sigma_range(cfg, schedule)
+    denoiser, _ = _denoiser_and_grid(net, cfg, schedule, 1, "karras" if cfg.model.prediction == "edm" else
+                                     "ddim-trailing")
+    device = next(net.parameters()).device
+    x = start_noise(cfg, info, pilot, hi, torch.Generator().manual_seed(seed)).to(device)
+    cond, uncond = conditions(net, cfg, info, pilot, prompts, negative_prompt, None, "auto", seed)
+    scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    if cond and scale != 1.0:
+        denoiser = CFGDenoiser(denoiser, uncond, scale=scale, rescale=guidance_rescale)
+    was_training = net.training
+    net.eval()
+    try:
+        return tune_sigmas(denoiser, x, sampler, steps, lo, hi, cond=cond, teacher_steps=teacher_steps, seed=seed,
+                           progress=progress, **opts)
+    finally:
+        net.train(was_training)
 
 
 def save_sample_grid(net, cfg, schedule, info: dict, path: Path, vae=None) -> Path:
