@@ -27,8 +27,8 @@ def test_tuned_grid_is_valid_and_beats_karras_on_held_out_samples():
     s = tuned.sigmas
     assert s.dtype == torch.float64 and len(s) == 5 and float(s[-1]) == 0.0
     assert float(s[0]) == pytest.approx(SMAX) and bool((s[1:] < s[:-1]).all()) and float(s[-2]) >= SMIN
-    assert tuned.loss <= tuned.start_loss <= tuned.karras_loss
-    assert tuned.loss < 0.2 * tuned.karras_loss
+    assert tuned.loss <= tuned.start_losses[tuned.start] == min(tuned.start_losses.values())
+    assert tuned.loss < 0.2 * tuned.start_losses["karras"] and len(tuned.start_losses) == 13
     # calls: 200 teacher steps + 4 per pilot run
     assert tuned.denoiser_calls == 200 + 4 * tuned.evaluations and tuned.pilot == 256
 
@@ -129,8 +129,10 @@ def test_cli_tune_grid_then_sample_with_it(tiny_model, tmp_path, capsys):
                  "--teacher-steps", "6", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     tuned = TunedGrid.load(out)
-    assert tuned.steps == 3 and tuned.sampler == "dpmpp_2m" and tuned.loss <= tuned.karras_loss
+    assert tuned.steps == 3 and tuned.sampler == "dpmpp_2m" and tuned.loss <= min(tuned.start_losses.values())
     assert f"{tuned.loss:.4g} tuned" in printed
+    # the model's own grid (the config default: karras over the schedule's range) was scored as a start
+    assert f"{tuned.start_losses['karras']:.4g} karras (the model's grid)" in printed
     pipe = Pipeline.from_pretrained(tiny_model)
     lo, hi = float(pipe.schedule.sigma_min), float(pipe.schedule.sigma_max)
     assert float(tuned.sigmas[0]) == pytest.approx(hi) and float(tuned.sigmas[-2]) >= lo

@@ -14,7 +14,8 @@ and all, not a first-order proxy.
 Search, derivative-free and deterministic:
 
 1. Start from the best of a few standard grids (Karras with rho 3, 7, 12 and the exponential grid,
-   each with a few smallest sigmas between ``sigma_min`` and 25x it): one pilot run each.
+   each with a few smallest sigmas between ``sigma_min`` and 25x it; Karras over the whole range;
+   any the caller adds, such as the model's default grid): one pilot run each, all recorded.
 2. Coordinate descent by golden-section search, alternating two coordinate systems: (a) each
    log-sigma between its two neighbours (local moves), (b) the log-lengths of all steps,
    renormalized to the fixed log-range (a change to one step's length moves every level below
@@ -56,9 +57,8 @@ class TunedGrid:
     sampler: str
     steps: int
     loss: float  # mean squared difference to the teacher per element, on the pilot batch
-    start_loss: float  # the same for the best starting grid
-    karras_loss: float  # the same for the Karras grid (rho 7) over [sigma_min, sigma_max]
     start: str  # which starting grid won
+    start_losses: dict  # the same loss for every starting grid tried, by name ("karras": rho 7, full range)
     evaluations: int  # pilot runs of the sampler
     denoiser_calls: int  # all calls: teacher, starting grids and search, per pilot batch
     teacher: str
@@ -139,14 +139,16 @@ def _from_lengths(lengths: list[float], top: float, total: float) -> list[float]
 
 def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float, sigma_max: float, *,
                 cond: dict | None = None, teacher: str = "dpmpp_2m", teacher_steps: int = 200,
-                target: Tensor | None = None, max_sweeps: int = 8, rtol: float = 0.01, search_iters: int = 8,
-                seed: int = 0, progress: bool = False, **opts) -> TunedGrid:
+                target: Tensor | None = None, starts: dict | None = None, max_sweeps: int = 8, rtol: float = 0.01,
+                search_iters: int = 8, seed: int = 0, progress: bool = False, **opts) -> TunedGrid:
     """Tune a ``steps``-level grid for ``sampler`` on the pilot start states ``x`` (at ``sigma_max``).
 
     Every level stays in [``sigma_min``, ``sigma_max``] (the model's trained range); the top level
     is ``sigma_max``. ``target`` (the teacher's outputs for ``x``) is computed with ``teacher`` on
-    a ``teacher_steps`` Karras grid when not given. ``opts`` go to the sampler (e.g. ``order``).
-    See the module docstring for the search.
+    a ``teacher_steps`` Karras grid when not given. ``starts`` adds named starting grids (e.g. the
+    model's default grid, to be scored beside the tuned one); each must have ``steps + 1`` levels
+    from ``sigma_max`` down to 0. ``opts`` go to the sampler (e.g. ``order``). See the module
+    docstring for the search.
     """
     from . import sample  # the package's wrapper (validation, no_grad)
 
@@ -183,28 +185,34 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         return err if math.isfinite(err) else math.inf
 
     top, floor = math.log(sigma_max), math.log(sigma_min)
-    karras = [math.log(float(s)) for s in get_sigmas("karras", steps, sigma_min, sigma_max)[:-1]]
-    karras_loss = loss(karras)
-    if steps == 1:
-        bar.close()
-        return TunedGrid(_grid([top], sigma_max), sampler, 1, karras_loss, karras_loss, karras_loss, "karras",
-                         evaluations, round(calls), teacher, teacher_steps, x.shape[0])
-
-    # 1. the best standard grid to start from
-    best, best_loss, start = karras, karras_loss, "karras(rho=7)"
-    for rho in START_RHOS:
+    # 1. the best of the starting grids: the user's, Karras (rho 7) over the whole range, and variants
+    candidates = {}
+    for name, grid in (starts or {}).items():
+        grid = check_grid(grid)
+        if len(grid) != steps + 1 or not math.isclose(float(grid[0]), sigma_max, rel_tol=1e-9) \
+                or float(grid[-2]) < sigma_min * (1 - 1e-9):
+            raise ValueError(f"starting grid {name!r} must have {steps + 1} levels from sigma_max {sigma_max:g} to 0, "
+                             f"none below sigma_min {sigma_min:g}")
+        candidates[name] = grid
+    candidates["karras"] = get_sigmas("karras", steps, sigma_min, sigma_max)
+    for rho in START_RHOS if steps > 1 else ():
         for k in START_LOW:
             low = sigma_min * k
-            if low >= sigma_max / 2:
-                continue
-            kind = "exponential" if math.isinf(rho) else "karras"
-            grid = get_sigmas(kind, steps, low, sigma_max, rho=7.0 if math.isinf(rho) else rho)
-            cand = [math.log(float(s)) for s in grid[:-1]]
-            val = loss(cand)
-            if val < best_loss:
-                best, best_loss = cand, val
-                start = f"{kind}{'' if math.isinf(rho) else f'(rho={rho:g})'} down to {low:.4g}"
-    start_loss = best_loss
+            if low < sigma_max / 2:
+                kind = "exponential" if math.isinf(rho) else f"karras(rho={rho:g})"
+                candidates[f"{kind} down to {low:.4g}"] = get_sigmas(
+                    "exponential" if math.isinf(rho) else "karras", steps, low, sigma_max,
+                    rho=7.0 if math.isinf(rho) else rho)
+    start_losses = {}
+    for name, grid in candidates.items():
+        start_losses[name] = loss([top] + [math.log(float(v)) for v in grid[1:-1]])
+    start = min(start_losses, key=start_losses.get)
+    best = [top] + [math.log(float(v)) for v in candidates[start][1:-1]]
+    best_loss = start_losses[start]
+    if steps == 1:
+        bar.close()
+        return TunedGrid(_grid([top], sigma_max), sampler, 1, best_loss, start, start_losses, evaluations,
+                         round(calls), teacher, teacher_steps, x.shape[0])
 
     # 2. coordinate descent in two coordinate systems
     def sweep_levels(logs, cur):
@@ -247,5 +255,5 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         if cur >= before * (1 - rtol):
             break
     bar.close()
-    return TunedGrid(_grid(logs, sigma_max), sampler, steps, cur, start_loss, karras_loss, start, evaluations,
+    return TunedGrid(_grid(logs, sigma_max), sampler, steps, cur, start, start_losses, evaluations,
                      round(calls), teacher, teacher_steps, x.shape[0])

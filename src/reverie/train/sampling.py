@@ -139,8 +139,9 @@ def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: i
     from ..samplers import tune_sigmas
 
     lo, hi = sigma_range(cfg, schedule)
-    denoiser, _ = _denoiser_and_grid(net, cfg, schedule, 1, "karras" if cfg.model.prediction == "edm" else
-                                     "ddim-trailing")
+    denoiser, default = _denoiser_and_grid(net, cfg, schedule, steps, cfg.sample.grid)
+    # the model's own grid is scored beside the tuned one (and may be the best start)
+    starts = {cfg.sample.grid: default} if abs(float(default[0]) / hi - 1) < 1e-9 and float(default[-2]) >= lo else {}
     device = next(net.parameters()).device
     x = start_noise(cfg, info, pilot, hi, torch.Generator().manual_seed(seed)).to(device)
     cond, uncond = conditions(net, cfg, info, pilot, prompts, negative_prompt, None, "auto", seed)
@@ -151,7 +152,7 @@ def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: i
     net.eval()
     try:
         return tune_sigmas(denoiser, x, sampler, steps, lo, hi, cond=cond, teacher_steps=teacher_steps, seed=seed,
-                           progress=progress, **opts)
+                           starts=starts, progress=progress, **opts)
     finally:
         net.train(was_training)
 
