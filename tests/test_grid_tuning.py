@@ -81,6 +81,11 @@ def test_heun_grids_count_two_calls_per_step():
     tuned = tune_sigmas(gmm, _start(gmm, 32, 1), "heun", 3, SMIN, SMAX, teacher_steps=10, max_sweeps=1)
     # Heun: 2 calls per step, 1 for the last (to sigma 0): 5 per run; the teacher (dpmpp_2m): 10
     assert tuned.denoiser_calls == 10 + 5 * tuned.evaluations
+    assert (tuned.teacher_grid, tuned.teacher_steps) == ("karras", 10)
+    given = tune_sigmas(gmm, _start(gmm, 32, 1), "heun", 3, SMIN, SMAX, max_sweeps=1,
+                        teacher_grid=get_sigmas("exponential", 7, SMIN, SMAX))
+    assert (given.teacher_grid, given.teacher_steps) == ("given", 7)
+    assert given.denoiser_calls == 7 + 5 * given.evaluations
 
 
 def test_save_and_load(tmp_path):

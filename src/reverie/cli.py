@@ -313,7 +313,7 @@ def _cmd_tune_grid(args) -> int:
     own = pipe.cfg.sample.grid
     others = {f"{own} (the model's grid)": tuned.start_losses.get(own), "karras": tuned.start_losses["karras"],
               f"best start: {tuned.start}": tuned.start_losses[tuned.start]}
-    print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve (mean squared, per value): "
+    print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve on {tuned.teacher_grid} (mean squared): "
           f"{tuned.loss:.4g} tuned; " + ", ".join(f"{v:.4g} {k}" for k, v in others.items() if v is not None))
     print("  sigmas: " + " ".join(f"{float(v):.4g}" for v in tuned.sigmas))
     print(f"wrote {path}; use it with: reverie sample {args.model or ''} --grid {path} --sampler {tuned.sampler}"

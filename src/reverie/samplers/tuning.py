@@ -64,6 +64,7 @@ class TunedGrid:
     teacher: str
     teacher_steps: int
     pilot: int  # pilot batch size
+    teacher_grid: str = "karras"  # the teacher's grid kind ("given": explicit sigmas)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,13 +74,13 @@ class TunedGrid:
     @classmethod
     def from_dict(cls, d: dict) -> TunedGrid:
         known = {f.name for f in fields(cls)}
-        missing = sorted(known - set(d))
+        missing = sorted(known - set(d) - {"teacher_grid"})
         if missing:
             raise ValueError(f"not a tuned grid: missing {', '.join(missing)}")
         sigmas = check_grid(torch.tensor(d["sigmas"], dtype=torch.float64))
         if len(sigmas) != int(d["steps"]) + 1:
             raise ValueError(f"a grid of {d['steps']} steps needs {int(d['steps']) + 1} sigmas, got {len(sigmas)}")
-        return cls(**{**{k: d[k] for k in known}, "sigmas": sigmas})
+        return cls(**{**{k: d[k] for k in known if k in d}, "sigmas": sigmas})
 
     def save(self, path: str | Path) -> Path:
         """Write the grid and its record as JSON (``reverie tune-grid -o``)."""
@@ -139,16 +140,19 @@ def _from_lengths(lengths: list[float], top: float, total: float) -> list[float]
 
 def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float, sigma_max: float, *,
                 cond: dict | None = None, teacher: str = "dpmpp_2m", teacher_steps: int = 200,
-                target: Tensor | None = None, starts: dict | None = None, max_sweeps: int = 8, rtol: float = 0.01,
-                search_iters: int = 8, seed: int = 0, progress: bool = False, **opts) -> TunedGrid:
+                teacher_grid: str | Tensor = "karras", target: Tensor | None = None, starts: dict | None = None,
+                max_sweeps: int = 8, rtol: float = 0.01, search_iters: int = 8, seed: int = 0,
+                progress: bool = False, **opts) -> TunedGrid:
     """Tune a ``steps``-level grid for ``sampler`` on the pilot start states ``x`` (at ``sigma_max``).
 
     Every level stays in [``sigma_min``, ``sigma_max``] (the model's trained range); the top level
     is ``sigma_max``. ``target`` (the teacher's outputs for ``x``) is computed with ``teacher`` on
-    a ``teacher_steps`` Karras grid when not given. ``starts`` adds named starting grids (e.g. the
-    model's default grid, to be scored beside the tuned one); each must have ``steps + 1`` levels
-    from ``sigma_max`` down to 0. ``opts`` go to the sampler (e.g. ``order``). See the module
-    docstring for the search.
+    ``teacher_grid`` when not given: a sigma-grid kind (``karras``, ``exponential``) of
+    ``teacher_steps`` levels over [``sigma_min``, ``sigma_max``], or explicit sigmas (e.g. a model's
+    own grid at many steps, for a model that is poor at the smallest sigmas). ``starts`` adds named
+    starting grids (e.g. the model's default grid, to be scored beside the tuned one); each must
+    have ``steps + 1`` levels from ``sigma_max`` down to 0. ``opts`` go to the sampler (e.g.
+    ``order``). See the module docstring for the search.
     """
     from . import sample  # the package's wrapper (validation, no_grad)
 
@@ -166,8 +170,12 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         calls += xx.shape[0] / x.shape[0]  # in pilot-batch units, whatever batching the sampler does
         return denoiser(xx, sigma, **c)
 
+    grid_name = teacher_grid if isinstance(teacher_grid, str) else "given"
     if target is None:
-        target = sample(teacher, counted, x, get_sigmas("karras", teacher_steps, sigma_min, sigma_max), cond=cond,
+        if isinstance(teacher_grid, str):
+            teacher_grid = get_sigmas(teacher_grid, teacher_steps, sigma_min, sigma_max)
+        teacher_steps = len(teacher_grid) - 1
+        target = sample(teacher, counted, x, teacher_grid.to(x.device), cond=cond,
                         generator=torch.Generator(x.device).manual_seed(seed))
     elif target.shape != x.shape:
         raise ValueError(f"target has shape {tuple(target.shape)}, the pilot batch {tuple(x.shape)}")
@@ -212,7 +220,7 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
     if steps == 1:
         bar.close()
         return TunedGrid(_grid([top], sigma_max), sampler, 1, best_loss, start, start_losses, evaluations,
-                         round(calls), teacher, teacher_steps, x.shape[0])
+                         round(calls), teacher, teacher_steps, x.shape[0], grid_name)
 
     # 2. coordinate descent in two coordinate systems
     def sweep_levels(logs, cur):
@@ -256,4 +264,4 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
             break
     bar.close()
     return TunedGrid(_grid(logs, sigma_max), sampler, steps, cur, start, start_losses, evaluations,
-                     round(calls), teacher, teacher_steps, x.shape[0])
+                     round(calls), teacher, teacher_steps, x.shape[0], grid_name)
