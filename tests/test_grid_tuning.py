@@ -155,6 +155,19 @@ def test_cli_tune_grid_then_sample_with_it(tiny_model, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), np.asarray(Image.open(tmp_path / "expected.png")))
 
 
+def test_cli_tune_grid_teacher_grid_and_errors(tiny_model, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["tune-grid", str(tiny_model), "--steps", "2", "--pilot", "1", "--teacher-steps", "5",
+                 "--teacher-grid", "ddim-trailing", "-o", str(out)]) == 0
+    tuned = TunedGrid.load(out)
+    assert (tuned.teacher_grid, tuned.teacher_steps) == ("ddim-trailing", 5)
+    assert "5-step dpmpp_2m solve on ddim-trailing" in capsys.readouterr().out
+    for args, message in ((["--teacher-grid", "x.json"], "unknown --teacher-grid"),
+                          (["--sampler", "nope"], "unknown sampler"), (["--pilot", "0"], "--pilot must be")):
+        assert main(["tune-grid", str(tiny_model), "-o", str(out), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "5"], "is a grid of 3 steps"),
     (["--grid", "nope"], "unknown sigma grid 'nope'"),

@@ -292,20 +292,22 @@ def _resolve_grid(args, default_steps: int | None = None) -> None:
 def _cmd_tune_grid(args) -> int:
     import time
 
-    from .samplers import SAMPLERS
+    from .samplers import GRIDS, SAMPLERS
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
     for key in ("pilot", "teacher_steps"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.teacher_grid is not None and args.teacher_grid not in GRIDS:
+        raise ValueError(f"unknown --teacher-grid {args.teacher_grid!r}; choose one of {', '.join(GRIDS)}")
     pipe = _load_for_eval(args.model, args.device or "cpu")
     if args.prompt and pipe.conditioning != "text":
         raise ValueError(f"model {pipe.name!r} is not text-conditioned; --prompt needs a text model")
     start = time.perf_counter()
     tuned = pipe.tune_grid(args.sampler, args.steps, pilot=args.pilot, seed=args.seed, prompts=args.prompt or None,
                            guidance_scale=args.guidance if pipe.conditioning != "none" else None,
-                           teacher_steps=args.teacher_steps, progress=True)
+                           teacher_steps=args.teacher_steps, teacher_grid=args.teacher_grid, progress=True)
     elapsed = time.perf_counter() - start
     path = tuned.save(args.output)
     print(f"{pipe.name}: {tuned.steps} {tuned.sampler} steps tuned in {elapsed:.1f} s ({tuned.evaluations} pilot runs, "
@@ -585,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--steps", type=int, default=8, help="sampling steps of the grid")
     tg.add_argument("--pilot", type=int, default=16, help="pilot noise draws the grid is tuned on")
     tg.add_argument("--teacher-steps", type=int, default=100, help="steps of the fine reference solve")
+    tg.add_argument("--teacher-grid", default=None,
+                    help="grid kind of the reference solve (default: the model's own, e.g. karras, ddim-trailing)")
     tg.add_argument("--prompt", action="append", default=None,
                     help="text models: a prompt to tune under (repeatable; default: the config's sample prompts)")
     tg.add_argument("--guidance", type=float, default=4.0, help="guidance scale to tune under (conditional models)")

@@ -209,18 +209,19 @@ class Pipeline:
 
     def tune_grid(self, sampler: str = "dpmpp_2m", steps: int = 8, pilot: int = 16, seed: int = 10_000,
                   prompts: list[str] | None = None, guidance_scale: float | None = None, teacher_steps: int = 100,
-                  progress: bool = False, **opts):
+                  teacher_grid: str | None = None, progress: bool = False, **opts):
         """A sigma grid of ``steps`` levels for ``sampler``, tuned to this model on ``pilot`` noise draws
         (``reverie.samplers.tune_sigmas``); pass its ``.sigmas`` as ``grid=`` to :meth:`sample`, or
         ``.save(path)`` it for ``reverie sample/eval --grid path``. Text models tune under ``prompts`` (default:
-        the config's sample prompts) and the guidance they will sample with."""
+        the config's sample prompts) and the guidance they will sample with. The reference is a
+        ``teacher_steps`` dpmpp_2m solve on ``teacher_grid`` (a grid kind, default: the model's own)."""
         from .train.sampling import tune_grid
 
         if prompts is None and self.conditioning == "text":
             prompts = list(self.cfg.sample.prompts) or [""]
         return tune_grid(self.net, self.cfg, self.schedule, self.info, sampler, steps, pilot=pilot, seed=seed,
                          prompts=prompts, guidance_scale=guidance_scale, teacher_steps=teacher_steps,
-                         progress=progress, **opts)
+                         teacher_grid=teacher_grid, progress=progress, **opts)
 
     def generate(self, prompt: str = "", num_images: int = 1, steps: int | None = None, sampler: str = "dpmpp_2m",
                  guidance_scale: float = 4.0, negative_prompt: str = "", seed: int = 0,

@@ -132,11 +132,12 @@ def sample_images(net, cfg, schedule, info: dict, num_images: int, seed: int = 0
 @torch.no_grad()
 def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: int = 16, seed: int = 0,
               prompts: list[str] | None = None, negative_prompt: str = "", guidance_scale: float | None = None,
-              guidance_rescale: float = 0.0, teacher_steps: int = 100, progress: bool = False, **opts):
+              guidance_rescale: float = 0.0, teacher_steps: int = 100, teacher_grid: str | None = None,
+              progress: bool = False, **opts):
     """A ``steps``-level grid for ``sampler`` tuned to this model (``reverie.samplers.tune_sigmas``), on
     ``pilot`` start states from noise seed ``seed`` (keep it apart from the seeds you will sample with),
-    with the same conditioning and guidance as :func:`sample_images`; the teacher is dpmpp_2m on the
-    model's own grid kind at ``teacher_steps``. Returns a ``TunedGrid``."""
+    with the same conditioning and guidance as :func:`sample_images`; the teacher is dpmpp_2m on
+    ``teacher_grid`` (a grid kind; default: the model's own) at ``teacher_steps``. Returns a ``TunedGrid``."""
     from ..samplers import tune_sigmas
 
     lo, hi = sigma_range(cfg, schedule)
@@ -145,7 +146,8 @@ def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: i
     starts = {cfg.sample.grid: default} if abs(float(default[0]) / hi - 1) < 1e-9 and float(default[-2]) >= lo else {}
     # the teacher: the same sampler setup as the model's own, at many steps (a model may be poor at sigmas its
     # own grid never visits, e.g. an eps model below its trailing grid's last level)
-    _, teacher_grid = _denoiser_and_grid(net, cfg, schedule, teacher_steps, cfg.sample.grid)
+    teacher_kind = teacher_grid or cfg.sample.grid
+    _, teacher_grid = _denoiser_and_grid(net, cfg, schedule, teacher_steps, teacher_kind)
     device = next(net.parameters()).device
     x = start_noise(cfg, info, pilot, hi, torch.Generator().manual_seed(seed)).to(device)
     cond, uncond = conditions(net, cfg, info, pilot, prompts, negative_prompt, None, "auto", seed)
@@ -157,7 +159,7 @@ def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: i
     try:
         tuned = tune_sigmas(denoiser, x, sampler, steps, lo, hi, cond=cond, teacher_grid=teacher_grid, seed=seed,
                             starts=starts, progress=progress, **opts)
-        tuned.teacher_grid = cfg.sample.grid
+        tuned.teacher_grid = teacher_kind
         return tuned
     finally:
         net.train(was_training)
