@@ -315,6 +315,51 @@ def plot(results, path):
     plt.close(fig)
 
 
+def plot_samples(results, path, nfe: int = 6, n: int = 4000):
+    """2-D samples at one small NFE: the true mixture, diffusers' best few-step scheduler, reverie's unipc on
+    the Karras grid and on its tuned grid (the sigmas recorded in the JSON), all from the same start states."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = results.get("2")
+    records = (r or {}).get("methods", {}).get("reverie:unipc@tuned", {}).get("tuning", [])
+    if not records:
+        print("no tuned 2-D unipc grids in the results; skipping the sample plot")
+        return
+    tuned = next((t for t in records if t["steps"] == nfe), records[0])  # else the smallest NFE tuned
+    nfe = tuned["steps"]
+    _, gmm = mixture_for(2)
+    schedule = DiscreteVPSchedule.from_name("linear", num_timesteps=1000)
+    err = {k: dict(zip(m["nfe"], m["sw2"])).get(nfe) for k, m in r["methods"].items()}
+    panels = [("true mixture", gmm.sample(n, torch.Generator().manual_seed(123)), None)]
+    out, _ = run_diffusers("unipc+karras", gmm, nfe, schedule, n, "cpu")
+    panels.append(("diffusers UniPC, Karras sigmas", out, err.get("diffusers:unipc+karras")))
+    out, _, _ = run_reverie("unipc", gmm, "karras", nfe, schedule, n, "cpu")
+    panels.append(("reverie unipc, Karras grid", out, err.get("reverie:unipc@karras")))
+    sigmas = torch.tensor(tuned["sigmas"], dtype=torch.float64)
+    out = sample("unipc", gmm, start_state(gmm, float(sigmas[0]), n, "cpu"), sigmas,
+                 generator=torch.Generator().manual_seed(7))
+    panels.append(("reverie unipc, tuned grid", out, err.get("reverie:unipc@tuned")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3))
+    for ax, (title, x, e) in zip(axes, panels):
+        x = x.cpu().numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.35, color="k", lw=0)
+        ax.set_title(title + ("" if e is None else f"\nsliced W2 {e:.3f} (benchmark run)"), fontsize=9)
+        ax.set_xlim(-1.4, 1.4)
+        ax.set_ylim(-1.4, 1.4)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    floor = r["floor_mean"]
+    fig.suptitle(f"{nfe} denoiser calls from sigma 80 (exact denoiser; true vs true: sliced W2 {floor:.3f})",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def print_table(results):
     for dim, r in results.items():
         ref = r["reference"]
@@ -356,6 +401,7 @@ def main(argv=None):
     if args.replot:
         results = json.loads((args.out / "samplers_gmm.json").read_text())["results"]
         plot(results, args.out / "samplers_gmm.png")
+        plot_samples(results, args.out / "samplers_gmm_samples.png")
         print_table(results)
         return
     if args.quick:
@@ -379,6 +425,7 @@ def main(argv=None):
             out = {"config": config, "notes": notes, "results": results}  # saved after every dimension
             (args.out / "samplers_gmm.json").write_text(json.dumps(out, indent=1))
     plot(results, args.out / "samplers_gmm.png")
+    plot_samples(results, args.out / "samplers_gmm_samples.png")
     print_table(results)
     print(f"\nwrote {args.out / 'samplers_gmm.json'} and {args.out / 'samplers_gmm.png'} "
           f"({config['seconds']:.0f} s)")
