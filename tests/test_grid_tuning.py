@@ -74,6 +74,13 @@ def test_one_step_and_bad_input():
         tune_sigmas(gmm, x, "euler", 4, SMAX, SMIN)
     with pytest.raises(ValueError, match="target has shape"):
         tune_sigmas(gmm, x, "euler", 4, SMIN, SMAX, target=x[:3])
+    with pytest.raises(ValueError, match="starting grid 'mine' must have 5 levels"):
+        tune_sigmas(gmm, x, "euler", 4, SMIN, SMAX, starts={"mine": get_sigmas("karras", 4, SMIN, SMAX / 2)})
+    mine = get_sigmas("exponential", 4, 0.05, SMAX)
+    tuned = tune_sigmas(gmm, x, "euler", 4, SMIN, SMAX, teacher_steps=20, starts={"mine": mine}, max_sweeps=1)
+    assert tuned.start_losses["mine"] == pytest.approx(
+        float(((sample("euler", gmm, x, mine) - sample("dpmpp_2m", gmm, x, get_sigmas("karras", 20, SMIN, SMAX)))
+               ** 2).mean()), rel=1e-9)
 
 
 def test_heun_grids_count_two_calls_per_step():

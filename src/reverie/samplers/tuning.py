@@ -162,6 +162,14 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         raise ValueError(f"the number of steps must be at least 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    candidates = {}
+    for name, grid in (starts or {}).items():
+        grid = check_grid(grid)
+        if len(grid) != steps + 1 or not math.isclose(float(grid[0]), sigma_max, rel_tol=1e-9) \
+                or float(grid[-2]) < sigma_min * (1 - 1e-9):
+            raise ValueError(f"starting grid {name!r} must have {steps + 1} levels from sigma_max {sigma_max:g} to 0, "
+                             f"none below sigma_min {sigma_min:g}")
+        candidates[name] = grid
     cond = cond or {}
     calls = 0
 
@@ -193,15 +201,7 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         return err if math.isfinite(err) else math.inf
 
     top, floor = math.log(sigma_max), math.log(sigma_min)
-    # 1. the best of the starting grids: the user's, Karras (rho 7) over the whole range, and variants
-    candidates = {}
-    for name, grid in (starts or {}).items():
-        grid = check_grid(grid)
-        if len(grid) != steps + 1 or not math.isclose(float(grid[0]), sigma_max, rel_tol=1e-9) \
-                or float(grid[-2]) < sigma_min * (1 - 1e-9):
-            raise ValueError(f"starting grid {name!r} must have {steps + 1} levels from sigma_max {sigma_max:g} to 0, "
-                             f"none below sigma_min {sigma_min:g}")
-        candidates[name] = grid
+    # 1. the best of the starting grids: the user's (checked above), Karras (rho 7) over the whole range, variants
     candidates["karras"] = get_sigmas("karras", steps, sigma_min, sigma_max)
     for rho in START_RHOS if steps > 1 else ():
         for k in START_LOW:
