@@ -217,3 +217,17 @@ def test_resolve_grid_fills_steps_from_the_file(tmp_path, capsys):
     _resolve_grid(args, default_steps=20)
     assert args.steps == 3 and torch.equal(args.grid, grid.sigmas) and args.grid_label == path
     assert "tuned for euler, not heun" in capsys.readouterr().err
+
+
+def test_custom_distance_is_the_loss():
+    gmm = grid2d(3, 0.5, 0.05)
+    x = _start(gmm, 32, 2)
+    target = sample("dpmpp_2m", gmm, x, get_sigmas("karras", 30, SMIN, SMAX))
+
+    def l1(out, tgt):
+        return (out - tgt).abs().mean()
+
+    tuned = tune_sigmas(gmm, x, "dpmpp_2m", 3, SMIN, SMAX, target=target, distance=l1, max_sweeps=2)
+    assert tuned.loss == pytest.approx(float(l1(sample("dpmpp_2m", gmm, x, tuned.sigmas), target)), rel=1e-9)
+    assert tuned.start_losses["karras"] == pytest.approx(
+        float(l1(sample("dpmpp_2m", gmm, x, get_sigmas("karras", 3, SMIN, SMAX)), target)), rel=1e-9)

@@ -141,7 +141,7 @@ def _from_lengths(lengths: list[float], top: float, total: float) -> list[float]
 def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float, sigma_max: float, *,
                 cond: dict | None = None, teacher: str = "dpmpp_2m", teacher_steps: int = 200,
                 teacher_grid: str | Tensor = "karras", target: Tensor | None = None, starts: dict | None = None,
-                max_sweeps: int = 8, rtol: float = 0.01, search_iters: int = 8, seed: int = 0,
+                distance=None, max_sweeps: int = 8, rtol: float = 0.01, search_iters: int = 8, seed: int = 0,
                 progress: bool = False, **opts) -> TunedGrid:
     """Tune a ``steps``-level grid for ``sampler`` on the pilot start states ``x`` (at ``sigma_max``).
 
@@ -151,7 +151,8 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
     ``teacher_steps`` levels over [``sigma_min``, ``sigma_max``], or explicit sigmas (e.g. a model's
     own grid at many steps, for a model that is poor at the smallest sigmas). ``starts`` adds named
     starting grids (e.g. the model's default grid, to be scored beside the tuned one); each must
-    have ``steps + 1`` levels from ``sigma_max`` down to 0. ``opts`` go to the sampler (e.g.
+    have ``steps + 1`` levels from ``sigma_max`` down to 0. ``distance(out, target)`` (float64
+    tensors) replaces the mean squared difference as the loss. ``opts`` go to the sampler (e.g.
     ``order``). See the module docstring for the search.
     """
     from . import sample  # the package's wrapper (validation, no_grad)
@@ -197,7 +198,8 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
         bar.update(1)
         out = sample(sampler, counted, x, _grid(log_sigmas, sigma_max).to(x.device), cond=cond,
                      generator=torch.Generator(x.device).manual_seed(seed), **opts)
-        err = float(((out.to(torch.float64) - target) ** 2).mean())
+        out = out.to(torch.float64)
+        err = float(((out - target) ** 2).mean() if distance is None else distance(out, target))
         return err if math.isfinite(err) else math.inf
 
     top, floor = math.log(sigma_max), math.log(sigma_min)
