@@ -170,6 +170,7 @@ def test_cli_tune_grid_teacher_grid_and_errors(tiny_model, tmp_path, capsys):
     assert (tuned.teacher_grid, tuned.teacher_steps) == ("ddim-trailing", 5)
     assert "5-step dpmpp_2m solve on ddim-trailing" in capsys.readouterr().out
     for args, message in ((["--teacher-grid", "x.json"], "unknown --teacher-grid"),
+                          (["--teacher-grid", "ddim-leading"], "pick a teacher grid that starts there"),
                           (["--sampler", "nope"], "unknown sampler"), (["--pilot", "0"], "--pilot must be")):
         assert main(["tune-grid", str(tiny_model), "-o", str(out), *args]) == 2
         assert message in capsys.readouterr().err

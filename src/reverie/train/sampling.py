@@ -148,6 +148,9 @@ def tune_grid(net, cfg, schedule, info: dict, sampler: str, steps: int, pilot: i
     # own grid never visits, e.g. an eps model below its trailing grid's last level)
     teacher_kind = teacher_grid or cfg.sample.grid
     _, teacher_grid = _denoiser_and_grid(net, cfg, schedule, teacher_steps, teacher_kind)
+    if abs(float(teacher_grid[0]) / hi - 1) > 1e-9:
+        raise ValueError(f"a {teacher_kind} grid starts at sigma {float(teacher_grid[0]):.4g}, below this model's top "
+                         f"{hi:.4g} where tuning starts; pick a teacher grid that starts there (e.g. ddim-trailing)")
     device = next(net.parameters()).device
     x = start_noise(cfg, info, pilot, hi, torch.Generator().manual_seed(seed)).to(device)
     cond, uncond = conditions(net, cfg, info, pilot, prompts, negative_prompt, None, "auto", seed)
