@@ -232,3 +232,25 @@ def test_custom_distance_is_the_loss():
     assert tuned.loss == pytest.approx(float(l1(sample("dpmpp_2m", gmm, x, tuned.sigmas), target)), rel=1e-9)
     assert tuned.start_losses["karras"] == pytest.approx(
         float(l1(sample("dpmpp_2m", gmm, x, get_sigmas("karras", 3, SMIN, SMAX)), target)), rel=1e-9)
+
+
+def test_generate_with_a_grid_file_stores_the_sigmas_and_reproduces(tiny_model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    gmm = grid2d(3, 0.5, 0.05)
+    from reverie.pipeline import Pipeline
+
+    hi = float(Pipeline.from_pretrained(tiny_model).schedule.sigma_max)
+    grid = tune_sigmas(gmm, _start(gmm, 8, 0), "dpmpp_2m", 3, 0.05, hi, teacher_steps=5, max_sweeps=1)
+    path = grid.save(tmp_path / "grid.json")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "", "--model", str(tiny_model), "--grid", str(path), "--num-images", "1",
+                 "-o", str(a)]) == 0
+    meta = json.loads(Image.open(a).text["reverie"])
+    assert meta["steps"] == 3 and meta["grid"] == [float(v) for v in grid.sigmas]
+    assert main(["generate", "--from-png", str(a), "--model", str(tiny_model), "-o", str(b)]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert main(["generate", "", "--model", str(tiny_model), "--grid", str(path), "--steps", "4",
+                 "-o", str(b)]) == 2
+    assert "is a grid of 3 steps" in capsys.readouterr().err

@@ -63,10 +63,12 @@ def _generation_params(args) -> dict:
         if not meta:
             raise ValueError(f"{src} carries no reverie generation parameters")
         return json.loads(meta)
+    _resolve_grid(args, default_steps=20)
+    grid = args.grid if args.grid is None or isinstance(args.grid, str) else [float(v) for v in args.grid]
     return {"prompt": args.prompt or "", "negative_prompt": args.negative_prompt, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
             "guidance_rescale": args.guidance_rescale, "num_images": args.num_images,
-            "layout": _layout_arg(args.layout)}
+            "layout": _layout_arg(args.layout), "grid": grid}
 
 
 def _layout_arg(value: str):
@@ -97,6 +99,17 @@ def _validate_generation(p: dict) -> None:
         raise ValueError(f"--guidance must be between 0 and {MAX_GUIDANCE}, got {p['guidance']}")
     if not 0 <= p["guidance_rescale"] <= 1:
         raise ValueError(f"--guidance-rescale must be between 0 and 1, got {p['guidance_rescale']}")
+    grid = p.get("grid")
+    if isinstance(grid, list) and len(grid) != p["steps"] + 1:
+        raise ValueError(f"the stored grid has {len(grid) - 1} steps, not {p['steps']}")
+
+
+def _grid_param(p: dict):
+    """generate's ``grid``: None (the model's), a kind, or the stored sigmas of a tuned grid as a tensor."""
+    import torch
+
+    grid = p.get("grid")  # PNGs from before --grid have none
+    return torch.tensor(grid, dtype=torch.float64) if isinstance(grid, list) else grid
 
 
 def _layouts(params: dict):
@@ -130,10 +143,12 @@ def _cmd_generate(args) -> int:
               f"({params['model_hash']}), not {pipe.name} ({pipe.weights_hash})", file=sys.stderr)
     params.update(model=pipe.name, model_hash=pipe.weights_hash)
     start = time.perf_counter()
-    images = pipe.generate(params["prompt"], num_images=params["num_images"], steps=params["steps"],
+    grid = _grid_param(params)
+    images = pipe.generate(params["prompt"], num_images=params["num_images"],
+                           steps=params["steps"] if grid is None or isinstance(grid, str) else None,
                            sampler=params["sampler"], guidance_scale=params["guidance"],
                            negative_prompt=params["negative_prompt"], seed=params["seed"],
-                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params))
+                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params), grid=grid)
     elapsed = time.perf_counter() - start
     if params.get("index") is not None:  # reproducing one file of an --out-dir batch
         images = [images[params["index"]]]
@@ -512,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a text prompt", formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", default="", help='the prompt ("" for unconditional samples)')
     gen.add_argument("--num-images", type=int, default=4, help="how many images")
-    gen.add_argument("--steps", type=int, default=20, help="sampling steps")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or the grid file's)")
     gen.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    gen.add_argument("--grid", default=None,
+                     help="sigma grid: karras, ddim-trailing, ..., or a grid file from tune-grid (default: the "
+                          "model's); a file's sigmas are stored in the PNG")
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
     gen.add_argument("--negative-prompt", default="", help="what to steer away from")
