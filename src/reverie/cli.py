@@ -328,8 +328,10 @@ def _cmd_tune_grid(args) -> int:
     print(f"{pipe.name}: {tuned.steps} {tuned.sampler} steps tuned in {elapsed:.1f} s ({tuned.evaluations} pilot runs, "
           f"{tuned.denoiser_calls} denoiser calls on {tuned.pilot} pilot images)")
     own = pipe.cfg.sample.grid
-    others = {f"{own} (the model's grid)": tuned.start_losses.get(own), "karras": tuned.start_losses["karras"],
-              f"best start: {tuned.start}": tuned.start_losses[tuned.start]}
+    others = {f"{own} (the model's grid)": tuned.start_losses.get(own)}
+    if own != "karras":
+        others["karras"] = tuned.start_losses["karras"]
+    others[f"best start: {tuned.start}"] = tuned.start_losses[tuned.start]
     print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve on {tuned.teacher_grid} (mean squared): "
           f"{tuned.loss:.4g} tuned; " + ", ".join(f"{v:.4g} {k}" for k, v in others.items() if v is not None))
     print("  sigmas: " + " ".join(f"{float(v):.4g}" for v in tuned.sigmas))
