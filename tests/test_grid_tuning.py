@@ -254,3 +254,22 @@ def test_generate_with_a_grid_file_stores_the_sigmas_and_reproduces(tiny_model, 
     assert main(["generate", "", "--model", str(tiny_model), "--grid", str(path), "--steps", "4",
                  "-o", str(b)]) == 2
     assert "is a grid of 3 steps" in capsys.readouterr().err
+
+
+def test_edm_model_tunes_over_edm_range(tmp_path):
+    from reverie.configs import load_config
+    from reverie.pipeline import Pipeline, save_model_dir
+    from reverie.train.config import TrainConfig
+    from reverie.train.loop import build_model
+
+    net_cfg = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [], head_channels: 8}"
+    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={net_cfg}", "--data.resolution=8",
+                                          "--model.prediction=edm", "--loss.noise_levels=lognormal"])
+    info = {"in_channels": 3, "resolution": 8, "num_classes": 0}
+    torch.manual_seed(0)
+    net, _, _ = build_model(cfg, info)
+    pipe = Pipeline.from_pretrained(save_model_dir(tmp_path / "edm", cfg, info, net))
+    tuned = pipe.tune_grid("euler", 3, pilot=2, teacher_steps=4, max_sweeps=1)
+    assert float(tuned.sigmas[0]) == pytest.approx(80.0) and float(tuned.sigmas[-2]) >= 0.002
+    assert tuned.teacher_grid == "karras" and tuned.loss <= tuned.start_losses["karras"]
+    assert torch.isfinite(pipe.sample(1, sampler="euler", grid=tuned.sigmas)).all()

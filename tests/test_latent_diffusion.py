@@ -80,6 +80,11 @@ def test_ldm_trains_exports_and_generates_images(vae_dir, tmp_path, cache):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert images.min() >= -1 and images.max() <= 1
     assert pipe.image_shape == (3, 16, 16)
+    # A grid tuned to a latent model works in latent space and drives sampling like any grid.
+    tuned = pipe.tune_grid("dpmpp_2m", 2, pilot=1, teacher_steps=3, prompts=["a red circle"], guidance_scale=2.0,
+                           max_sweeps=1)
+    tuned_images = pipe.sample(num_images=1, grid=tuned.sigmas, prompts=["a red circle"], guidance_scale=2.0)
+    assert tuned_images.shape == (1, 3, 16, 16) and torch.isfinite(tuned_images).all()
     # The model directory is self-contained: the VAE copy decodes exactly like the original.
     z = torch.randn(1, 4, 8, 8)
     assert torch.equal(pipe.vae.from_latent(z), load_autoencoder(vae_dir).from_latent(z))
