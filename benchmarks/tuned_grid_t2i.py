@@ -93,8 +93,7 @@ def main() -> None:
         results["steps"][str(steps)] = entry
         print(f"{steps} steps: tuned in {seconds:.0f} s, loss {tuned.loss:.4g} (own grid {entry['own_grid_loss']:.4g})"
               f"\n  own   {entry['own']}\n  tuned {entry['tuned']}")
-        settings[len(settings):] = [(f"{own}, {steps} steps", {"steps": steps}),
-                                    (f"tuned, {steps} steps", {"grid": tuned.sigmas})]
+        settings += [(f"{own}, {steps} steps", {"steps": steps}), (f"tuned, {steps} steps", {"grid": tuned.sigmas})]
     results["seconds"] = time.perf_counter() - t0
     (args.out / "tuned_grid_t2i.json").write_text(json.dumps(results, indent=1))
     picture(pipe, settings, args, args.picture)

@@ -250,6 +250,21 @@ def test_evaluate_adherence_perfect_pipeline_scores_full(classifier):
     assert result["all_correct"] >= 0.93
 
 
+def test_evaluate_adherence_passes_explicit_sigmas_on(classifier):
+    class Recording(StubPipeline):
+        def sample(self, num_images, grid=None, **kwargs):
+            self.grids = getattr(self, "grids", []) + [grid]
+            return super().sample(num_images, **kwargs)
+
+    stub, sigmas = Recording(), [80.0, 3.0, 0.5, 0.0]
+    result = evaluate_adherence(stub, prompts=["a red circle", "a blue square"], num_per_prompt=1, steps=20,
+                                grid=torch.tensor(sigmas, dtype=torch.float64), classifier=classifier,
+                                progress=False)
+    # the grid's length sets the steps; each call gets the same sigmas; the settings record them as a list
+    assert [c[3] for c in stub.calls] == [3] and all(g.tolist() == sigmas for g in stub.grids)
+    assert result["settings"]["grid"] == sigmas and result["settings"]["steps"] == 3
+
+
 def test_paraphrase_swaps_words_and_fixes_articles():
     assert paraphrase("a red circle above an orange square") == "a crimson disc above a tangerine box"
     assert paraphrase("just an azure-free yellow ring") == "just an azure-free golden donut"

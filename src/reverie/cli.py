@@ -143,12 +143,11 @@ def _cmd_generate(args) -> int:
               f"({params['model_hash']}), not {pipe.name} ({pipe.weights_hash})", file=sys.stderr)
     params.update(model=pipe.name, model_hash=pipe.weights_hash)
     start = time.perf_counter()
-    grid = _grid_param(params)
-    images = pipe.generate(params["prompt"], num_images=params["num_images"],
-                           steps=params["steps"] if grid is None or isinstance(grid, str) else None,
+    images = pipe.generate(params["prompt"], num_images=params["num_images"], steps=params["steps"],
                            sampler=params["sampler"], guidance_scale=params["guidance"],
                            negative_prompt=params["negative_prompt"], seed=params["seed"],
-                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params), grid=grid)
+                           guidance_rescale=params["guidance_rescale"], layouts=_layouts(params),
+                           grid=_grid_param(params))
     elapsed = time.perf_counter() - start
     if params.get("index") is not None:  # reproducing one file of an --out-dir batch
         images = [images[params["index"]]]
@@ -335,8 +334,8 @@ def _cmd_tune_grid(args) -> int:
     print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve on {tuned.teacher_grid} (mean squared): "
           f"{tuned.loss:.4g} tuned; " + ", ".join(f"{v:.4g} {k}" for k, v in others.items() if v is not None))
     print("  sigmas: " + " ".join(f"{float(v):.4g}" for v in tuned.sigmas))
-    print(f"wrote {path}; use it with: reverie sample {args.model or ''} --grid {path} --sampler {tuned.sampler}"
-          .replace("  ", " "))
+    use = f"reverie sample {args.model}" if args.model else 'reverie generate "a prompt"'
+    print(f"wrote {path}; use it with: {use} --grid {path} --sampler {tuned.sampler}")
     return 0
 
 

@@ -271,9 +271,9 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     if num_per_prompt < 1 or batch_size < 1 or not prompts:
         raise ValueError("need at least one prompt, num_per_prompt >= 1 and batch_size >= 1")
     explicit = grid is not None and not isinstance(grid, str)
-    if explicit:
-        grid = [float(v) for v in grid]
-        steps = len(grid) - 1
+    if explicit:  # sigmas: a tensor for sampling, a list for the recorded settings
+        sigmas = torch.as_tensor(grid, dtype=torch.float64)
+        grid, steps = [float(v) for v in sigmas], len(sigmas) - 1
     classifier = classifier or load_classifier()
     per_batch = max(1, batch_size // num_per_prompt)
     chunks = [prompts[k: k + per_batch] for k in range(0, len(prompts), per_batch)]
@@ -282,14 +282,14 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
         # Pipeline.sample repeats the prompt list to fill num_images: image n gets chunk[n % len(chunk)].
         shown = [paraphrase(text) for text in chunk] if paraphrased else chunk
         n = len(chunk) * num_per_prompt
-        extra = {"grid": torch.tensor(grid, dtype=torch.float64) if explicit else grid} if grid else {}
+        extra = {"grid": sigmas if explicit else grid} if grid else {}
         if layouts == "only":  # the boxes "auto" would plan for these images, under an empty caption
             extra["layouts"] = plan_layouts(get_planner(pipeline.cfg.data.name),
                                             [shown[i % len(shown)] for i in range(n)], seed + k)
             shown = [""]
         elif layouts != "auto":
             extra["layouts"] = layouts
-        x = pipeline.sample(num_images=n, steps=None if explicit else steps, sampler=sampler, seed=seed + k,
+        x = pipeline.sample(num_images=n, steps=steps, sampler=sampler, seed=seed + k,
                             prompts=shown, guidance_scale=guidance_scale, **extra)
         if len(x) != len(chunk) * num_per_prompt:
             raise ValueError(f"pipeline returned {len(x)} images, asked for {len(chunk) * num_per_prompt}")
