@@ -141,7 +141,7 @@ def test_wrong_captions_score_near_zero(classifier, pairs):
     assert len(labels) > 100
     right = [_caption([(c[0], s[0]), (c[1], s[1])], r) for c, s, r in labels]
     swapped_colors = [_caption([(c[1], s[0]), (c[0], s[1])], r) for c, s, r in labels]
-    swapped_relation = [_caption([(c[0], s[0]), (c[1], s[1])], shapes._INVERSE[r]) for c, s, r in labels]
+    swapped_relation = [_caption([(c[0], s[0]), (c[1], s[1])], shapes.INVERSE_RELATION[r]) for c, s, r in labels]
 
     good = score_images(images, right, classifier)
     assert min(good["color_accuracy"], good["shape_accuracy"], good["relation_accuracy"]) >= 0.95
@@ -203,14 +203,14 @@ def render_prompt(text: str, rng: random.Random, resolution: int) -> np.ndarray:
     """A real ``shapes`` rendering of exactly what the prompt says (random sizes, layout and background)."""
     labels = prompt_labels(text)
     colors = [c for c, _ in labels.objects]
-    background = rng.choice([b for b, ok in enumerate(shapes._READABLE) if set(colors) <= set(ok)])
+    background = rng.choice([b for b, ok in enumerate(shapes.READABLE) if set(colors) <= set(ok)])
     sizes = [rng.randrange(2) for _ in labels.objects]
-    radii = [shapes._sample_radius(rng, s) for s in sizes]
+    radii = [shapes.sample_radius(rng, s) for s in sizes]
     if labels.relation is None:
-        centers = [shapes._place_single(rng, radii[0])]
+        centers = [shapes.place_single(rng, radii[0])]
     else:
-        i, rel, _ = labels.relation  # shapes._place_pair puts object 0 RELATIONS[rel] object 1
-        centers = shapes._place_pair(rng, *radii, rel if i == 0 else shapes._INVERSE[rel])
+        i, rel, _ = labels.relation  # shapes.place_pair puts object 0 RELATIONS[rel] object 1
+        centers = shapes.place_pair(rng, *radii, rel if i == 0 else shapes.INVERSE_RELATION[rel])
     objects = tuple(shapes.ShapeObject(s, c, size, x, y, r)
                     for (c, s), size, (x, y), r in zip(labels.objects, sizes, centers, radii))
     return shapes.render_array(shapes.Scene(background, None, objects), resolution)
@@ -365,7 +365,7 @@ class LayoutStub(StubPipeline):
                 color, shape = phrase.split(" ")
                 objects.append(shapes.ShapeObject(SHAPES.index(shape), COLOR_NAMES.index(color), 0, (x0 + x1) / 2,
                                                   (y0 + y1) / 2, (x1 - x0) / 2))
-            background = next(b for b, ok in enumerate(shapes._READABLE) if {o.color for o in objects} <= set(ok))
+            background = next(b for b, ok in enumerate(shapes.READABLE) if {o.color for o in objects} <= set(ok))
             pixels.append(shapes.render_array(shapes.Scene(background, None, tuple(objects)), self.resolution))
         return uint8_to_tensor(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2))
 

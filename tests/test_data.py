@@ -18,7 +18,7 @@ from reverie.data import ShapesDataset, collate, get_dataset, parse_caption, pre
 from reverie.data.digits import load_digits_uint8
 from reverie.data.mnist import DIGIT_WORDS, INSTALL_HINT, mnist_data_file
 from reverie.data.preview import _wrap
-from reverie.data.shapes import _READABLE, COLORS, RELATIONS, RING_WIDTH, SHAPES, SIZES, _cielab
+from reverie.data.shapes import COLORS, READABLE, RELATIONS, RING_WIDTH, SHAPES, SIZES, cielab
 from reverie.data.transforms import to_pil
 
 COLOR_RGB = list(COLORS.values())
@@ -212,11 +212,11 @@ def test_shapes_size_and_background_options():
 
 
 def test_shapes_palette_is_distinct_and_readable_on_its_backgrounds():
-    lab = [_cielab(rgb) for rgb in COLOR_RGB]
+    lab = [cielab(rgb) for rgb in COLOR_RGB]
     closest = min(np.linalg.norm(a - b) for k, a in enumerate(lab) for b in lab[k + 1:])
     assert closest >= 35  # CIELAB Delta-E: clearly different hues even at 32x32
-    assert all(len(readable) >= 8 for readable in _READABLE)
-    assert all(sum(c in readable for readable in _READABLE) >= 3 for c in range(len(COLORS)))
+    assert all(len(readable) >= 8 for readable in READABLE)
+    assert all(sum(c in readable for readable in READABLE) >= 3 for c in range(len(COLORS)))
 
 
 def test_parse_caption_reads_a_known_caption():

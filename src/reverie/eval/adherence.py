@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import collate
-from ..data.shapes import _RELATION_WORDS, COLORS, RELATIONS, SHAPES, ShapesDataset, parse_caption
+from ..data.shapes import COLORS, RELATION_WORDS, RELATIONS, SHAPES, ShapesDataset, parse_caption
 from ..layout import get_planner, plan_layouts
 from .attributes import AttributeClassifier, load_classifier, relation_between
 
@@ -138,7 +138,7 @@ def evaluation_prompts(num_pairs: int = 48, num_single: int = 24, seed: int = 0)
     prompts = []
     for k in range(num_pairs):
         a, b = rng.sample(pairs, 2)
-        rel = rng.choice(_RELATION_WORDS[k % len(RELATIONS)])
+        rel = rng.choice(RELATION_WORDS[k % len(RELATIONS)])
         template = _PAIR_TEMPLATES[rng.randrange(len(_PAIR_TEMPLATES))]
         prompts.append(template.format(a=_phrase(*a), b=_phrase(*b), rel=rel))
     offset = rng.randrange(len(SHAPES))

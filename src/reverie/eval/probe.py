@@ -29,7 +29,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from ..data.shapes import _INVERSE, POSITIONS, RELATIONS, ShapesDataset
+from ..data.shapes import INVERSE_RELATION, POSITIONS, RELATIONS, ShapesDataset
 from .adherence import _phrase as _np
 
 PROBES = ("color", "shape", "position", "binding", "relation")
@@ -68,7 +68,7 @@ def probe_pairs(kind: str, num_images: int = 256, seed: int = 2024, resolution: 
             a, b = _np(color[0], shape[0]), _np(color[1], shape[1])
             true_text = f"{a} {RELATIONS[rel]} {b}"
             if kind == "relation":
-                other = f"{a} {RELATIONS[_INVERSE[rel]]} {b}"
+                other = f"{a} {RELATIONS[INVERSE_RELATION[rel]]} {b}"
             else:
                 other = f"{_np(color[1], shape[0])} {RELATIONS[rel]} {_np(color[0], shape[1])}"
         else:
