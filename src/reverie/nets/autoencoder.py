@@ -22,8 +22,8 @@ Choices:
 
 - The layers are reverie's own (``layers.py``): GroupNorm, self-attention with a zero-initialized
   output projection, strided-conv Downsample, nearest + conv Upsample, for 1-D, 2-D or 3-D data
-  (``dims``; video keeps its frame axis). The residual blocks here have no time embedding; their
-  second conv is zero-initialized, so every block starts as the identity (as in reverie's U-Net).
+  (``dims``; video keeps its frame axis). The residual blocks are the U-Net's ``ResBlock`` without a
+  time embedding; their second conv is zero-initialized, so every block starts as the identity.
 - No 1x1 "quant" convolutions between the encoder/decoder and the latent (LDM's quant_conv and
   post_quant_conv): a 1x1 conv next to a 3x3 conv adds parameters but (almost) no expressivity.
 - The encoder's log-variance channels start with bias -8 (posterior std ~0.02) instead of 0 (std 1):
@@ -50,11 +50,11 @@ from .layers import (
     Downsample,
     GroupNorm,
     NetConfig,
+    ResBlock,
     Upsample,
     check_choice,
     conv_nd,
     resample_factor,
-    zero_module,
 )
 
 __all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "AUTOENCODER_PRESETS", "create_autoencoder",
@@ -154,29 +154,16 @@ class DiagonalGaussian:
         return 0.5 * terms.flatten(1).sum(dim=1)
 
 
-class ResnetBlock(nn.Module):
-    """GN-SiLU-conv, GN-SiLU-dropout-conv (zero-initialized), plus a 1x1-conv skip when widths differ."""
-
-    def __init__(self, dims: int, in_ch: int, out_ch: int, norm_groups: int, dropout: float):
-        super().__init__()
-        self.norm1 = GroupNorm(norm_groups, in_ch)
-        self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
-        self.norm2 = GroupNorm(norm_groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Identity() if in_ch == out_ch else conv_nd(dims, in_ch, out_ch, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return h + self.skip(x)
+def _res_block(cfg: AutoencoderConfig, in_ch: int, out_ch: int) -> ResBlock:
+    """A ``ResBlock`` without time embedding; its weight names are those of saved autoencoders."""
+    return ResBlock(cfg.dims, in_ch, out_ch, cfg.dropout, cfg.norm_groups, conditioned=False)
 
 
 def _mid_block(cfg: AutoencoderConfig, ch: int) -> nn.Sequential:
-    layers = [ResnetBlock(cfg.dims, ch, ch, cfg.norm_groups, cfg.dropout)]
+    layers = [_res_block(cfg, ch, ch)]
     if cfg.mid_attention:
         layers.append(AttentionBlock(ch, cfg.num_heads, cfg.norm_groups))
-    layers.append(ResnetBlock(cfg.dims, ch, ch, cfg.norm_groups, cfg.dropout))
+    layers.append(_res_block(cfg, ch, ch))
     return nn.Sequential(*layers)
 
 
@@ -189,7 +176,7 @@ class Encoder(nn.Module):
         blocks, ch = [], cfg.base_channels
         for level, width in enumerate(cfg.widths):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cfg.dims, ch, width, cfg.norm_groups, cfg.dropout))
+                blocks.append(_res_block(cfg, ch, width))
                 ch = width
             if level != len(cfg.widths) - 1:
                 blocks.append(Downsample(cfg.dims, ch, use_conv=True))
@@ -216,7 +203,7 @@ class Decoder(nn.Module):
         blocks = []
         for level in reversed(range(len(cfg.widths))):
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cfg.dims, ch, cfg.widths[level], cfg.norm_groups, cfg.dropout))
+                blocks.append(_res_block(cfg, ch, cfg.widths[level]))
                 ch = cfg.widths[level]
             if level != 0:
                 blocks.append(Upsample(cfg.dims, ch, use_conv=True))

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import (
     TIME_EMBEDDINGS,
     Attention,
+    Backbone,
     NetConfig,
-    TimeEmbedding,
     check_choice,
     sincos_position_embedding,
 )
@@ -130,8 +129,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*out)
 
 
-class DiT(nn.Module):
+class DiT(Backbone):
     """Diffusion Transformer (module docstring); ``net(x, c_noise, **cond) -> (B, out, H, W)``."""
+
+    display_name = "DiT"
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -141,17 +142,11 @@ class DiT(nn.Module):
         grid = cfg.input_size // p
         pos_embed = sincos_pos_embed_2d(grid, grid, D).to(torch.get_default_device())  # (N, D)
         self.register_buffer("pos_embed", pos_embed, persistent=False)
-        self.time_embed = TimeEmbedding(cfg.time_embedding, cfg.freq_dim, D, cfg.fourier_scale)
-        self.class_embed = nn.Embedding(cfg.num_classes, D) if cfg.num_classes else None
-        self.pooled_proj = nn.Linear(cfg.pooled_dim, D) if cfg.pooled_dim else None
+        self.build_embeddings(cfg.freq_dim, D)  # time_embed, class_embed, pooled_proj
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(cfg)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.initialize_weights()
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward pass (less activation memory, ~1/3 more compute)."""
-        self.gradient_checkpointing = enabled
 
     def initialize_weights(self) -> None:
         """The paper's init: Xavier Linear, N(0, .02) embeddings, zero adaLN and output (module docstring)."""
@@ -171,18 +166,6 @@ class DiT(nn.Module):
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def embed(self, c_noise: Tensor, class_labels: Tensor | None, pooled: Tensor | None) -> Tensor:
-        """c = t embedding [+ class embedding] [+ pooled-text projection]: (B, D)."""
-        c = self.time_embed(c_noise)
-        for name, value, layer in (("class_labels", class_labels, self.class_embed),
-                                   ("pooled", pooled, self.pooled_proj)):
-            if (value is None) != (layer is None):
-                need = "needs" if layer is not None else "was not configured for"
-                raise ValueError(f"this DiT {need} `{name}` (num_classes / pooled_dim in DiTConfig)")
-            if layer is not None:
-                c = c + layer(value)
-        return c
 
     def pos_embed_for(self, h: int, w: int) -> Tensor:
         if h * w == self.pos_embed.shape[0] and h == w:
@@ -208,8 +191,5 @@ class DiT(nn.Module):
         tokens = tokens + self.pos_embed_for(h, w).to(tokens.dtype)
         c = self.embed(c_noise, class_labels, pooled)  # (B, D)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, context_mask)
+            tokens = self.run_block(block, tokens, c, context, context_mask)
         return self.unpatchify(self.final(tokens, c), h, w)  # (B, out, H, W)

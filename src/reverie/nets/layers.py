@@ -1,4 +1,4 @@
-"""Building blocks shared by reverie's U-Net and DiT, and the typed-config helper.
+"""Building blocks shared by reverie's U-Net, DiT and KL autoencoder, and the typed-config helper.
 
 Everything here is written once for 1-D (audio), 2-D (images) and 3-D (video) data: ``dims``
 picks the convolution and pooling class, resampling goes through ``F.interpolate`` with a
@@ -16,7 +16,10 @@ Choices (the "why" that the code cannot show):
   uniformly and its cross-attention output is multiplied by 0, so it gets "no context" instead
   of NaNs (SDPA returns NaN on a fully masked row).
 - Res blocks receive their time embedding already projected: the U-Net computes all blocks'
-  projections in one matmul (same weights and FLOPs as one Linear per block).
+  projections in one matmul (same weights and FLOPs as one Linear per block). The autoencoder uses
+  the same block with ``conditioned=False`` (no embedding), so its weight names are the same too.
+- The U-Net and DiT share :class:`Backbone`: the conditioning vector (time + class + pooled text)
+  and gradient checkpointing are written once.
 - 3-D (video) resampling halves only the spatial axes and keeps the frame axis, as in
   Ho et al. 2022 ("Video Diffusion Models", Sec. 3).
 """
@@ -30,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..utils import append_dims
 
@@ -40,6 +44,7 @@ __all__ = [
     "zero_module",
     "sinusoidal_embedding",
     "TimeEmbedding",
+    "Backbone",
     "GroupNorm",
     "Attention",
     "AttentionBlock",
@@ -183,6 +188,46 @@ class TimeEmbedding(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
+class Backbone(nn.Module):
+    """Base of the denoisers (U-Net, DiT): the conditioning vector and gradient checkpointing.
+
+    ``build_embeddings`` creates ``time_embed``, ``class_embed`` and ``pooled_proj`` (None unless
+    ``config.num_classes`` / ``config.pooled_dim``); ``embed`` adds them up. Subclasses set ``config``,
+    ``gradient_checkpointing`` and ``display_name`` (the network's name in error messages).
+    """
+
+    display_name = "network"
+
+    def build_embeddings(self, freq_dim: int, width: int) -> None:
+        cfg = self.config
+        self.time_embed = TimeEmbedding(cfg.time_embedding, freq_dim, width, cfg.fourier_scale)
+        self.class_embed = nn.Embedding(cfg.num_classes, width) if cfg.num_classes else None
+        self.pooled_proj = nn.Linear(cfg.pooled_dim, width) if cfg.pooled_dim else None
+
+    def embed(self, c_noise: Tensor, class_labels: Tensor | None, pooled: Tensor | None) -> Tensor:
+        """Time embedding [+ class embedding] [+ pooled-text projection]: (B, width)."""
+        emb = self.time_embed(c_noise)
+        for name, value, layer in (("class_labels", class_labels, self.class_embed),
+                                   ("pooled", pooled, self.pooled_proj)):
+            if (value is None) != (layer is None):
+                need = "needs" if layer is not None else "was not configured for"
+                raise ValueError(f"this {self.display_name} {need} `{name}` "
+                                 f"(num_classes / pooled_dim in {type(self.config).__name__})")
+            if layer is not None:
+                emb = emb + layer(value)
+        return emb
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (less activation memory, ~1/3 more compute)."""
+        self.gradient_checkpointing = enabled
+
+    def run_block(self, block: nn.Module, *args) -> Tensor:
+        """``block(*args)``, checkpointed when training with gradient checkpointing on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
 # --------------------------------------------------------------------------- attention
 
 def key_padding_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -305,14 +350,15 @@ class ResBlock(nn.Module):
 
     ``scale_shift=True`` is AdaGN, GN(h) * (1 + scale) + shift (Dhariwal & Nichol 2021, Sec. 3);
     ``False`` adds the embedding before the second norm, as DDPM does. ``emb`` is this block's
-    slice of the U-Net's fused time projection: ``emb_channels`` wide.
+    slice of the U-Net's fused time projection: ``emb_channels`` wide. ``conditioned=False`` drops
+    the conditioning (``emb_channels`` 0, no ``emb``): the autoencoder's block, same weights otherwise.
     """
 
     def __init__(self, dims: int, in_ch: int, out_ch: int, dropout: float, norm_groups: int,
-                 scale_shift: bool):
+                 scale_shift: bool = False, conditioned: bool = True):
         super().__init__()
         self.scale_shift = scale_shift
-        self.emb_channels = 2 * out_ch if scale_shift else out_ch
+        self.emb_channels = (2 * out_ch if scale_shift else out_ch) if conditioned else 0
         self.norm1 = GroupNorm(norm_groups, in_ch)
         self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
         self.norm2 = GroupNorm(norm_groups, out_ch)
@@ -320,17 +366,24 @@ class ResBlock(nn.Module):
         self.conv2 = zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else conv_nd(dims, in_ch, out_ch, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # In-place adds only touch conv outputs, which convolution backward does not keep.
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if (emb is None) != (self.emb_channels == 0):
+            raise ValueError(f"this ResBlock takes {'an' if self.emb_channels else 'no'} `emb`")
         h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.conditioned_norm(h, emb))))
+        # In-place adds (also in conditioned_norm) only touch conv outputs, which convolution backward
+        # does not keep.
+        return h.add_(self.skip(x))
+
+    def conditioned_norm(self, h: Tensor, emb: Tensor | None) -> Tensor:
+        """The second norm: AdaGN, the embedding added before it, or (no ``emb``) the plain norm."""
+        if emb is None:
+            return self.norm2(h)
         emb = append_dims(emb.to(h.dtype), h.ndim)  # (B, E, 1, ...)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        else:
-            h = self.norm2(h.add_(emb))
-        h = self.conv2(self.dropout(F.silu(h)))
-        return h.add_(self.skip(x))
+            return torch.addcmul(shift, self.norm2(h), 1 + scale)
+        return self.norm2(h.add_(emb))
 
 
 class Downsample(nn.Module):

@@ -32,16 +32,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import (
     TIME_EMBEDDINGS,
     AttentionBlock,
+    Backbone,
     Downsample,
     GroupNorm,
     NetConfig,
     ResBlock,
-    TimeEmbedding,
     Upsample,
     check_choice,
     conv_nd,
@@ -136,17 +135,17 @@ class UNetBlock(nn.Module):
         return h if self.attn is None else self.attn(h, context, context_mask)
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """DDPM/ADM U-Net (module docstring); build with ``UNet(UNetConfig(...))`` or ``create_network``."""
+
+    display_name = "U-Net"
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
         mc, dims = cfg.model_channels, cfg.dims
         temb = cfg.time_embed_dim or 4 * mc
-        self.time_embed = TimeEmbedding(cfg.time_embedding, mc, temb, cfg.fourier_scale)
-        self.class_embed = nn.Embedding(cfg.num_classes, temb) if cfg.num_classes else None
-        self.pooled_proj = nn.Linear(cfg.pooled_dim, temb) if cfg.pooled_dim else None
+        self.build_embeddings(mc, temb)  # time_embed, class_embed, pooled_proj
         self.conv_in = conv_nd(dims, cfg.in_channels, mc, 3, padding=1)
         self.spatial_in = None
         if cfg.spatial_channels:
@@ -164,10 +163,6 @@ class UNet(nn.Module):
         self.memory_format = memory_format_for(dims) if cfg.channels_last else torch.contiguous_format
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.to(memory_format=self.memory_format)
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward pass (less activation memory, ~1/3 more compute)."""
-        self.gradient_checkpointing = enabled
 
     def _block(self, in_ch: int, out_ch: int, attention: bool) -> UNetBlock:
         cfg = self.config
@@ -207,23 +202,6 @@ class UNet(nn.Module):
                 up.append(Upsample(cfg.dims, ch, cfg.resample_with_conv))
         return up
 
-    def embed(self, c_noise: Tensor, class_labels: Tensor | None, pooled: Tensor | None) -> Tensor:
-        """Time embedding plus the class / pooled-text embedding: (B, time_embed_dim)."""
-        emb = self.time_embed(c_noise)
-        for name, value, layer in (("class_labels", class_labels, self.class_embed),
-                                   ("pooled", pooled, self.pooled_proj)):
-            if (value is None) != (layer is None):
-                need = "needs" if layer is not None else "was not configured for"
-                raise ValueError(f"this U-Net {need} `{name}` (num_classes / pooled_dim in UNetConfig)")
-            if layer is not None:
-                emb = emb + layer(value)
-        return emb
-
-    def _run(self, block: nn.Module, *args) -> Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def _check_input(self, x: Tensor, context: Tensor | None, spatial: Tensor | None = None) -> None:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
@@ -251,16 +229,16 @@ class UNet(nn.Module):
         skips, i = [h], 0
         for block in self.down:
             if isinstance(block, UNetBlock):
-                h, i = self._run(block, h, embs[i], context, context_mask), i + 1
+                h, i = self.run_block(block, h, embs[i], context, context_mask), i + 1
             else:
                 h = block(h)
             skips.append(h)
         for block in self.mid:
-            h, i = self._run(block, h, embs[i], context, context_mask), i + 1
+            h, i = self.run_block(block, h, embs[i], context, context_mask), i + 1
         for block in self.up:
             if isinstance(block, UNetBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-                h, i = self._run(block, h, embs[i], context, context_mask), i + 1
+                h, i = self.run_block(block, h, embs[i], context, context_mask), i + 1
             else:
                 h = block(h)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
