@@ -27,8 +27,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def run(args, cache: bool) -> dict:
     from reverie.configs import load_config
+    from reverie.train import train
     from reverie.train.config import TrainConfig
-    from reverie.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(TrainConfig, ROOT / "configs" / "shapes-t2i-scratch.yaml", [

@@ -46,8 +46,8 @@ def _network(name: str, channels: int, size: int):
 
 
 def _models(args, resolution: int):
+    from reverie.build import load_autoencoder
     from reverie.nets.autoencoder import create_autoencoder
-    from reverie.train.vae import load_autoencoder
 
     out = {"pixel": (_network(args.network, 3, resolution), None, (3, resolution))}
     for name in ("vae-f4", "vae-f8"):

@@ -50,7 +50,7 @@ def _cfg(args, side: str):
 
 
 def train_side(args) -> None:
-    from reverie.train.loop import train
+    from reverie.train import train
 
     torch.set_num_threads(1)
     result = train(_cfg(args, args.side), resume="auto")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from reverie.cli import DEFAULT_MODEL
+from reverie.cli.common import DEFAULT_MODEL
 from reverie.data.shapes import COLORS
 from reverie.layout import get_planner, plan_layouts
 from reverie.pipeline import Pipeline

@@ -56,7 +56,7 @@ def _cfg(args, side_dir: Path):
 
 
 def train_reverie(args, side_dir: Path) -> None:
-    from reverie.train.loop import train
+    from reverie.train import train
 
     train(_cfg(args, side_dir), resume=False)
 
@@ -67,14 +67,14 @@ def train_diffusers(args, side_dir: Path) -> None:
     from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
 
-    from reverie.data import collate, get_dataset
+    from reverie.build import build_dataset, build_network, dataset_info
+    from reverie.data import collate
     from reverie.nets.unet import diffusers_unet2d_kwargs
-    from reverie.train.loop import build_model, dataset_info
 
     torch.set_num_threads(1)
     cfg = _cfg(args, side_dir)
-    dataset = get_dataset(cfg.data.name, resolution=cfg.data.resolution, **cfg.data.options)
-    net_cfg = build_model(cfg, dataset_info(dataset))[0].config
+    dataset = build_dataset(cfg)
+    net_cfg = build_network(cfg, dataset_info(dataset)).config
     torch.manual_seed(cfg.train.seed)
     model = UNet2DModel(**diffusers_unet2d_kwargs(net_cfg, strict=False))
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -134,7 +134,8 @@ def _snapshots(run: Path) -> dict[str, list[dict]]:
 
 
 def _reverie_pipeline(args, ckpt: str):
-    from reverie.pipeline import Pipeline, export_checkpoint
+    from reverie.pipeline import Pipeline
+    from reverie.train import export_checkpoint
 
     side = Path(ckpt).parent.parent.name
     out = Path(args.run) / "exported" / (Path(ckpt).name if side == "reverie" else f"{side}-{Path(ckpt).name}")
@@ -158,15 +159,13 @@ def _diffusers_pipeline(args, path: str):
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    from reverie.data import get_dataset
+    from reverie.build import build_dataset, build_network, dataset_info
     from reverie.nets.unet import diffusers_unet2d_kwargs
     from reverie.pipeline import Pipeline
-    from reverie.train.loop import build_model, dataset_info
 
     cfg = _cfg(args, Path(args.run) / "diffusers")
-    dataset = get_dataset(cfg.data.name, resolution=cfg.data.resolution, **cfg.data.options)
-    info = dataset_info(dataset)
-    model = UNet2DModel(**diffusers_unet2d_kwargs(build_model(cfg, info)[0].config, strict=False))
+    info = dataset_info(build_dataset(cfg))
+    model = UNet2DModel(**diffusers_unet2d_kwargs(build_network(cfg, info).config, strict=False))
     model.load_state_dict(load_file(path))
     return Pipeline(_DiffusersNet(model), cfg, info, name=Path(path).stem)
 

@@ -27,15 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(config: str, mode: str, batch: int, steps: int, threads: int, precision: str | None = None) -> dict:
     import torch
 
+    from reverie.build import build_dataset, build_network, dataset_info
     from reverie.configs import load_config
     from reverie.train.config import TrainConfig
-    from reverie.train.loop import build_dataset, build_model, dataset_info
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     cfg = load_config(TrainConfig, config, [f"--train.mixed_precision={precision}"] if precision else [])
     dataset = build_dataset(cfg)
-    net, _, _ = build_model(cfg, dataset_info(dataset))
+    net = build_network(cfg, dataset_info(dataset))
     image_net = net.net if hasattr(net, "encoder") else net
     if mode == "compile":
         image_net.compile()

@@ -30,8 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _reverie_run(args, out_dir: str) -> float:
     from reverie.configs import load_config
+    from reverie.train import train
     from reverie.train.config import TrainConfig
-    from reverie.train.loop import train
 
     cfg = load_config(TrainConfig, None, [
         f"--model.network={args.network}", "--model.prediction=eps", "--schedule.name=linear",

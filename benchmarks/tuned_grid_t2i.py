@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from reverie.cli import DEFAULT_MODEL
+from reverie.cli.common import DEFAULT_MODEL
 from reverie.eval.adherence import evaluate_adherence
 from reverie.pipeline import Pipeline
 

@@ -4,5 +4,5 @@
 source "$(dirname "$0")/env.sh"
 mkdir -p out
 reverie generate "a red circle above a blue square" --num-images 4 --steps 20 --sampler dpmpp_2m \
-    --guidance 4 --seed 0 -o out/generate.png "$@"
+    --guidance-scale 4 --seed 0 -o out/generate.png "$@"
 python -m reverie.demo --out out/samplers.png

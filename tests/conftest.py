@@ -1,11 +1,33 @@
-"""Test-wide settings: one intra-op thread per test process (the suite runs 2 workers on 2 cores;
-more threads only contend, and diffusers' scheduler construction is 200x slower with 2)."""
+"""Test-wide settings and shared fixtures.
+
+One intra-op thread per test process (the suite runs 2 workers on 2 cores; more threads only contend, and
+diffusers' scheduler construction is 200x slower with 2). ``make_model_dir`` writes tiny random model
+directories (see ``helpers.py`` for the overrides they are usually built from).
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses some tests start
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def make_model_dir(tmp_path_factory):
+    """A factory ``(name, overrides, info, perturb=0.05, seed=0) -> Path``: a diffusion model directory named
+    ``name`` (in a fresh temporary folder) holding the network of ``load_config(TrainConfig, None, overrides)``
+    for data described by ``info``, built after ``torch.manual_seed(seed)`` with its weights perturbed by
+    ``perturb`` (see ``helpers.tiny_network``; 0 keeps the initialization)."""
+    from helpers import tiny_config, tiny_network
+    from reverie.build import save_diffusion
+
+    def make(name: str, overrides, info: dict, perturb: float = 0.05, seed: int = 0):
+        cfg = tiny_config(*overrides)
+        net = tiny_network(cfg, info, seed=seed, perturb=perturb)
+        return save_diffusion(tmp_path_factory.mktemp("model") / name, cfg, info, net)
+
+    return make

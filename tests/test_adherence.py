@@ -320,7 +320,7 @@ def test_evaluate_adherence_rejects_bad_input(classifier):
 def test_shipped_model_draws_what_single_object_prompts_ask(classifier):
     """The model in src/reverie/assets/shapes-t2i works out of the box: single-object prompts come out right
     (15 of 16 colours and shapes on this seed when it was shipped; chance is 10% for colours)."""
-    from reverie.cli import DEFAULT_MODEL
+    from reverie.cli.common import DEFAULT_MODEL
     from reverie.pipeline import Pipeline
 
     prompts = ["a red circle", "a blue square", "a yellow triangle", "a white ring", "a green cross",
@@ -334,7 +334,7 @@ def test_shipped_model_draws_what_single_object_prompts_ask(classifier):
 def test_shipped_model_draws_relations_through_its_planned_layouts(classifier):
     """Two-object prompts: the planned layouts put the objects where the relation says (16 of 16 on this seed
     when shipped; 26% for the text-only model before it), and without them the relations fall to chance."""
-    from reverie.cli import DEFAULT_MODEL
+    from reverie.cli.common import DEFAULT_MODEL
     from reverie.pipeline import Pipeline
 
     prompts = ["a red circle above a blue square", "a green star left of a white ring",

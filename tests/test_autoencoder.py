@@ -4,7 +4,6 @@ PSNR formula, overfitting a few images, and the VAE trainer's export, reload and
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,14 @@ import torch
 from safetensors.torch import load_file
 from torch.distributions import Normal, kl_divergence
 
+from reverie.build import load_autoencoder
 from reverie.configs import ConfigError, load_config
 from reverie.nets import AUTOENCODER_PRESETS, count_parameters, create_autoencoder, create_network
 from reverie.nets.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, estimate_latent_scaling
 from reverie.train.config import TrainConfig
-from reverie.train.loop import ShardedSampler
-from reverie.train.vae import VAETrainConfig, load_autoencoder, reconstruction_psnr, train_vae, vae_loss
-
-sys.path.insert(0, str(Path(__file__).parent))
-from toy_data import Toy  # noqa: E402
+from reverie.train.data import ShardedSampler
+from reverie.train.vae import VAETrainConfig, reconstruction_psnr, train_vae, vae_loss
+from toy_data import Toy
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = {"vae-f4": 954_475, "vae-f8": 2_998_187}
@@ -294,7 +292,7 @@ def test_load_autoencoder_validates(straight, tmp_path):
         load_autoencoder(bad)
     cfg["kind"] = "diffusion"
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="not a reverie autoencoder"):
+    with pytest.raises(ValueError, match="is a diffusion model, not a vae model"):
         load_autoencoder(bad)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_autoencoder(tmp_path / "missing")

@@ -3,31 +3,16 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
+from helpers import NET, RGB16, TEXT_MODEL, cli, tiny_config
 from reverie.cli import main
-from reverie.configs import load_config
-from reverie.pipeline import save_model_dir
-from reverie.train.config import TrainConfig
-from reverie.train.loop import build_model
-
-NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
-TEXT = "{width: 32, depth: 1, num_heads: 2, pooled_dim: 32, max_length: 8, num_buckets: 64}"
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
+def text_model(make_model_dir):
     """A small random text-conditioned model directory (weights perturbed so outputs vary)."""
-    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--model.conditioning=text",
-                                          f"--model.text_encoder_options={TEXT}", "--data.resolution=16"])
-    info = {"in_channels": 3, "resolution": 16, "num_classes": 0}
-    torch.manual_seed(0)
-    net, _, _ = build_model(cfg, info)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-t2i", cfg, info, net)
+    return make_model_dir("tiny-t2i", TEXT_MODEL, RGB16)
 
 
 def _gen(model, *args):
@@ -54,6 +39,23 @@ def test_generate_writes_png_with_parameters_and_is_reproducible(text_model, tmp
     assert d.read_bytes() == a.read_bytes()
 
 
+def test_settings_left_out_are_the_models_own(text_model, tmp_path):
+    """Without --sampler/--steps/--guidance-scale/--seed, generate and sample use the model's own settings (its
+    config's sample section) and seed 0: the same images as the Pipeline's defaults."""
+    import numpy as np
+
+    from reverie.images import save_grid
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(text_model)
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(text_model), "--num-images", "1", "-o", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(pipe.generate("a red circle", 1)[0]))
+    assert main(["sample", str(text_model), "--n", "2", "-o", str(tmp_path / "s.png")]) == 0
+    save_grid(pipe.sample(2), tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), np.asarray(Image.open(tmp_path / "expected.png")))
+
+
 def test_grid_and_out_dir(text_model, tmp_path):
     assert _gen(text_model, "a blue square", "--num-images", "4", "-o", str(tmp_path / "grid.png")) == 0
     assert Image.open(tmp_path / "grid.png").size[0] > 2 * 16
@@ -73,13 +75,14 @@ def test_empty_and_overlong_prompts(text_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sampler", "magic"], "choose one of"),
-    (["--steps", "0"], "--steps must be"),
-    (["--guidance", "-1"], "--guidance must be between"),
+    (["--sampler", "magic"], "--sampler: unknown sampler 'magic'; choose one of"),
+    (["--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["--guidance", "-1"], "--guidance-scale/--guidance: must be between 0 and 50, got -1"),
+    (["--guidance-scale", "51"], "--guidance-scale/--guidance: must be between 0 and 50, got 51"),
     (["--num-images", "100000"], "--num-images must be between"),
 ])
 def test_bad_input_is_one_line_error(text_model, tmp_path, capsys, args, message):
-    code = main(["generate", "x", "--model", str(text_model), "-o", str(tmp_path / "x.png"), *args])
+    code = cli(["generate", "x", "--model", str(text_model), "-o", str(tmp_path / "x.png"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -114,12 +117,11 @@ def test_train_dry_run_and_config_errors(tmp_path, capsys):
 
 def test_export_checkpoint_to_half_precision_model(tmp_path, capsys):
     from reverie.pipeline import Pipeline
-    from reverie.train.loop import train
+    from reverie.train import train
 
-    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--data.resolution=16",
-                                          "--data.batch_size=2", "--train.steps=2", "--train.checkpoint_every=2",
-                                          f"--train.out_dir={tmp_path / 'run'}", "--train.progress=false",
-                                          "--sample.every=0", "--data.options={length: 64}"])
+    cfg = tiny_config(f"--model.network_overrides={NET}", "--data.resolution=16", "--data.batch_size=2",
+                      "--train.steps=2", "--train.checkpoint_every=2", f"--train.out_dir={tmp_path / 'run'}",
+                      "--train.progress=false", "--sample.every=0", "--data.options={length: 64}")
     result = train(cfg, resume=False)
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "half"), "--half"]) == 0
     half = Pipeline.from_pretrained(tmp_path / "half")
@@ -129,6 +131,9 @@ def test_export_checkpoint_to_half_precision_model(tmp_path, capsys):
     a = half.sample(num_images=2, steps=2, sampler="euler", seed=0)
     b = full.sample(num_images=2, steps=2, sampler="euler", seed=0)
     assert (a - b).abs().max() < 2e-2  # fp16 rounding of the weights only
+    # a run directory loads too: its latest checkpoint's EMA weights, exported on the fly
+    run = Pipeline.from_pretrained(tmp_path / "run")
+    assert run.name == "run" and run.sample(num_images=2, steps=2, sampler="euler", seed=0).equal(b)
 
 
 def test_pipeline_generate_takes_a_sigma_grid(text_model):

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import reverie.eval.fid as fid
+from helpers import cli
 from reverie.cli import main
-from reverie.configs import load_config
-from reverie.pipeline import Pipeline, save_model_dir
-from reverie.train.config import TrainConfig
-from reverie.train.loop import build_model
+from reverie.pipeline import Pipeline
 
 NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [4], head_channels: 8}"
 
@@ -28,19 +26,15 @@ def _features(images):
 def cheap_features(monkeypatch, tmp_path):
     monkeypatch.setenv("REVERIE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "get_inception", lambda *a, **k: _features)
+    # reverie.eval.evaluate imported the name: replace it there too (whether or not it is imported yet)
+    monkeypatch.setattr("reverie.eval.evaluate.get_inception", lambda *a, **k: _features)
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--data.name=digits",
-                                          "--data.resolution=8", "--model.prediction=eps"])
-    info = {"in_channels": 1, "resolution": 8, "num_classes": 10}
-    torch.manual_seed(0)
-    net, _, _ = build_model(cfg, info)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-digits", cfg, info, net)
+def digits_model(make_model_dir):
+    return make_model_dir("tiny-digits", [f"--model.network_overrides={NET}", "--data.name=digits",
+                                          "--data.resolution=8", "--model.prediction=eps"],
+                          {"in_channels": 1, "resolution": 8, "num_classes": 10})
 
 
 def test_eval_fid_kid_pr_match_a_direct_computation(digits_model, cheap_features, tmp_path, capsys):
@@ -105,14 +99,14 @@ def test_eval_nll_is_the_elbo_and_the_ode_nll_of_the_test_images(digits_model, c
 
 @pytest.mark.parametrize("args, message", [
     (["--metrics", "fid,sharpness"], "unknown metric"),
-    (["--n", "0"], "--n must be at least 1"),
+    (["--n", "0"], "--n: must be at least 1, got 0"),
     (["--ref", "imagenet"], "unknown reference dataset"),
     (["--grid", "cosine"], "unknown sigma grid 'cosine'; choose one of karras"),
     (["--metrics", "probe"], "probe needs a text-conditioned model"),
-    (["--metrics", "probe", "--probe-n", "0"], "--probe-n must be at least 1"),
+    (["--metrics", "probe", "--probe-n", "0"], "--probe-n: must be at least 1, got 0"),
 ])
 def test_eval_bad_input_is_one_line_error(digits_model, cheap_features, capsys, args, message):
-    assert main(["eval", str(digits_model), *args]) == 2
+    assert cli(["eval", str(digits_model), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -7,11 +7,14 @@ import math
 import pytest
 import torch
 
+from helpers import cli, tiny_config
 from reverie.cli import main
 from reverie.gmm import GaussianMixture, grid2d, sliced_w2
 from reverie.samplers import TunedGrid, get_sigmas, sample, tune_sigmas
 
 SMIN, SMAX = 0.002, 80.0
+NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [], head_channels: 8}"
+INFO = {"in_channels": 3, "resolution": 8, "num_classes": 0}
 
 
 def _start(gmm, n, seed):
@@ -116,21 +119,8 @@ def test_save_and_load(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from reverie.configs import load_config
-    from reverie.pipeline import save_model_dir
-    from reverie.train.config import TrainConfig
-    from reverie.train.loop import build_model
-
-    net_cfg = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [], head_channels: 8}"
-    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={net_cfg}", "--data.resolution=8"])
-    info = {"in_channels": 3, "resolution": 8, "num_classes": 0}
-    torch.manual_seed(0)
-    net, _, _ = build_model(cfg, info)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny", cfg, info, net)
+def tiny_model(make_model_dir):
+    return make_model_dir("tiny", [f"--model.network_overrides={NET}", "--data.resolution=8"], INFO)
 
 
 def test_cli_tune_grid_then_sample_with_it(tiny_model, tmp_path, capsys):
@@ -171,8 +161,9 @@ def test_cli_tune_grid_teacher_grid_and_errors(tiny_model, tmp_path, capsys):
     assert "5-step dpmpp_2m solve on ddim-trailing" in capsys.readouterr().out
     for args, message in ((["--teacher-grid", "x.json"], "unknown --teacher-grid"),
                           (["--teacher-grid", "ddim-leading"], "pick a teacher grid that starts there"),
-                          (["--sampler", "nope"], "unknown sampler"), (["--pilot", "0"], "--pilot must be")):
-        assert main(["tune-grid", str(tiny_model), "-o", str(out), *args]) == 2
+                          (["--sampler", "nope"], "--sampler: unknown sampler 'nope'"),
+                          (["--pilot", "0"], "--pilot: must be at least 1, got 0")):
+        assert cli(["tune-grid", str(tiny_model), "-o", str(out), *args]) == 2
         assert message in capsys.readouterr().err
 
 
@@ -185,7 +176,7 @@ def test_cli_grid_file_errors(tiny_model, tmp_path, capsys, args, message):
     grid = tune_sigmas(gmm, _start(gmm, 8, 0), "euler", 3, 0.01, 100.0, teacher_steps=5, max_sweeps=1)
     path = grid.save(tmp_path / "grid.json")
     cmd = ["sample", str(tiny_model), "--grid", str(path), "--n", "1", "-o", str(tmp_path / "s.png"), *args]
-    assert main(cmd) == 2
+    assert cli(cmd) == 2
     assert message in capsys.readouterr().err
 
 
@@ -200,24 +191,30 @@ def test_explicit_grid_outside_the_model_range_is_refused(tiny_model):
         pipe.sample(1, steps=4, grid=torch.tensor([hi, 1.0, 0.0], dtype=torch.float64))
 
 
-def test_resolve_grid_fills_steps_from_the_file(tmp_path, capsys):
+def test_sampling_options_take_steps_from_a_grid_file(tmp_path, capsys):
     from argparse import Namespace
 
-    from reverie.cli import _resolve_grid
+    from reverie.cli.common import UserError, sampling_options
+
+    def args(**given):
+        return Namespace(**{**dict(grid=None, steps=None, sampler="euler", guidance_scale=None, guidance_rescale=0.0,
+                                   negative_prompt="", seed=0), **given})
 
     gmm = grid2d(3, 0.5, 0.05)
     grid = tune_sigmas(gmm, _start(gmm, 8, 0), "euler", 3, 0.01, 100.0, teacher_steps=5, max_sweeps=1)
     path = str(grid.save(tmp_path / "grid.json"))
-    args = Namespace(grid=None, steps=None, sampler="euler")
-    _resolve_grid(args, default_steps=20)  # eval's default
-    assert (args.grid, args.steps, args.grid_label) == (None, 20, None)
-    args = Namespace(grid="karras", steps=7, sampler="euler")
-    _resolve_grid(args, default_steps=20)
-    assert (args.grid, args.steps) == ("karras", 7)
-    args = Namespace(grid=path, steps=None, sampler="heun")
-    _resolve_grid(args, default_steps=20)
-    assert args.steps == 3 and torch.equal(args.grid, grid.sigmas) and args.grid_label == path
-    assert "tuned for euler, not heun" in capsys.readouterr().err
+    options = sampling_options(args())
+    assert (options.grid, options.steps) == (None, None)  # the model's own
+    options = sampling_options(args(grid="karras", steps=7))
+    assert (options.grid, options.steps) == ("karras", 7)
+    options = sampling_options(args(grid=path, sampler="heun"))
+    assert options.grid.dtype == torch.float64 and torch.equal(options.grid, grid.sigmas)
+    assert options.resolve(tiny_config()).steps == 3  # the file's steps, whatever the model's own
+    assert options.sampler == "heun" and "tuned for euler, not heun" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is a grid of 3 steps"):
+        sampling_options(args(grid=path, steps=4))
+    with pytest.raises(UserError, match="unknown sigma grid 'nope'"):
+        sampling_options(args(grid="nope"))
 
 
 def test_custom_distance_is_the_loss():
@@ -256,19 +253,12 @@ def test_generate_with_a_grid_file_stores_the_sigmas_and_reproduces(tiny_model, 
     assert "is a grid of 3 steps" in capsys.readouterr().err
 
 
-def test_edm_model_tunes_over_edm_range(tmp_path):
-    from reverie.configs import load_config
-    from reverie.pipeline import Pipeline, save_model_dir
-    from reverie.train.config import TrainConfig
-    from reverie.train.loop import build_model
+def test_edm_model_tunes_over_edm_range(make_model_dir):
+    from reverie.pipeline import Pipeline
 
-    net_cfg = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [], head_channels: 8}"
-    cfg = load_config(TrainConfig, None, [f"--model.network_overrides={net_cfg}", "--data.resolution=8",
-                                          "--model.prediction=edm", "--loss.noise_levels=lognormal"])
-    info = {"in_channels": 3, "resolution": 8, "num_classes": 0}
-    torch.manual_seed(0)
-    net, _, _ = build_model(cfg, info)
-    pipe = Pipeline.from_pretrained(save_model_dir(tmp_path / "edm", cfg, info, net))
+    pipe = Pipeline.from_pretrained(make_model_dir("edm", [f"--model.network_overrides={NET}", "--data.resolution=8",
+                                                           "--model.prediction=edm", "--loss.noise_levels=lognormal"],
+                                                   INFO, perturb=0))
     tuned = pipe.tune_grid("euler", 3, pilot=2, teacher_steps=4, max_sweeps=1)
     assert float(tuned.sigmas[0]) == pytest.approx(80.0) and float(tuned.sigmas[-2]) >= 0.002
     assert tuned.teacher_grid == "karras" and tuned.loss <= tuned.start_losses["karras"]

@@ -25,7 +25,7 @@ def _inputs():
 def test_scale_one_is_the_conditional_model_exactly():
     d = CondToy()
     x, s, cond = _inputs()
-    cfg = CFGDenoiser(d, {"class_labels": torch.zeros(3, dtype=torch.long)}, scale=1.0)
+    cfg = CFGDenoiser(d, {"class_labels": torch.zeros(3, dtype=torch.long)}, guidance_scale=1.0)
     assert torch.equal(cfg(x, s, **cond), d(x, s, **cond))
 
 
@@ -33,7 +33,7 @@ def test_guided_combination_and_single_batched_call():
     d = CondToy()
     x, s, cond = _inputs()
     uncond = {"class_labels": torch.zeros(1, dtype=torch.long)}  # broadcast over the batch
-    cfg = CFGDenoiser(d, uncond, scale=3.0)
+    cfg = CFGDenoiser(d, uncond, guidance_scale=3.0)
     before = d.calls
     out = cfg(x, s, **cond)
     assert d.calls == before + 1
@@ -46,10 +46,10 @@ def test_rescale_matches_conditional_std():
     d = CondToy()
     x, s, cond = _inputs()
     uncond = {"class_labels": torch.zeros(3, dtype=torch.long)}
-    full = CFGDenoiser(d, uncond, scale=5.0, rescale=1.0)(x, s, **cond)
+    full = CFGDenoiser(d, uncond, guidance_scale=5.0, guidance_rescale=1.0)(x, s, **cond)
     torch.testing.assert_close(full.std(dim=(1, 2, 3)), d(x, s, **cond).std(dim=(1, 2, 3)))
-    half = CFGDenoiser(d, uncond, scale=5.0, rescale=0.5)(x, s, **cond)
-    plain = CFGDenoiser(d, uncond, scale=5.0)(x, s, **cond)
+    half = CFGDenoiser(d, uncond, guidance_scale=5.0, guidance_rescale=0.5)(x, s, **cond)
+    plain = CFGDenoiser(d, uncond, guidance_scale=5.0)(x, s, **cond)
     torch.testing.assert_close(half, 0.5 * full + 0.5 * plain)
 
 
@@ -57,13 +57,13 @@ def test_interval_limits_guidance():
     d = CondToy()
     x, s, cond = _inputs()
     uncond = {"class_labels": torch.zeros(3, dtype=torch.long)}
-    cfg = CFGDenoiser(d, uncond, scale=3.0, interval=(0.5, 1.0))
+    cfg = CFGDenoiser(d, uncond, guidance_scale=3.0, interval=(0.5, 1.0))
     torch.testing.assert_close(cfg(x, s, **cond), d(x, s, **cond))  # sigma 2 is outside
     torch.testing.assert_close(cfg(x, s * 0.4, **cond), CFGDenoiser(d, uncond, 3.0)(x, s * 0.4, **cond))
 
 
 def test_bad_options():
     with pytest.raises(ValueError):
-        CFGDenoiser(CondToy(), {}, scale=-1)
+        CFGDenoiser(CondToy(), {}, guidance_scale=-1)
     with pytest.raises(ValueError):
-        CFGDenoiser(CondToy(), {}, rescale=2)
+        CFGDenoiser(CondToy(), {}, guidance_rescale=2)

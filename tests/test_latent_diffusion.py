@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+from reverie.build import load_autoencoder
 from reverie.cli import main
 from reverie.configs import load_config
 from reverie.latent import LatentCache, encode_batch, latent_info
 from reverie.pipeline import Pipeline
+from reverie.train import TrainingError, VAETrainConfig, train, train_vae
 from reverie.train.config import TrainConfig
-from reverie.train.loop import collate, train
-from reverie.train.vae import VAETrainConfig, load_autoencoder, train_vae
+from reverie.train.data import collate
 
 VAE_NET = "{base_channels: 8, channel_mult: [1, 2], norm_groups: 4}"
 NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [4], head_channels: 8}"
@@ -116,12 +117,10 @@ def test_export_of_a_latent_checkpoint_and_config_errors(vae_dir, tmp_path, caps
     save_file(weights, str(vae_copy / "model.safetensors"))
     assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "again")]) == 2
     assert "is not the autoencoder" in capsys.readouterr().err
-    from reverie.train.loop import TrainingError
-
     with pytest.raises(TrainingError, match="is not the autoencoder"):
         train(_ldm_cfg(vae_copy, tmp_path / "run", "--train.steps=4"))
     # A VAE directory is not a diffusion model; cache_latents without an autoencoder is a config error.
-    with pytest.raises(ValueError, match="autoencoder, not a diffusion model"):
+    with pytest.raises(ValueError, match="is a vae model, not a diffusion model"):
         Pipeline.from_pretrained(vae_dir)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import RGB16, TEXT_MODEL, tiny_config, tiny_network
+from reverie.build import DiffusionModel, build_network
 from reverie.cli import main
 from reverie.conditioning import TextConditionedNet
 from reverie.configs import ConfigError, load_config
@@ -23,36 +25,24 @@ from reverie.data.shapes import (
     relation,
 )
 from reverie.layout import LayoutEncoder, box_masks, check_layout, pad_layouts, plan_layouts
-from reverie.pipeline import Pipeline, save_model_dir
+from reverie.pipeline import Pipeline
+from reverie.sampling import SamplingOptions, sample_images
+from reverie.train import TrainingError
 from reverie.train.config import TrainConfig
-from reverie.train.loop import TrainingError, _condition, build_model, init_weights
-from reverie.train.sampling import sample_images
+from reverie.train.diffusion import init_weights, text_condition
 
-NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
-TEXT = "{width: 32, depth: 1, num_heads: 2, pooled_dim: 32, max_length: 8, num_buckets: 64}"
-INFO = {"in_channels": 3, "resolution": 16, "num_classes": 0}
+INFO = RGB16
+LAYOUT = "--model.layout_channels=4"
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "white")
 
 
 def _cfg(*extra):
-    return load_config(TrainConfig, None, [f"--model.network_overrides={NET}", "--model.conditioning=text",
-                                           f"--model.text_encoder_options={TEXT}", "--data.resolution=16",
-                                           *extra])
-
-
-def _model(*extra, seed=0, perturb=0.05):
-    torch.manual_seed(seed)
-    net, _, denoiser = build_model(_cfg(*extra), INFO)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * perturb)
-    return net.eval()
+    return tiny_config(*TEXT_MODEL, *extra)
 
 
 @pytest.fixture(scope="module")
-def layout_model(tmp_path_factory):
-    return save_model_dir(tmp_path_factory.mktemp("m") / "tiny-layout", _cfg("--model.layout_channels=4"), INFO,
-                          _model("--model.layout_channels=4"))
+def layout_model(make_model_dir):
+    return make_model_dir("tiny-layout", [*TEXT_MODEL, LAYOUT], INFO)
 
 
 # ------------------------------------------------------------------------------------------- the map
@@ -155,8 +145,7 @@ def test_dataset_layout_is_the_scene():
 # ------------------------------------------------------------------------------------ network and training
 
 def test_layout_input_path_starts_at_zero_and_then_moves_the_output():
-    torch.manual_seed(0)
-    net, _, _ = build_model(_cfg("--model.layout_channels=4"), INFO)
+    net = tiny_network(_cfg(LAYOUT), INFO, seed=0, perturb=0)
     assert isinstance(net, TextConditionedNet) and net.net.config.spatial_channels == 4
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0])
     with torch.no_grad():
@@ -175,21 +164,20 @@ def test_layout_input_path_starts_at_zero_and_then_moves_the_output():
 
 def test_layout_needs_text_conditioning_a_unet_and_a_layout_dataset(tmp_path):
     with pytest.raises(ConfigError, match="conditioning=text"):
-        load_config(TrainConfig, None, ["--model.layout_channels=4"]).validate()
-    with pytest.raises(TrainingError, match="U-Net"):
-        build_model(_cfg("--model.layout_channels=4", "--model.network=dit-s-2"), INFO)
-    from reverie.train.loop import train
+        load_config(TrainConfig, None, [LAYOUT]).validate()
+    with pytest.raises(ConfigError, match="U-Net"):
+        build_network(_cfg(LAYOUT, "--model.network=dit-s-2"), INFO)
+    from reverie.train import train
 
-    cfg = _cfg("--model.layout_channels=4", "--data.name=digits", f"--train.out_dir={tmp_path}")
+    cfg = _cfg(LAYOUT, "--data.name=digits", f"--train.out_dir={tmp_path}")
     with pytest.raises(TrainingError, match="layouts"):
         train(cfg, resume=False)
 
 
-def test_init_from_a_text_model_reproduces_it_exactly(tmp_path):
-    text_net = _model()
-    src = save_model_dir(tmp_path / "text", _cfg(), INFO, text_net)
-    torch.manual_seed(1)
-    net, _, _ = build_model(_cfg("--model.layout_channels=4"), INFO)
+def test_init_from_a_text_model_reproduces_it_exactly(make_model_dir, tmp_path):
+    src = make_model_dir("text", TEXT_MODEL, INFO)
+    text_net = Pipeline.from_pretrained(src).net
+    net = tiny_network(_cfg(LAYOUT), INFO, seed=1, perturb=0)
     assert init_weights(net, src) == ["layout.proj", "net.spatial_in"]
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
     with torch.no_grad():
@@ -197,8 +185,8 @@ def test_init_from_a_text_model_reproduces_it_exactly(tmp_path):
         got = net.eval()(x, t, text=["a red circle", "a blue square above a red circle"],
                          layout=[[("red circle", (0, 0, 0.5, 0.5))], None])
     assert torch.equal(got, want)
-    other = save_model_dir(tmp_path / "other", _cfg(f"--model.network_overrides={NET[:-1]}, model_channels: 16}}"),
-                           INFO, _model(f"--model.network_overrides={NET[:-1]}, model_channels: 16}}"))
+    wider = "{model_channels: 16, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
+    other = make_model_dir("other", [*TEXT_MODEL, f"--model.network_overrides={wider}"], INFO)
     with pytest.raises(TrainingError, match="other shapes"):
         init_weights(net, other)
     with pytest.raises(TrainingError, match="not a model directory"):
@@ -206,18 +194,18 @@ def test_init_from_a_text_model_reproduces_it_exactly(tmp_path):
 
 
 def test_training_drops_the_layout_with_the_caption_and_on_its_own():
-    cfg = _cfg("--model.layout_channels=4", "--train.cond_dropout=0.3", "--train.layout_dropout=0.4")
+    cfg = _cfg(LAYOUT, "--train.cond_dropout=0.3", "--train.layout_dropout=0.4")
     batch = {"text": ["a red circle"] * 4000, "layout": [[("red circle", (0, 0, 1, 1))]] * 4000}
-    cond = _condition(cfg, batch, INFO, torch.Generator().manual_seed(0), "cpu")
+    cond = text_condition(cfg.train, batch, torch.Generator().manual_seed(0), layouts=bool(cfg.model.layout_channels))
     pairs = list(zip(cond["text"], cond["layout"]))
     assert not any(t == "" and lay is not None for t, lay in pairs)  # the null condition has no layout
     kept = sum(lay is not None for _, lay in pairs) / len(pairs)
     assert abs(kept - 0.7 * 0.6) < 0.03  # 0.42, binomial s.e. 0.008
     assert abs(sum(t == "" for t, _ in pairs) / len(pairs) - 0.3) < 0.03
     # layout_only: some kept layouts lose their caption; nothing else changes (same generator stream first)
-    alone_cfg = _cfg("--model.layout_channels=4", "--train.cond_dropout=0.3", "--train.layout_dropout=0.4",
-                     "--train.layout_only=0.5")
-    alone = _condition(alone_cfg, batch, INFO, torch.Generator().manual_seed(0), "cpu")
+    alone_cfg = _cfg(LAYOUT, "--train.cond_dropout=0.3", "--train.layout_dropout=0.4", "--train.layout_only=0.5")
+    alone = text_condition(alone_cfg.train, batch, torch.Generator().manual_seed(0),
+                           layouts=bool(alone_cfg.model.layout_channels))
     assert alone["layout"] == cond["layout"]
     emptied = [a == "" and t != "" for a, t in zip(alone["text"], cond["text"])]
     assert all(lay is not None for lay, e in zip(cond["layout"], emptied) if e)
@@ -239,9 +227,9 @@ def test_saved_layout_model_loads_and_guided_sampling_uses_the_layout(layout_mod
 
 def test_text_only_models_refuse_explicit_layouts():
     cfg = _cfg()
-    net, schedule, _ = build_model(cfg, INFO)
+    model = DiffusionModel(build_network(cfg, INFO), cfg, INFO)
     with pytest.raises(ValueError, match="takes no layouts"):
-        sample_images(net, cfg, schedule, INFO, 1, prompts=["a red circle"], layouts=[[("red circle", (0, 0, 1, 1))]])
+        sample_images(model, 1, SamplingOptions(layouts=[[("red circle", (0, 0, 1, 1))]]), prompts=["a red circle"])
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -269,8 +257,8 @@ def test_bad_layout_is_one_line_error(layout_model, tmp_path, capsys, value, mes
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_explicit_layout_on_a_text_only_model_is_refused(tmp_path, capsys):
-    text_dir = save_model_dir(tmp_path / "t", _cfg(), INFO, _model())
+def test_explicit_layout_on_a_text_only_model_is_refused(make_model_dir, tmp_path, capsys):
+    text_dir = make_model_dir("t", TEXT_MODEL, INFO)
     code = main(["generate", "a red circle", "--model", str(text_dir), "--steps", "2",
                  "--layout", '[["red circle", [0, 0, 1, 1]]]', "-o", str(tmp_path / "x.png")])
     assert code == 2 and "takes no layouts" in capsys.readouterr().err
@@ -281,13 +269,13 @@ def test_inspect_names_the_layout_conditioning(layout_model, capsys):
     assert "condition:  text (scratch encoder), + object layouts (4 channels)" in capsys.readouterr().out
 
 
-def test_fine_tuning_run_trains_and_resumes_without_its_source(tmp_path):
+def test_fine_tuning_run_trains_and_resumes_without_its_source(make_model_dir, tmp_path):
     import shutil
 
-    from reverie.train.loop import train
+    from reverie.train import train
 
-    src = save_model_dir(tmp_path / "text", _cfg(), INFO, _model())
-    run = ["--model.layout_channels=4", "--data.batch_size=4", "--train.progress=false", "--sample.every=0",
+    src = make_model_dir("text", TEXT_MODEL, INFO)
+    run = [LAYOUT, "--data.batch_size=4", "--train.progress=false", "--sample.every=0",
            f"--train.out_dir={tmp_path / 'run'}", f"--train.init_from={src}", "--train.checkpoint_every=1",
            "--train.layout_only=0.5", "--data.options={max_objects: 2}"]
     first = train(_cfg(*run, "--train.steps=2"), resume="auto")

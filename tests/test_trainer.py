@@ -13,20 +13,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import NET, tiny_network
 from reverie.configs import load_config
 from reverie.pipeline import Pipeline
-from reverie.train import latest_checkpoint
+from reverie.train import TrainingError, latest_checkpoint, train
 from reverie.train.config import TrainConfig
-from reverie.train.loop import ShardedSampler, TrainingError, train
+from reverie.train.data import ShardedSampler
+from toy_data import Toy
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
-sys.path.insert(0, str(Path(__file__).parent))
-from toy_data import Toy  # noqa: E402
 
-TOY = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom toy_data import Toy\n"
+def _subprocess_env() -> dict:
+    """The environment of a subprocess that imports ``toy_data`` from this directory."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
-NET = "{model_channels: 8, channel_mult: [1, 2], attention_resolutions: [8], head_channels: 8}"
+
 TINY = [f"--model.network_overrides={NET}",
         "--data.batch_size=4", "--data.resolution=16", "--train.progress=false", "--sample.every=0",
         "--optim.warmup_steps=2", "--model.conditioning=class", "--train.log_every=1"]
@@ -61,6 +65,8 @@ def test_resume_reproduces_uninterrupted_run(straight, tmp_path):
     # 40 images / batch 4 = 10 batches per epoch: step 8 is in epoch 0, batch 8.
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
+    elapsed = [r["elapsed_s"] for r in log]  # the whole run's time: the resumed invocation goes on counting
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
 
 
 def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(straight, tmp_path):
@@ -84,15 +90,16 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(straight, tmp_pa
 
 
 def test_kill_9_then_resume_matches(straight, tmp_path):
-    script = TOY + textwrap.dedent(f"""
+    script = textwrap.dedent(f"""
+        from toy_data import Toy
         from reverie.configs import load_config
+        from reverie.train import train
         from reverie.train.config import TrainConfig
-        from reverie.train.loop import train
         cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={tmp_path}", "--train.steps=8",
                           "--train.checkpoint_every=4"])
         train(cfg, resume="auto", dataset=Toy(40))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=_subprocess_env())
     deadline = time.monotonic() + 240
     while latest_checkpoint(tmp_path / "checkpoints") is None and proc.poll() is None:
         assert time.monotonic() < deadline
@@ -140,10 +147,11 @@ def test_sharded_sampler_partitions_each_epoch():
 def test_two_process_ddp_gloo(tmp_path):
     """torchrun, 2 CPU processes: identical weights, disjoint data, only rank 0 writes."""
     script = tmp_path / "ddp.py"
-    script.write_text(TOY + textwrap.dedent(f"""
+    script.write_text(textwrap.dedent(f"""
+        from toy_data import Toy
         from reverie.configs import load_config
+        from reverie.train import train
         from reverie.train.config import TrainConfig
-        from reverie.train.loop import train
         cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={tmp_path / 'run'}",
                           "--train.steps=4", "--train.checkpoint_every=2"])
         result = train(cfg, resume=False, dataset=Toy(32, log="{tmp_path / 'seen'}"))
@@ -152,9 +160,9 @@ def test_two_process_ddp_gloo(tmp_path):
         state = {{k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}}
         save_file(state, f"{tmp_path}/rank{{os.environ['RANK']}}.safetensors")
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    subprocess.run([*cmd, str(script)], cwd=ROOT, env=env, check=True, timeout=400)
+    subprocess.run([*cmd, str(script)], cwd=ROOT, env={**_subprocess_env(), "OMP_NUM_THREADS": "1"}, check=True,
+                   timeout=400)
     seen = {r: [int(x) for x in (tmp_path / f"seen.{r}").read_text().split()] for r in (0, 1)}
     # 4 steps x batch 4 = 16 per rank = one epoch of 32 split in two: disjoint, covering all.
     assert len(seen[0]) == len(seen[1]) == 16 + 1  # + the first item read for dataset info
@@ -198,7 +206,7 @@ def test_compile_with_mixed_precision_on_the_cpu_is_refused(tmp_path):
 
 def test_lr_schedules_follow_their_closed_forms():
     from reverie.configs import ConfigError
-    from reverie.train.loop import lr_lambda
+    from reverie.train.run import lr_lambda
 
     cos = lr_lambda(_cfg("unused", "--train.steps=102", "--optim.lr_schedule=cosine", "--optim.min_lr_ratio=0.1"))
     assert cos(0) == pytest.approx(0.5) and cos(1) == pytest.approx(1.0)  # linear warmup over 2 steps
@@ -216,38 +224,36 @@ def test_lr_schedules_follow_their_closed_forms():
 
 
 def test_edm_models_sample_only_on_sigma_grids():
+    from reverie.build import DiffusionModel
     from reverie.configs import ConfigError
-    from reverie.train.loop import build_model
-    from reverie.train.sampling import sample_images
+    from reverie.sampling import SamplingOptions, sample_images
 
     edm = ["--model.prediction=edm", "--loss.noise_levels=lognormal", "--loss.weighting=edm"]
     with pytest.raises(ConfigError, match="edm samples on sample.grid=karras or exponential, not 'ddim-trailing'"):
         _cfg("unused", *edm, "--sample.grid=ddim-trailing")
     cfg = _cfg("unused", *edm, "--model.conditioning=none")
     info = {"in_channels": 3, "resolution": 16, "num_classes": 0}
-    torch.manual_seed(0)
-    net, schedule, _ = build_model(cfg, info)
-    with torch.no_grad():  # off the zero-initialized output, so that the grid matters
-        for q in net.parameters():
-            q.add_(torch.randn_like(q) * 0.05)
+    # perturbed off the zero-initialized output, so that the grid matters
+    model = DiffusionModel(tiny_network(cfg, info, seed=0, perturb=0.05), cfg, info)
     # A VP timestep grid asked for explicitly is an error, never silently replaced by another grid.
     with pytest.raises(ValueError, match="an EDM model samples on a sigma grid"):
-        sample_images(net, cfg, schedule, info, 2, steps=2, grid="ddim-trailing")
-    karras = sample_images(net, cfg, schedule, info, 2, steps=3, grid="karras")
-    expo = sample_images(net, cfg, schedule, info, 2, steps=3, grid="exponential")
+        sample_images(model, 2, SamplingOptions(steps=2, grid="ddim-trailing"))
+    karras = sample_images(model, 2, SamplingOptions(steps=3, grid="karras"))
+    expo = sample_images(model, 2, SamplingOptions(steps=3, grid="exponential"))
     assert torch.isfinite(expo).all() and not torch.equal(karras, expo)
 
 
 def test_sample_grid_puts_each_prompt_in_its_own_column(tmp_path, monkeypatch):
     from PIL import Image
 
-    from reverie.train import sampling
+    from reverie import sampling
+    from reverie.build import DiffusionModel
 
     # 8 images of 4 prompts (repeated cyclically) -> a 4-column grid; 6 images of 4 prompts do not tile -> default
-    monkeypatch.setattr(sampling, "sample_images", lambda net, cfg, schedule, info, n, **kw: torch.zeros(n, 3, 16, 16))
+    monkeypatch.setattr(sampling, "sample_images", lambda model, n, options, **kw: torch.zeros(n, 3, 16, 16))
     cfg = load_config(TrainConfig, None, ["--sample.num_images=8", "--sample.prompts=[a, b, c, d]"])
-    with Image.open(sampling.save_sample_grid(None, cfg, None, {}, tmp_path / "a.png")) as im:
+    with Image.open(sampling.save_sample_grid(DiffusionModel(None, cfg, {}), tmp_path / "a.png")) as im:
         assert im.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
     cfg = load_config(TrainConfig, None, ["--sample.num_images=6", "--sample.prompts=[a, b, c, d]"])
-    with Image.open(sampling.save_sample_grid(None, cfg, None, {}, tmp_path / "b.png")) as im:
+    with Image.open(sampling.save_sample_grid(DiffusionModel(None, cfg, {}), tmp_path / "b.png")) as im:
         assert im.size == (3 * (64 + 2) + 2, 2 * (64 + 2) + 2)

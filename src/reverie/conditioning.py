@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .layout import LayoutEncoder, pad_layouts
+from .text import CachedTextEncoder
+
 
 class TextConditionedNet(nn.Module):
     def __init__(self, net: nn.Module, encoder: nn.Module, layout_channels: int = 0, max_objects: int = 4):
         super().__init__()
-        from .layout import LayoutEncoder
-        from .text import CachedTextEncoder
-
         self.net = net
         self.encoder = encoder
         self._cached = None if encoder.trainable else CachedTextEncoder(encoder)
@@ -58,8 +58,6 @@ class TextConditionedNet(nn.Module):
             if layouts is not None and any(layouts):
                 raise ValueError("this model takes no layouts (it was trained without layout_channels)")
             return out
-        from .layout import pad_layouts
-
         layouts = [None] * len(texts) if layouts is None else list(layouts)
         if len(layouts) != len(texts):
             raise ValueError(f"got {len(layouts)} layouts for {len(texts)} captions")

@@ -5,14 +5,14 @@
 with ``D_u`` the unconditional (or negative-prompt) estimate. Both passes run as one batch.
 Options:
 
-* ``rescale`` phi (Lin et al. 2023, Sec. 3.4): rescale the guided estimate to the standard
+* ``guidance_rescale`` phi (Lin et al. 2023, Sec. 3.4): rescale the guided estimate to the standard
   deviation of the conditional one, ``D = phi * D_cfg * std(D_c) / std(D_cfg) + (1 - phi) D_cfg``,
   per sample. reverie applies it to the denoised estimate x0_hat (the quantity whose over-
   exposure the paper corrects); diffusers applies it to the eps/v output instead.
 * ``interval`` (Kynkäänniemi et al. 2024): guide only for sigma in ``[lo, hi]``; outside, the
   conditional estimate alone is used (one pass, half the cost).
 
-With ``scale == 1`` the wrapper returns the conditional estimate exactly, in one pass.
+With ``guidance_scale == 1`` the wrapper returns the conditional estimate exactly, in one pass.
 """
 
 from __future__ import annotations
@@ -39,20 +39,22 @@ def _concat_cond(cond: dict, uncond: dict) -> dict:
 
 
 class CFGDenoiser(nn.Module):
-    """Guide ``denoiser`` with scale ``scale`` using ``uncond`` (the negative or empty condition)."""
+    """Guide ``denoiser`` with ``guidance_scale`` using ``uncond`` (the negative or empty condition);
+    ``guidance_rescale`` is Lin et al.'s (2023) phi."""
 
-    def __init__(self, denoiser, uncond: dict, scale: float = 4.0, rescale: float = 0.0,
+    def __init__(self, denoiser, uncond: dict, guidance_scale: float = 4.0, guidance_rescale: float = 0.0,
                  interval: tuple[float, float] | None = None):
         super().__init__()
-        if scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
-        if not 0 <= rescale <= 1:
-            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        self.denoiser, self.uncond, self.scale, self.rescale = denoiser, uncond, scale, rescale
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        self.denoiser, self.uncond = denoiser, uncond
+        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         self.interval = interval
 
     def _active(self, sigma: Tensor) -> bool:
-        if self.scale == 1.0:
+        if self.guidance_scale == 1.0:
             return False
         if self.interval is None:
             return True
@@ -65,10 +67,10 @@ class CFGDenoiser(nn.Module):
             return self.denoiser(x, sigma, **cond)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **_concat_cond(cond, self.uncond))
         d_cond, d_uncond = both.chunk(2)
-        guided = d_uncond + self.scale * (d_cond - d_uncond)
-        if self.rescale > 0:
+        guided = d_uncond + self.guidance_scale * (d_cond - d_uncond)
+        if self.guidance_rescale > 0:
             dims = tuple(range(1, x.ndim))
             ratio = d_cond.std(dim=dims) / guided.std(dim=dims).clamp(min=1e-12)
-            factor = self.rescale * append_dims(ratio, x.ndim) + (1 - self.rescale)
+            factor = self.guidance_rescale * append_dims(ratio, x.ndim) + (1 - self.guidance_rescale)
             guided = guided * factor
         return guided

@@ -5,7 +5,8 @@ autoencoder (``reverie.nets.autoencoder``, trained by ``reverie train-vae``) map
 ``to_latent(x) = (z - shift) * scale`` with the scale measured on data; the diffusion model is trained
 and sampled on those latents exactly as on pixels, and its samples are decoded with ``from_latent``.
 
-A training config opts in with ``model.autoencoder: PATH`` (a VAE model directory). Then:
+A training config opts in with ``model.autoencoder: PATH`` (a VAE model directory, loaded by
+``reverie.build.load_autoencoder``). Then:
 
 - The network is built for the latent shape (``latent_info``): ``in_channels`` / ``resolution`` of
   the dataset info become the latent channels and ``resolution / f``; the image shape is kept under
@@ -23,24 +24,9 @@ A training config opts in with ``model.autoencoder: PATH`` (a VAE model director
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-
-AUTOENCODER_DIR = "autoencoder"
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu"):
-    """The frozen autoencoder at ``path`` (a model directory written by ``reverie train-vae``)."""
-    from .train.vae import load_autoencoder
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.autoencoder={str(path)!r} is not an autoencoder directory (no config.json); "
-                                f"train one with `reverie train-vae configs/vae-shapes-f4.yaml`")
-    return load_autoencoder(path, device).requires_grad_(False)
 
 
 def latent_info(info: dict, vae) -> dict:
@@ -106,15 +92,3 @@ def encode_batch(vae, batch: dict, generator: torch.Generator | None, sample: bo
         return (z - cfg.shift_factor) * cfg.scaling_factor
     device = next(vae.parameters()).device
     return vae.to_latent(batch["image"].to(device), generator=generator, sample=sample)
-
-
-def copy_autoencoder(source: str | Path, model_dir: str | Path) -> str:
-    """Copy the autoencoder's ``config.json`` and ``model.safetensors`` into ``model_dir/autoencoder``."""
-    import shutil
-
-    target = Path(model_dir) / AUTOENCODER_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        if Path(source).resolve() != target.resolve():
-            shutil.copyfile(Path(source) / name, target / name)
-    return AUTOENCODER_DIR

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .data.shapes import plan_layout
+
 Box = tuple[float, float, float, float]
 Layout = Sequence[tuple[str, Box]]  # one image's objects: (phrase, (x0, y0, x1, y1))
 
@@ -103,13 +105,12 @@ def pad_layouts(layouts: Sequence[Layout | None], max_objects: int) -> tuple[lis
 Planner = Callable[[str, random.Random], "list[tuple[str, Box]] | None"]
 
 
+PLANNERS: dict[str, Planner] = {"shapes": plan_layout}
+
+
 def get_planner(data_name: str) -> Planner | None:
     """The layout planner that comes with a dataset's caption grammar (None if it has none)."""
-    if data_name == "shapes":
-        from .data.shapes import plan_layout
-
-        return plan_layout
-    return None
+    return PLANNERS.get(data_name)
 
 
 def plan_layouts(planner: Planner | None, prompts: Sequence[str], seed: int) -> list[list[tuple[str, Box]] | None]:

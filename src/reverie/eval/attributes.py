@@ -30,20 +30,18 @@ shipped one from ``reverie/assets/shapes-classifier`` (``config.json`` + ``model
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import modeldir
 from ..data import collate
 from ..data.shapes import COLORS, SHAPES, ShapesDataset
 
-FORMAT = "reverie-shapes-classifier"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-classifier"
 MAX_OBJECTS = 3  # objects returned per image (a shapes scene has at most 3)
 
@@ -274,32 +272,17 @@ def classifier_accuracy(model: AttributeClassifier, num_images: int = 2000, seed
 
 
 def save_classifier(model: AttributeClassifier, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``config.json`` (format, architecture, vocabulary, ``extra`` notes) + ``model.safetensors``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
-    config = {"format": FORMAT, "version": 1, "network": asdict(model.config), **(extra or {})}
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return path
+    """A model directory of kind ``classifier``: architecture and vocabulary, ``extra`` notes, the weights."""
+    return modeldir.write(path, "classifier", {"network": asdict(model.config), **(extra or {})},
+                          {"model": model.state_dict()})
 
 
 def load_classifier(path: str | Path | None = None, device: str = "cpu") -> AttributeClassifier:
-    """Load a saved classifier (default: the shipped one); checks format, vocabulary and tensor names."""
-    path = Path(path) if path is not None else DEFAULT_PATH
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a shapes classifier directory (no config.json)")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a {FORMAT} config (format={raw.get('format')!r})")
-    config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["network"].items()})
+    """Load a saved classifier (default: the shipped one); checks kind, vocabulary and tensor names."""
+    found = modeldir.read(Path(path) if path is not None else DEFAULT_PATH, kind="classifier")
+    config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in found.config["network"].items()})
     if config.colors != tuple(COLORS) or config.shapes != SHAPES:
-        raise ValueError(f"{path}: classifier vocabulary does not match reverie.data.shapes; retrain it")
+        raise ValueError(f"{found.path}: classifier vocabulary does not match reverie.data.shapes; retrain it")
     model = AttributeClassifier(config)
-    state = load_file(str(path / "model.safetensors"))
-    expected = model.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise ValueError(f"{path / 'model.safetensors'} does not match its config.json")
-    model.load_state_dict(state)
+    modeldir.load_module_weights(model, found.load_weights(use_ema=False), source=str(found.weights_file(False)))
     return model.to(device).eval()

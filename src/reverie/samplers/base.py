@@ -13,10 +13,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..utils import append_dims
 
 SAMPLERS: dict[str, Callable] = {}
+
+
+def check_sampler(name: str) -> str:
+    """``name`` if it is a registered sampler; otherwise a ValueError naming the valid ones."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    return name
 
 
 def register(name: str):
@@ -91,3 +99,28 @@ def check_grid(sigmas: Tensor) -> Tensor:
     if not bool(torch.isfinite(sigmas).all()):
         raise ValueError("the sigma grid must be finite; cap an infinite top at schedule.sigma_max")
     return sigmas
+
+
+def sample(name: str, denoiser, x: Tensor, sigmas: Tensor, generator: torch.Generator | None = None,
+           callback=None, progress: bool = False, cond: dict | None = None, **opts) -> Tensor:
+    """Run sampler ``name`` from ``x`` (already scaled to ``sigmas[0]``) down to sigma 0.
+
+    ``cond`` is passed to the denoiser as keyword arguments; ``opts`` go to the sampler (e.g.
+    ``eta`` for ddim). ``progress=True`` shows a tqdm bar over the steps.
+    """
+    check_sampler(name)
+    sigmas = check_grid(sigmas)
+    if progress:
+        bar = tqdm(total=len(sigmas) - 1, desc=name, leave=False)
+        user_cb = callback
+
+        def callback(step):  # noqa: F811 - wrap the user's callback with a progress update
+            bar.update(1)
+            return user_cb(step) if user_cb is not None else None
+
+    with torch.no_grad():
+        out = SAMPLERS[name](denoiser, x, sigmas, generator=generator, callback=callback,
+                             cond=cond or {}, **opts)
+    if progress:
+        bar.close()
+    return out

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .base import SAMPLERS, check_grid
+from .base import check_grid, check_sampler, sample
 from .grids import get_sigmas
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -141,6 +141,68 @@ def _from_lengths(lengths: list[float], top: float, total: float) -> list[float]
     return out
 
 
+def _checked_starts(starts: dict, steps: int, sigma_min: float, sigma_max: float) -> dict:
+    checked = {}
+    for name, grid in starts.items():
+        grid = check_grid(grid)
+        if len(grid) != steps + 1 or not math.isclose(float(grid[0]), sigma_max, rel_tol=1e-9) \
+                or float(grid[-2]) < sigma_min * (1 - 1e-9):
+            raise ValueError(f"starting grid {name!r} must have {steps + 1} levels from sigma_max {sigma_max:g} to 0, "
+                             f"none below sigma_min {sigma_min:g}")
+        checked[name] = grid
+    return checked
+
+
+def _standard_starts(steps: int, sigma_min: float, sigma_max: float) -> dict:
+    """Karras (rho 7) over the whole range, and Karras / exponential variants that stop higher."""
+    starts = {"karras": get_sigmas("karras", steps, sigma_min, sigma_max)}
+    for rho in START_RHOS if steps > 1 else ():
+        for k in START_LOW:
+            low = sigma_min * k
+            if low < sigma_max / 2:
+                kind = "exponential" if math.isinf(rho) else f"karras(rho={rho:g})"
+                starts[f"{kind} down to {low:.4g}"] = get_sigmas(
+                    "exponential" if math.isinf(rho) else "karras", steps, low, sigma_max,
+                    rho=7.0 if math.isinf(rho) else rho)
+    return starts
+
+
+def _sweep_levels(loss, logs: list[float], cur: float, floor: float, iters: int):
+    """One golden-section search per interior level, between its neighbours."""
+    steps = len(logs)
+    for i in range(1, steps):
+        hi = logs[i - 1]
+        lo = logs[i + 1] if i + 1 < steps else floor
+        margin = 0.02 * (hi - lo)
+
+        def f(v, i=i, logs=logs):
+            return loss(logs[:i] + [v] + logs[i + 1:])
+
+        v, val = _golden(f, lo + margin, hi - margin, iters)
+        if val < cur:
+            logs, cur = logs[:i] + [v] + logs[i + 1:], val
+    return logs, cur
+
+
+def _sweep_lengths(loss, logs: list[float], cur: float, top: float, floor: float, iters: int):
+    """One golden-section search per interval length (in log sigma), the others rescaled to keep the span."""
+    lengths = [a - b for a, b in zip(logs[:-1], logs[1:])] + [logs[-1] - floor]
+    if min(lengths) <= 0:  # a level sits exactly on the floor: nothing to rescale from
+        return logs, cur
+    logw = [math.log(v) for v in lengths]
+    for j in range(len(logw)):
+
+        def f(u, j=j):
+            w = logw[:j] + [logw[j] + u] + logw[j + 1:]
+            return loss(_from_lengths([math.exp(v) for v in w], top, top - floor))
+
+        u, val = _golden(f, -2.0, 2.0, iters)
+        if val < cur:
+            logw[j] += u
+            cur = val
+    return _from_lengths([math.exp(v) for v in logw], top, top - floor), cur
+
+
 def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float, sigma_max: float, *,
                 cond: dict | None = None, teacher: str = "dpmpp_2m", teacher_steps: int = 200,
                 teacher_grid: str | Tensor = "karras", target: Tensor | None = None, starts: dict | None = None,
@@ -158,22 +220,12 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
     tensors) replaces the mean squared difference as the loss. ``opts`` go to the sampler (e.g.
     ``order``). See the module docstring for the search.
     """
-    from . import sample  # the package's wrapper (validation, no_grad)
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    check_sampler(sampler)
     if steps < 1:
         raise ValueError(f"the number of steps must be at least 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-    candidates = {}
-    for name, grid in (starts or {}).items():
-        grid = check_grid(grid)
-        if len(grid) != steps + 1 or not math.isclose(float(grid[0]), sigma_max, rel_tol=1e-9) \
-                or float(grid[-2]) < sigma_min * (1 - 1e-9):
-            raise ValueError(f"starting grid {name!r} must have {steps + 1} levels from sigma_max {sigma_max:g} to 0, "
-                             f"none below sigma_min {sigma_min:g}")
-        candidates[name] = grid
+    candidates = _checked_starts(starts or {}, steps, sigma_min, sigma_max)
     cond = cond or {}
     calls = 0
 
@@ -207,15 +259,7 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
 
     top, floor = math.log(sigma_max), math.log(sigma_min)
     # 1. the best of the starting grids: the user's (checked above), Karras (rho 7) over the whole range, variants
-    candidates["karras"] = get_sigmas("karras", steps, sigma_min, sigma_max)
-    for rho in START_RHOS if steps > 1 else ():
-        for k in START_LOW:
-            low = sigma_min * k
-            if low < sigma_max / 2:
-                kind = "exponential" if math.isinf(rho) else f"karras(rho={rho:g})"
-                candidates[f"{kind} down to {low:.4g}"] = get_sigmas(
-                    "exponential" if math.isinf(rho) else "karras", steps, low, sigma_max,
-                    rho=7.0 if math.isinf(rho) else rho)
+    candidates.update(_standard_starts(steps, sigma_min, sigma_max))
     start_losses = {}
     for name, grid in candidates.items():
         start_losses[name] = loss([top] + [math.log(float(v)) for v in grid[1:-1]])
@@ -228,42 +272,11 @@ def tune_sigmas(denoiser, x: Tensor, sampler: str, steps: int, sigma_min: float,
                          round(calls), teacher, teacher_steps, x.shape[0], grid_name)
 
     # 2. coordinate descent in two coordinate systems
-    def sweep_levels(logs, cur):
-        for i in range(1, steps):
-            hi = logs[i - 1]
-            lo = logs[i + 1] if i + 1 < steps else floor
-            margin = 0.02 * (hi - lo)
-
-            def f(v, i=i, logs=logs):
-                return loss(logs[:i] + [v] + logs[i + 1:])
-
-            v, val = _golden(f, lo + margin, hi - margin, search_iters)
-            if val < cur:
-                logs, cur = logs[:i] + [v] + logs[i + 1:], val
-        return logs, cur
-
-    def sweep_lengths(logs, cur):
-        lengths = [a - b for a, b in zip(logs[:-1], logs[1:])] + [logs[-1] - floor]
-        if min(lengths) <= 0:  # a level sits exactly on the floor: nothing to rescale from
-            return logs, cur
-        logw = [math.log(v) for v in lengths]
-        for j in range(len(logw)):
-
-            def f(u, j=j):
-                w = logw[:j] + [logw[j] + u] + logw[j + 1:]
-                return loss(_from_lengths([math.exp(v) for v in w], top, top - floor))
-
-            u, val = _golden(f, -2.0, 2.0, search_iters)
-            if val < cur:
-                logw[j] += u
-                cur = val
-        return _from_lengths([math.exp(v) for v in logw], top, top - floor), cur
-
     logs, cur = best, best_loss
     for _ in range(max_sweeps):
         before = cur
-        logs, cur = sweep_lengths(logs, cur)
-        logs, cur = sweep_levels(logs, cur)
+        logs, cur = _sweep_lengths(loss, logs, cur, top, floor, search_iters)
+        logs, cur = _sweep_levels(loss, logs, cur, floor, search_iters)
         bar.set_postfix(loss=f"{cur:.3g}")
         if cur >= before * (1 - rtol):
             break

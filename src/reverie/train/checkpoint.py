@@ -122,6 +122,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the latest one of a run directory (or of its
+    ``checkpoints/`` folder)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint found in {path}")
+    return found
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint directory back into the nested state dict it was saved from."""
     path = Path(path)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configs import ConfigError
+from ..samplers import SIGMA_GRIDS
+from ..sampling import SamplingOptions
 
 
 @dataclass
@@ -85,12 +87,21 @@ class SampleSection:
     sampler: str = "dpmpp_2m"
     steps: int = 20
     grid: str = "karras"
-    guidance_scale: float = 1.0         # classifier-free guidance for class/text models
+    guidance_scale: float = 4.0         # classifier-free guidance for class/text models (1: none)
     prompts: list[str] = field(default_factory=list)  # text models: prompts of the sample grid
+
+    def check(self) -> None:
+        """The sampling settings are checked when the config is read, not when training first samples."""
+        try:
+            SamplingOptions(sampler=self.sampler, steps=self.steps, grid=self.grid, guidance_scale=self.guidance_scale)
+        except ValueError as e:
+            raise ConfigError(f"in the sample section: {e}") from None
 
 
 @dataclass
-class TrainSection:
+class RunSection:
+    """What every training run has, whatever it trains (``reverie.train.run``)."""
+
     steps: int = 1000
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -99,60 +110,104 @@ class TrainSection:
     checkpoint_every: int = 250
     keep_last: int = 3
     log_every: int = 10
-    cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
-    layout_dropout: float = 0.2         # layout models: probability of dropping the layout, keeping the caption
-    layout_only: float = 0.0            # layout models: probability of dropping the caption, keeping the layout
-    init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
     max_nonfinite: int = 5              # consecutive non-finite losses before stopping
     tensorboard: bool = False
     progress: bool = True
     threads: int = 0                    # CPU intra-op threads (0: torch's default); 1 on a busy machine
-    channels_last: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False               # torch.compile the network (not the text encoder); meant for GPUs
     time_limit_min: float = 0.0         # stop (checkpoint + export) after this many minutes of this invocation
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.steps >= 1, "train.steps must be >= 1"),
+            (self.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (bool(self.out_dir.strip()), "train.out_dir must name a directory (it is empty)"),
+            (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+            (self.keep_last >= 1, "train.keep_last must be >= 1"),
+            (self.log_every >= 1, "train.log_every must be >= 1"),
+            (self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
+            (self.threads >= 0, "train.threads must be >= 0 (0: torch's default)"),
+            (self.time_limit_min >= 0, "train.time_limit_min must be >= 0 (0: no limit)"),
+        ]
+
+
+def common_checks(cfg) -> list[tuple[bool, str]]:
+    """Checks of the sections every training config shares (run, data, optimizer)."""
+    return cfg.train.checks() + [
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.resolution >= 8, "data.resolution must be >= 8"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+        (0 < cfg.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: no clipping)"),
+    ]
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+class TrainSection(RunSection):
+    cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
+    layout_dropout: float = 0.2         # layout models: probability of dropping the layout, keeping the caption
+    layout_only: float = 0.0            # layout models: probability of dropping the caption, keeping the layout
+    init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False               # torch.compile the network (not the text encoder); meant for GPUs
+
+
+@dataclass
+class RunConfig:
+    """The sections every training config has; a trainer's config adds its own and its :meth:`checks`."""
+
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    train: RunSection = field(default_factory=RunSection)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return []
+
+    def validate(self) -> None:
+        raise_first(common_checks(self) + self.checks())
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A diffusion model's training config (``reverie.train.diffusion``)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
     ema: EMASection = field(default_factory=EMASection)
     loss: LossSection = field(default_factory=LossSection)
     sample: SampleSection = field(default_factory=SampleSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def validate(self) -> None:
-        checks = [
-            (self.train.steps >= 1, "train.steps must be >= 1"),
-            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-            (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
-            (self.data.resolution >= 8, "data.resolution must be >= 8"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
-            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
-            (0 < self.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
+    def checks(self) -> list[tuple[bool, str]]:
+        return [
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
             (0 <= self.train.layout_dropout <= 1, "train.layout_dropout must be in [0, 1]"),
             (0 <= self.train.layout_only <= 1, "train.layout_only must be in [0, 1]"),
             (self.model.layout_channels >= 0, "model.layout_channels must be >= 0"),
             (not self.model.layout_channels or self.model.conditioning == "text",
              "model.layout_channels needs model.conditioning=text (layouts pair phrases with boxes)"),
-            (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
-            (self.sample.steps >= 1, "sample.steps must be >= 1"),
+            (self.schedule.num_timesteps >= 2, "schedule.num_timesteps must be >= 2"),
+            (self.sample.every >= 0, "sample.every must be >= 0 (0: never)"),
+            (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
-            (self.train.time_limit_min >= 0, "train.time_limit_min must be >= 0 (0: no limit)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+
+    def validate(self) -> None:
+        super().validate()
         if self.data.cache_latents and not self.model.autoencoder:
             raise ConfigError("data.cache_latents needs model.autoencoder (a VAE model directory)")
         if self.model.prediction == "edm" and self.loss.noise_levels != "lognormal":
             raise ConfigError("model.prediction=edm trains with loss.noise_levels=lognormal")
-        from ..samplers.grids import SIGMA_GRIDS
-
         if self.model.prediction == "edm" and self.sample.grid not in SIGMA_GRIDS:
             raise ConfigError(f"model.prediction=edm samples on sample.grid=karras or exponential, "
                               f"not {self.sample.grid!r}")
+        self.sample.check()

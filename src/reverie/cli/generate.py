@@ -1,0 +1,198 @@
+"""Commands that generate: ``generate`` (text to image, PNGs that carry their parameters), ``sample``
+(a grid from any model) and ``tune-grid`` (a few-step sigma grid fit to a model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .common import DEFAULT_MODEL, UserError, at_least, sampling_options, sampling_parent
+
+MAX_IMAGES = 64
+
+
+def add_commands(sub, fmt) -> None:
+    gen = sub.add_parser("generate", help="generate images from a text prompt", formatter_class=fmt,
+                         parents=[sampling_parent()])
+    gen.add_argument("prompt", nargs="?", default="", help='the prompt ("" for unconditional samples)')
+    gen.add_argument("--num-images", type=at_least(1), default=4, help=f"how many images (at most {MAX_IMAGES})")
+    gen.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG (a grid for several images)")
+    gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
+    gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
+    gen.add_argument("--layout", default="auto",
+                     help="layout models: auto (plan object boxes from the prompt), none (the prompt alone), or "
+                          "a JSON list (or .json file) of [phrase, [x0, y0, x1, y1]] in image fractions, y down")
+    gen.set_defaults(func=generate)
+
+    s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt,
+                       parents=[sampling_parent()])
+    s.add_argument("model", help="model directory (config.json + model.safetensors), checkpoint or run")
+    s.add_argument("--n", type=at_least(1), default=16, help="number of images")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")
+    s.set_defaults(func=sample)
+
+    tg = sub.add_parser("tune-grid", help="tune a few-step sigma grid to a model and a sampler", formatter_class=fmt,
+                        parents=[sampling_parent()],  # its own: set_defaults on a shared parent changes them all
+                        description="Choose the noise levels of a STEPS-step sampler for one model: the grid whose "
+                                    "samples best match a fine-grid solve from the same pilot noise "
+                                    "(reverie.samplers.tune_sigmas). Writes a JSON grid for sample/eval --grid.")
+    tg.add_argument("model", nargs="?", default=None,
+                    help="model, checkpoint or run directory (default: the shipped shapes model)")
+    tg.add_argument("--pilot", type=at_least(1), default=16, help="pilot noise draws the grid is tuned on")
+    tg.add_argument("--teacher-steps", type=at_least(1), default=100, help="steps of the fine reference solve")
+    tg.add_argument("--teacher-grid", default=None,
+                    help="grid kind of the reference solve (default: the model's own, e.g. karras, ddim-trailing)")
+    tg.add_argument("--prompt", action="append", default=None,
+                    help="text models: a prompt to tune under (repeatable; default: the config's sample prompts)")
+    tg.add_argument("--device", default=None, help="cpu or cuda")
+    tg.add_argument("-o", "--output", default="grid.json", help="grid file to write")
+    tg.set_defaults(func=tune_grid, sampler="dpmpp_2m", steps=8, seed=10_000)
+
+
+def layout_arg(value: str):
+    """--layout: auto, none, or a JSON list of [phrase, [x0, y0, x1, y1]] (inline or a file) for every image."""
+    if value in ("auto", "none"):
+        return value
+    from ..layout import check_layout
+
+    text = Path(value).read_text() if Path(value).suffix == ".json" and Path(value).is_file() else value
+    try:
+        layout = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"--layout must be auto, none, or a JSON list like "
+                        f"'[[\"red circle\", [0.1, 0.1, 0.4, 0.4]]]', got {value!r}") from None
+    return [check_layout(layout, "--layout")]
+
+
+def _request(args):
+    """(prompt, number of images, index of one image to keep or None, SamplingOptions) of the command line,
+    or of the PNG named by --from-png."""
+    from ..sampling import SamplingOptions
+
+    if not args.from_png:
+        if args.num_images > MAX_IMAGES:
+            raise UserError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
+        return args.prompt or "", args.num_images, None, sampling_options(args, layout_arg(args.layout))
+    meta = read_png_parameters(Path(args.from_png))
+    options = SamplingOptions.from_metadata(meta, args.from_png)
+    prompt, num, index = meta.get("prompt", ""), meta.get("num_images"), meta.get("index")
+    if not isinstance(prompt, str):
+        raise UserError(f"{args.from_png}: prompt must be a string, got {prompt!r}")
+    if not isinstance(num, int) or isinstance(num, bool) or not 1 <= num <= MAX_IMAGES:
+        raise UserError(f"{args.from_png}: num_images must be an integer from 1 to {MAX_IMAGES}, got {num!r}")
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num):
+        raise UserError(f"{args.from_png}: index must be an integer from 0 to {num - 1}, got {index!r}")
+    return prompt, num, index, options
+
+
+def read_png_parameters(src: Path) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found")
+    try:
+        with Image.open(src) as im:
+            meta = getattr(im, "text", {}).get("reverie") if im.format == "PNG" else None
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"{src} is not a readable PNG image") from None
+    if not meta:
+        raise UserError(f"{src} carries no reverie generation parameters")
+    try:
+        params = json.loads(meta)
+    except json.JSONDecodeError:
+        raise UserError(f"{src}: its reverie parameters are not valid JSON") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{src}: its reverie parameters must be a JSON object")
+    return params
+
+
+def save_png(image, path: Path, params: dict) -> None:
+    """A PNG with the generation parameters in two text chunks: ``reverie`` (JSON, for --from-png) and
+    ``parameters`` (readable)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("reverie", json.dumps(params, sort_keys=True))
+    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in sorted(params.items())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+def generate(args) -> int:
+    from ..images import make_grid
+    from ..pipeline import Pipeline
+
+    prompt, num_images, index, options = _request(args)
+    pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
+    made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
+    if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
+        print(f"reverie: warning: {args.from_png} was made by model {made_by.get('model')} "
+              f"({made_by['model_hash']}), not {pipe.name} ({pipe.weights_hash})", file=sys.stderr)
+    # the settings used, so that the file says what made it; a grid left out stays null (the model's own kind,
+    # pinned by the model hash), as in every PNG since the first
+    used = dataclasses.replace(options.resolve(pipe.cfg), grid=options.grid)
+    params = {"prompt": prompt, "num_images": num_images, **used.to_metadata(), "model": pipe.name,
+              "model_hash": pipe.weights_hash}
+    start = time.perf_counter()
+    images = pipe.generate(prompt, num_images, options, progress=sys.stderr.isatty())
+    elapsed = time.perf_counter() - start
+    if index is not None:  # reproducing one file of an --out-dir batch
+        images = [images[index]]
+    if args.out_dir:
+        for i, img in enumerate(images):
+            save_png(img, Path(args.out_dir) / f"{i:03d}.png", {**params, "index": i})
+        where = args.out_dir
+    else:
+        grid = images[0] if len(images) == 1 else make_grid(images, scale=max(1, 128 // images[0].size[0]))
+        save_png(grid, Path(args.output), params)
+        where = args.output
+    print(f"generated {len(images)} image(s) in {elapsed:.2f} s -> {where}")
+    return 0
+
+
+def sample(args) -> int:
+    from ..images import save_grid
+    from ..pipeline import Pipeline
+
+    options = sampling_options(args)
+    pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    images = pipe.sample(args.n, options, progress=sys.stderr.isatty())
+    path = save_grid(images, args.output)
+    print(f"wrote {args.n} samples to {path}")
+    return 0
+
+
+def tune_grid(args) -> int:
+    from ..pipeline import Pipeline
+    from ..samplers import GRIDS
+
+    if args.teacher_grid is not None and args.teacher_grid not in GRIDS:
+        raise UserError(f"unknown --teacher-grid {args.teacher_grid!r}; choose one of {', '.join(GRIDS)}")
+    options = sampling_options(args)
+    pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device or "cpu")
+    if args.prompt and pipe.conditioning != "text":
+        raise UserError(f"model {pipe.name!r} is not text-conditioned; --prompt needs a text model")
+    start = time.perf_counter()
+    tuned = pipe.tune_grid(options.sampler, options.steps, pilot=args.pilot, seed=options.seed, prompts=args.prompt,
+                           teacher_steps=args.teacher_steps, teacher_grid=args.teacher_grid, progress=True,
+                           options=options)
+    elapsed = time.perf_counter() - start
+    path = tuned.save(args.output)
+    print(f"{pipe.name}: {tuned.steps} {tuned.sampler} steps tuned in {elapsed:.1f} s ({tuned.evaluations} pilot runs, "
+          f"{tuned.denoiser_calls} denoiser calls on {tuned.pilot} pilot images)")
+    own = pipe.cfg.sample.grid
+    others = {f"{own} (the model's grid)": tuned.start_losses.get(own)}
+    if own != "karras":
+        others["karras"] = tuned.start_losses["karras"]
+    others[f"best start: {tuned.start}"] = tuned.start_losses[tuned.start]
+    print(f"  distance to the {tuned.teacher_steps}-step {tuned.teacher} solve on {tuned.teacher_grid} (mean squared): "
+          f"{tuned.loss:.4g} tuned; " + ", ".join(f"{v:.4g} {k}" for k, v in others.items() if v is not None))
+    print("  sigmas: " + " ".join(f"{float(v):.4g}" for v in tuned.sigmas))
+    use = f"reverie sample {args.model}" if args.model else 'reverie generate "a prompt"'
+    print(f"wrote {path}; use it with: {use} --grid {path} --sampler {tuned.sampler}")
+    return 0

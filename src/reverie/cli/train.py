@@ -1,0 +1,74 @@
+"""Commands that train: ``train`` (a diffusion model), ``train-vae`` (its autoencoder) and ``export``
+(a checkpoint to a model directory)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_commands(sub, fmt) -> None:
+    for name, what, example in (("train", "a diffusion model from a YAML/JSON config", "--optim.lr=2e-4"),
+                                ("train-vae", "a KL autoencoder for latent diffusion from a config (kind: vae)",
+                                 "--loss.kl_weight=1e-6")):
+        t = sub.add_parser(name, help=f"train {what}", formatter_class=fmt)
+        t.add_argument("config", help="config file (see configs/)")
+        t.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {example} --train.steps=100")
+        t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        t.add_argument("--resume", default="auto", help="auto (latest checkpoint in out_dir), no, or a path")
+        t.set_defaults(func=train if name == "train" else train_vae)
+
+    ex = sub.add_parser("export", help="turn a checkpoint or run directory into a model directory",
+                        formatter_class=fmt)
+    ex.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    ex.add_argument("-o", "--output", required=True, help="model directory to write")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    ex.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    ex.set_defaults(func=export)
+
+
+def _config(cls, args):
+    from ..configs import load_config, to_dict
+
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return None
+    return cfg
+
+
+def _resume(args):
+    return {"auto": "auto", "no": False}.get(args.resume, args.resume)
+
+
+def train(args) -> int:
+    from ..train import TrainConfig
+    from ..train import train as run_training
+
+    cfg = _config(TrainConfig, args)
+    if cfg is not None:
+        print(f"model written to {run_training(cfg, resume=_resume(args)).export_dir}")
+    return 0
+
+
+def train_vae(args) -> int:
+    from ..train import VAETrainConfig
+    from ..train import train_vae as run_training
+
+    cfg = _config(VAETrainConfig, args)
+    if cfg is not None:
+        result = run_training(cfg, resume=_resume(args))
+        psnr = f" (held-out PSNR {result.psnr_db:.2f} dB)" if result.psnr_db is not None else ""
+        print(f"autoencoder written to {result.export_dir}{psnr}")
+    return 0
+
+
+def export(args) -> int:
+    import torch
+
+    from ..train import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema,
+                            dtype=torch.float16 if args.half else torch.float32)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
+    print(f"exported {args.checkpoint} -> {out} ({size:.1f} MiB)")
+    return 0

@@ -1,0 +1,210 @@
+"""The one on-disk format of every reverie model: a directory of ``config.json`` + safetensors.
+
+::
+
+    config.json          {"format": "reverie-model", "version": 1, "kind": KIND, ...}
+    model.safetensors    the weights
+    ema.safetensors      EMA weights (diffusion models; used by default when present)
+    autoencoder/         a latent diffusion model's own copy of its VAE (a model directory of kind "vae")
+
+``kind`` is ``"diffusion"`` (the default when absent: files written before kinds existed), ``"vae"``,
+``"classifier"`` and, as they arrive, the text and audio models. What else ``config.json`` holds is
+the kind's business (``reverie.build`` turns it back into networks); this module only reads and
+writes directories, checks that weights fit the network they are loaded into, and hashes weights.
+Loading never executes code: JSON and safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "reverie-model"
+VERSION = 1
+KINDS = ("diffusion", "vae", "classifier")
+AUTOENCODER_DIR = "autoencoder"
+MAX_HEADER = 100 * 2**20  # a safetensors header of more than 100 MB is not one reverie wrote
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U64": 8, "U32": 4, "U16": 2, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+# The shapes classifier was stored under its own format name before model kinds existed.
+_LEGACY_FORMATS = {"reverie-shapes-classifier": "classifier"}
+
+
+@dataclass
+class ModelDir:
+    """A model directory as read from disk: its path, parsed ``config.json`` and kind."""
+
+    path: Path
+    config: dict
+    kind: str
+
+    def weights_file(self, use_ema: bool = True) -> Path:
+        """``ema.safetensors`` when asked for and present, else ``model.safetensors``."""
+        ema = self.path / "ema.safetensors"
+        weights = ema if use_ema and ema.is_file() else self.path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{self.path} has no model.safetensors")
+        return weights
+
+    def load_weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        return load_weights(self.weights_file(use_ema))
+
+    def hash(self, use_ema: bool = True) -> str:
+        return file_hash(self.weights_file(use_ema))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a syntax error names the file."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def read(path: str | Path, kind: str | None = None) -> ModelDir:
+    """Read a model directory's ``config.json``; with ``kind``, refuse a model of another kind."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a reverie model directory (no config.json)")
+    config = read_json(cfg_file)
+    fmt = config.get("format")
+    if fmt in _LEGACY_FORMATS:
+        found = _LEGACY_FORMATS[fmt]
+    elif fmt == FORMAT:
+        found = config.get("kind") or "diffusion"
+    else:
+        raise ValueError(f"{cfg_file} is not a reverie model config (format={fmt!r})")
+    if found not in KINDS:
+        raise ValueError(f"{cfg_file}: unknown model kind {found!r}; known: {', '.join(KINDS)}")
+    if kind is not None and found != kind:
+        raise ValueError(f"{path} is a {found} model, not a {kind} model")
+    return ModelDir(path, config, found)
+
+
+def write(path: str | Path, kind: str, config: dict, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write ``weights`` (file stem -> state dict, e.g. ``{"model": ..., "ema": ...}``) as safetensors,
+    then ``config.json`` with the format header; returns the directory."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stem, state in weights.items():
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+        save_file(tensors, str(path / f"{stem}.safetensors"))
+    header = {"format": FORMAT, "version": VERSION} if kind == "diffusion" else \
+        {"format": FORMAT, "version": VERSION, "kind": kind}
+    (path / "config.json").write_text(json.dumps({**header, **config}, indent=2))
+    return path
+
+
+def copy_model(source: str | Path, target: str | Path) -> Path:
+    """Copy a model directory's ``config.json`` and ``model.safetensors`` (e.g. a VAE into a latent model)."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(source / name, target / name)
+    return target
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """The header of a safetensors file, after checking it against the file's size: a header length that
+    fits, valid JSON, known dtypes, and every tensor's byte range inside the file and matching its shape.
+    Raises a ValueError naming the file and what is wrong (a truncated or garbage file)."""
+    path = Path(path)
+    size = path.stat().st_size
+
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"{path} is damaged or not a safetensors file: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged(f"only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise damaged(f"its header claims {n} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise damaged("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    data = size - 8 - n
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            expected = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise damaged(f"tensor {name!r} has no valid dtype, shape and offsets") from None
+        if not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop <= data):
+            raise damaged(f"tensor {name!r} lies outside the file (truncated?)")
+        if stop - begin != expected:
+            raise damaged(f"tensor {name!r} has {stop - begin} bytes, its shape needs {expected}")
+        end = max(end, stop)
+    if end != data:
+        raise damaged(f"its tensors cover {end} of {data} data bytes")
+    return header
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, parsed by safetensors only after :func:`check_safetensors`."""
+    check_safetensors(path)
+    return load_file(str(path))
+
+
+def module_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint or model file stores (a frozen text encoder is left out)."""
+    if hasattr(module, "trainable_state_dict"):
+        return module.trainable_state_dict()
+    return module.state_dict()
+
+
+def load_module_weights(module: torch.nn.Module, state: dict, source: str | None = None) -> None:
+    """Load ``state`` into ``module``; with ``source``, first check names and shapes and name ``source``
+    in the error."""
+    if source is not None:
+        check_state_dict(module_weights(module), state, source)
+    if hasattr(module, "load_trainable_state_dict"):
+        module.load_trainable_state_dict(state)
+    else:
+        module.load_state_dict(state)
+
+
+def check_state_dict(expected: dict, found: dict, source: str) -> None:
+    """Raise a ValueError naming missing, unexpected and mis-shaped tensors."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise ValueError(f"{source} does not match its config.json: " + "; ".join(parts))
+
+
+def file_hash(path: str | Path) -> str:
+    """Short SHA-256 of a weights file (recorded in generated images' metadata)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

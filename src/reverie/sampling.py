@@ -1,0 +1,295 @@
+"""Sampling a diffusion model for inference: one :class:`SamplingOptions`, used by every caller.
+
+``Pipeline``, the trainer's sample grids, evaluation, grid tuning and the PNG metadata of ``reverie
+generate`` all describe how to sample with :class:`SamplingOptions`, one name per setting. A field left
+at None means "the model's own setting": :meth:`SamplingOptions.resolve` fills it from the ``sample``
+section of the model's training config, the one place where defaults live (the library-wide defaults
+are that section's field defaults, ``reverie.train.config.SampleSection``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .build import DiffusionModel
+from .guidance import CFGDenoiser
+from .images import save_grid
+from .layout import check_layout, get_planner, plan_layouts
+from .samplers import GRIDS, SIGMA_GRIDS, TunedGrid, check_grid, check_sampler, get_sigmas, sample, tune_sigmas
+
+EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range (Karras et al. 2022)
+MAX_STEPS, MAX_GUIDANCE = 1000, 50.0
+
+
+@dataclass
+class SamplingOptions:
+    """How to sample. None: the model's own setting (see :meth:`resolve`).
+
+    ``grid`` is a grid kind (``reverie.samplers.GRIDS``) or explicit decreasing sigmas ending at 0 (a
+    tuned grid's), whose length fixes the steps. ``layouts`` (layout models): ``"auto"`` plans object
+    boxes from each prompt, ``"none"`` uses the prompt alone, or a list of per-image layouts
+    ``[(phrase, (x0, y0, x1, y1)), ...]`` (one entry: the same for every image; see ``reverie.layout``).
+    """
+
+    sampler: str | None = None
+    steps: int | None = None
+    grid: str | torch.Tensor | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    negative_prompt: str = ""
+    layouts: str | list = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def make(cls, options: SamplingOptions | None = None, **settings) -> SamplingOptions:
+        """``options`` (default: all the model's settings) with the named ``settings`` replaced; an unknown
+        name is a ValueError listing the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        return dataclasses.replace(options or cls(), **settings)
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first invalid setting and what is valid."""
+        if self.sampler is not None:
+            check_sampler(self.sampler)
+        _check_number("steps", self.steps, int, 1, MAX_STEPS, optional=True)
+        _check_number("guidance_scale", self.guidance_scale, float, 0, MAX_GUIDANCE, optional=True)
+        _check_number("guidance_rescale", self.guidance_rescale, float, 0, 1)
+        _check_number("seed", self.seed, int, 0, 2**63 - 1)
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
+        if isinstance(self.grid, str):
+            if self.grid not in GRIDS:
+                raise ValueError(f"unknown sigma grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        elif self.grid is not None:
+            self.grid = check_grid(self.grid)
+            if self.steps is not None and self.steps != len(self.grid) - 1:
+                raise ValueError(f"the grid has {len(self.grid) - 1} steps, not {self.steps}; leave the steps out")
+        if isinstance(self.layouts, str) and self.layouts not in ("auto", "none"):
+            raise ValueError(f"layouts must be 'auto', 'none' or a list of layouts, got {self.layouts!r}")
+
+    def resolve(self, cfg) -> SamplingOptions:
+        """A copy with every None filled from the model config's ``sample`` section."""
+        sample = cfg.sample
+        grid = sample.grid if self.grid is None else self.grid
+        steps = self.steps if self.steps is not None else (
+            sample.steps if isinstance(grid, str) else len(grid) - 1)
+        return dataclasses.replace(
+            self, sampler=self.sampler or sample.sampler, grid=grid, steps=steps,
+            guidance_scale=sample.guidance_scale if self.guidance_scale is None else self.guidance_scale)
+
+    def to_metadata(self) -> dict:
+        """The settings as PNG metadata (JSON). The PNG format's key names predate this class and are kept,
+        so that files made by earlier versions reproduce: ``guidance`` and ``layout`` (one layout for every
+        image; ``layouts`` when they differ per image)."""
+        grid = self.grid if self.grid is None or isinstance(self.grid, str) else [float(v) for v in self.grid]
+        meta = {"sampler": self.sampler, "steps": self.steps, "grid": grid, "guidance": self.guidance_scale,
+                "guidance_rescale": self.guidance_rescale, "negative_prompt": self.negative_prompt, "seed": self.seed}
+        if isinstance(self.layouts, str):
+            meta["layout"] = self.layouts
+        elif len(self.layouts) == 1:
+            meta["layout"] = _layout_json(self.layouts[0])
+        else:
+            meta["layouts"] = [_layout_json(lay) for lay in self.layouts]
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict, source: str = "the metadata") -> SamplingOptions:
+        """Inverse of :meth:`to_metadata`; a missing or ill-typed value is a ValueError naming ``source``."""
+        try:
+            grid = meta.get("grid")  # PNGs from before --grid have none
+            layouts = meta["layouts"] if "layouts" in meta else meta.get("layout", "auto")
+            if not isinstance(layouts, str) and "layouts" not in meta:
+                layouts = [layouts]
+            if not isinstance(layouts, str):
+                layouts = [None if lay is None else check_layout(lay, "layout") for lay in layouts]
+            return cls(sampler=meta["sampler"], steps=meta["steps"], guidance_scale=meta["guidance"],
+                       guidance_rescale=meta.get("guidance_rescale", 0.0), seed=meta.get("seed", 0),
+                       negative_prompt=meta.get("negative_prompt", ""), layouts=layouts,
+                       grid=torch.tensor(grid, dtype=torch.float64) if isinstance(grid, list) else grid)
+        except KeyError as e:
+            raise ValueError(f"{source} lacks the generation parameter {e.args[0]!r}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+def _layout_json(layout):
+    return None if layout is None else [[phrase, [float(v) for v in box]] for phrase, box in layout]
+
+
+def _check_number(name: str, value, kind: type, lo: float, hi: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok_type or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def sigma_range(model: DiffusionModel) -> tuple[float, float]:
+    """The noise levels a model samples over: EDM's (0.002, 80), or a VP schedule's own range."""
+    if model.cfg.model.prediction == "edm":
+        return EDM_SIGMA_RANGE
+    return float(model.schedule.sigma_min), float(model.schedule.sigma_max)
+
+
+def sigma_grid(model: DiffusionModel, steps: int, grid) -> torch.Tensor:
+    """The sigma grid of ``steps`` steps: ``grid`` names a kind, or is explicit sigmas inside the model's range."""
+    lo, hi = sigma_range(model)
+    if not isinstance(grid, str):
+        sigmas = check_grid(grid)
+        if float(sigmas[0]) > hi * (1 + 1e-6) or float(sigmas[-2]) < lo * (1 - 1e-6):
+            raise ValueError(f"the grid spans sigma {float(sigmas[-2]):.4g} .. {float(sigmas[0]):.4g}, outside "
+                             f"this model's range {lo:.4g} .. {hi:.4g}")
+        return sigmas
+    if model.cfg.model.prediction == "edm":
+        if grid not in SIGMA_GRIDS:
+            raise ValueError(f"an EDM model samples on a sigma grid ({', '.join(SIGMA_GRIDS)}), not {grid!r}, "
+                             f"which needs a VP model's timestep table")
+        return get_sigmas(grid, steps, *EDM_SIGMA_RANGE)
+    return get_sigmas(grid, steps, schedule=model.schedule)
+
+
+def resolve_layouts(model: DiffusionModel, prompts: list[str], layouts="auto", seed: int = 0) -> list | None:
+    """Per-image layouts for a layout model: ``"auto"`` plans them from the prompts with the training
+    data's planner (``reverie.layout``), ``"none"`` or None gives none, a list holds one per image (or
+    one for all). Models without layout conditioning take only ``"auto"`` / ``"none"`` / None."""
+    if layouts is None or (isinstance(layouts, str) and layouts in ("auto", "none")):
+        if layouts != "auto" or not model.takes_layouts:
+            return None
+        return plan_layouts(get_planner(model.cfg.data.name), prompts, seed)
+    if isinstance(layouts, str):
+        raise ValueError(f"layouts must be 'auto', 'none' or a list of layouts, got {layouts!r}")
+    if not model.takes_layouts:
+        raise ValueError("this model takes no layouts (it was trained without model.layout_channels)")
+    layouts = list(layouts)
+    if len(layouts) == 1:
+        layouts = layouts * len(prompts)
+    if len(layouts) != len(prompts):
+        raise ValueError(f"got {len(layouts)} layouts for {len(prompts)} images")
+    return layouts
+
+
+def conditions(model: DiffusionModel, num_images: int, options: SamplingOptions, prompts: list[str] | None = None,
+               class_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """``(cond, uncond)`` keyword arguments for the network; empty dicts for unconditional models.
+    Layouts (layout models): see :func:`resolve_layouts`; the unconditional side has none."""
+    net = model.net
+    device = next(net.parameters()).device
+    if model.conditioning == "class":
+        if class_labels is None:
+            class_labels = torch.arange(num_images) % model.info["num_classes"]
+        null = torch.full((num_images,), model.info["num_classes"], dtype=torch.long)
+        return {"class_labels": class_labels.to(device)}, {"class_labels": null.to(device)}
+    if model.conditioning == "text":
+        prompts = list(prompts) if prompts else [""]
+        prompts = (prompts * num_images)[:num_images]
+        layouts = resolve_layouts(model, prompts, options.layouts, options.seed)
+        negative = [options.negative_prompt] * num_images
+        if layouts is None:
+            return net.encode(prompts), net.encode(negative)
+        return net.encode(prompts, layouts), net.encode(negative, [None] * num_images)
+    return {}, {}
+
+
+def start_noise(model: DiffusionModel, num_images: int, sigma_top: float, generator: torch.Generator) -> torch.Tensor:
+    """Pure noise at the top of the grid, in the sampler's (VE) coordinates, drawn on the CPU. VP models
+    start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2)."""
+    shape = (num_images, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
+    scale = sigma_top if model.cfg.model.prediction == "edm" else (1 + sigma_top**2) ** 0.5
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+
+
+def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dict):
+    """The model's denoiser, under classifier-free guidance when it is conditioned and the scale is not 1."""
+    denoiser = model.denoiser
+    if uncond and options.guidance_scale != 1.0:
+        denoiser = CFGDenoiser(denoiser, uncond, guidance_scale=options.guidance_scale,
+                               guidance_rescale=options.guidance_rescale)
+    return denoiser
+
+
+@torch.no_grad()
+def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptions | None = None,
+                  prompts: list[str] | None = None, class_labels: torch.Tensor | None = None,
+                  callback=None, progress: bool = False) -> torch.Tensor:
+    """``num_images`` samples in [-1, 1] (decoded by the model's autoencoder for a latent model). The
+    initial noise is drawn on the CPU, so a seed starts from the same noise on every device; ancestral
+    samplers' per-step noise uses the device's own generator, so their images match across devices only
+    in distribution."""
+    options = (options or SamplingOptions()).resolve(model.cfg)
+    sigmas = sigma_grid(model, options.steps, options.grid)
+    device = next(model.net.parameters()).device
+    g = torch.Generator().manual_seed(options.seed)
+    x = start_noise(model, num_images, float(sigmas[0]), g).to(device)
+    cond, uncond = conditions(model, num_images, options, prompts, class_labels)
+    denoiser = guided_denoiser(model, options, uncond)
+    was_training = model.net.training
+    model.net.eval()
+    g_steps = g if device.type == "cpu" else torch.Generator(device).manual_seed(options.seed)
+    try:
+        out = sample(options.sampler, denoiser, x, sigmas.to(device), generator=g_steps, cond=cond,
+                     callback=callback, progress=progress)
+    finally:
+        model.net.train(was_training)
+    if model.vae is not None:
+        out = model.vae.from_latent(out.to(next(model.vae.parameters()).device))
+    return out.clamp(-1, 1)
+
+
+@torch.no_grad()
+def tune_grid(model: DiffusionModel, options: SamplingOptions, pilot: int = 16, prompts: list[str] | None = None,
+              teacher_steps: int = 100, teacher_grid: str | None = None, progress: bool = False, **tuning) -> TunedGrid:
+    """A grid of ``options.steps`` levels for ``options.sampler`` tuned to this model
+    (``reverie.samplers.tune_sigmas``), on ``pilot`` start states from noise seed ``options.seed`` (keep it
+    apart from the seeds you will sample with), under the same conditioning and guidance as
+    :func:`sample_images`. The teacher is dpmpp_2m on ``teacher_grid`` (a grid kind; default: the model's
+    own) at ``teacher_steps``; ``tuning`` goes to ``tune_sigmas``."""
+    options = options.resolve(model.cfg)
+    lo, hi = sigma_range(model)
+    own_kind = model.cfg.sample.grid
+    default = sigma_grid(model, options.steps, own_kind)
+    # the model's own grid is scored beside the tuned one (and may be the best start)
+    starts = {own_kind: default} if abs(float(default[0]) / hi - 1) < 1e-9 and float(default[-2]) >= lo else {}
+    # the teacher: the model's own grid kind at many steps (a model may be poor at sigmas its own grid never
+    # visits, e.g. an eps model below its trailing grid's last level)
+    teacher_kind = teacher_grid or own_kind
+    teacher_sigmas = sigma_grid(model, teacher_steps, teacher_kind)
+    if abs(float(teacher_sigmas[0]) / hi - 1) > 1e-9:
+        raise ValueError(f"a {teacher_kind} grid starts at sigma {float(teacher_sigmas[0]):.4g}, below this model's "
+                         f"top {hi:.4g} where tuning starts; pick a teacher grid that starts there "
+                         f"(e.g. ddim-trailing)")
+    device = next(model.net.parameters()).device
+    x = start_noise(model, pilot, hi, torch.Generator().manual_seed(options.seed)).to(device)
+    cond, uncond = conditions(model, pilot, options, prompts)
+    denoiser = guided_denoiser(model, options, uncond)
+    was_training = model.net.training
+    model.net.eval()
+    try:
+        tuned = tune_sigmas(denoiser, x, options.sampler, options.steps, lo, hi, cond=cond,
+                            teacher_grid=teacher_sigmas, seed=options.seed, starts=starts, progress=progress, **tuning)
+    finally:
+        model.net.train(was_training)
+    tuned.teacher_grid = teacher_kind
+    return tuned
+
+
+def save_sample_grid(model: DiffusionModel, path: Path) -> Path:
+    """A PNG grid of the config's sample images (``sample`` section: count, prompts, settings)."""
+    sample_cfg = model.cfg.sample
+    prompts = sample_cfg.prompts or None
+    images = sample_images(model, sample_cfg.num_images, SamplingOptions(), prompts=prompts)
+    # prompts repeat cyclically over the images: one column per prompt when they tile the grid exactly
+    ncols = len(prompts) if prompts and len(images) % len(prompts) == 0 and len(prompts) <= 16 else None
+    return save_grid(images, path, ncols=ncols)

@@ -1,0 +1,340 @@
+"""One training skeleton for every kind of model, on HF accelerate: :func:`fit` runs a :class:`Trainer`.
+
+The skeleton owns everything a run has whatever it trains: CPU threads, the Accelerator (one process
+or many, mixed precision), the output directory, ``config.json``, ``log.jsonl`` (and TensorBoard), the
+progress bar, the optimizer and LR schedule, gradient accumulation, clipping, the non-finite-loss guard
+(agreed across ranks, so DDP's collectives never hang), a wall-clock limit, crash-safe checkpoints and
+exact resume. Its loop, top to bottom (Ho et al. 2020, Algorithm 1, with what practitioners add)::
+
+    for each step k:  g = generator(seed, rank, k)           # every random draw of the step
+                      for each micro-batch: loss = trainer.loss(model, batch, g); backward
+                      skip the step everywhere if any rank saw a non-finite loss
+                      clip, optimizer step, LR step; trainer.after_step (e.g. EMA)
+                      log, trainer.periodic (e.g. sample grids), checkpoint
+    final checkpoint; trainer.finish (write the model directory)
+
+Exact resume: the data order is a pure function of (seed, epoch), every random draw of step k on rank
+r comes from a generator seeded by (seed, r, k), and a checkpoint stores weights, optimizer, LR
+scheduler, step, data position and the trainer's own state; so N/2 steps + resume + N/2 steps give
+the weights of N straight steps. Only the main process writes files.
+
+Adding a trainer (a text model, an audio model) means subclassing :class:`Trainer` and writing:
+
+- ``check()`` (optional): refuse at once what would only fail later;
+- ``setup(run)``: check the config against the data, return the dataset (``run.info`` describes it);
+- ``build(run, resuming)``: the trainable module (called under ``torch.manual_seed(train.seed)``, so
+  every rank starts from the same weights);
+- ``loss(model, batch, g)``: the scalar loss of one micro-batch and a dict of floats to log, drawing
+  every random number from ``g``;
+- ``finish(model, step, run)``: write the model directory (``reverie.modeldir``) and return a result;
+
+and, when needed, ``after_step`` (EMA), ``periodic`` (sample grids), ``state_dict`` /
+``load_state_dict`` (extra checkpoint entries) and ``prepared`` (the accelerate-wrapped module). The
+config needs the shared sections: ``train`` (a ``RunSection``), ``data`` and ``optim``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..configs import to_dict
+from ..modeldir import load_module_weights, module_weights
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Batches, DataState, step_generator
+from .errors import TrainingError
+
+
+class Trainer:
+    """What one kind of model adds to the skeleton (module docstring); ``name`` labels its progress bar."""
+
+    name = "train"
+
+    def __init__(self, cfg, dataset=None):
+        self.cfg, self.dataset = cfg, dataset
+
+    def check(self) -> None:
+        """Refuse, before any work, what the run would only fail on later (called before the accelerator)."""
+
+    def setup(self, run: Run):
+        raise NotImplementedError
+
+    def build(self, run: Run, resuming: bool) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def prepared(self, model: torch.nn.Module) -> None:
+        """The module as accelerate wrapped it (DDP, autocast), before the first step."""
+
+    def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self, model, step: int, run: Run) -> None:
+        """After each optimizer step, on every rank."""
+
+    def periodic(self, step: int, run: Run) -> None:
+        """After each step's logging, on every rank (write files on ``run.main`` only)."""
+
+    def state_dict(self) -> dict:
+        """Entries the trainer adds to each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        """Restore from checkpoint ``source``'s full state (its own entries included)."""
+
+    def finish(self, model, step: int, run: Run):
+        raise NotImplementedError
+
+
+@dataclass
+class Progress:
+    """Where a run stands; all of it is in every checkpoint."""
+
+    step: int = 0
+    data: DataState = field(default_factory=DataState)
+    nonfinite_total: int = 0
+    elapsed_s: float = 0.0       # training time of earlier invocations (resumed runs)
+
+
+class Run:
+    """The per-run context a trainer sees: config, accelerator, ranks, output paths and dataset info."""
+
+    def __init__(self, cfg):
+        from accelerate import Accelerator  # heavy, and only needed once a run starts
+
+        self.cfg = cfg
+        if cfg.train.threads > 0:
+            # OpenMP threads spin-wait: on a machine shared with other jobs, more threads than free cores
+            # make every op wait for a descheduled thread (measured here: 5x slower with 2 than with 1).
+            torch.set_num_threads(cfg.train.threads)
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.rank, self.world, self.main = self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
+        self.out = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.info: dict = {}
+        self.t_start = time.perf_counter()
+        self.bar = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step, over all micro-batches and processes."""
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any: decisions that all ranks must take together."""
+        return float(self.acc.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")) > 0
+
+    def say(self, message: str) -> None:
+        if self.main:
+            (self.bar.write if self.bar is not None else print)(message)
+
+
+def lr_lambda(cfg):
+    """The LR multiplier of step k: linear warmup, then constant, cosine or warmup-stable-decay."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.lr_schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.optim.lr_schedule == "wsd":  # Hu et al. 2024 (MiniCPM); Haegele et al. 2024
+            decay = max(1, round(cfg.optim.decay_fraction * total))
+            progress = min(1.0, max(0.0, (step - (total - decay)) / decay))
+            return 1.0 - (1 - floor) * progress
+        return 1.0
+
+    return f
+
+
+def make_optimizer(cfg, module: torch.nn.Module):
+    """AdamW over the trainable parameters, and its LR schedule."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    o = cfg.optim
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def _source(run: Run, resume) -> Path | None:
+    """The checkpoint to resume from: ``"auto"`` the run's latest (if any), a path, or False for none."""
+    if resume == "auto":
+        return latest_checkpoint(run.ckpt_dir)
+    return Path(resume) if resume else None
+
+
+def _restore(source: Path, module, opt, sched, trainer: Trainer, run: Run) -> Progress:
+    state = load_checkpoint(source)
+    trainer.load_state_dict(state, source)
+    load_module_weights(module, state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["lr_scheduler"])
+    run.say(f"resumed from {source} at step {state['step']}")
+    return Progress(state["step"], DataState(**state["data"]), state.get("nonfinite_total", 0),
+                    state.get("elapsed_s", 0.0))
+
+
+def _checkpoint(run: Run, trainer: Trainer, model, opt, sched, progress: Progress) -> Path | None:
+    if not run.main:
+        return None
+    state = {"step": progress.step, "model": module_weights(run.acc.unwrap_model(model)),
+             "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "data": vars(progress.data).copy(),
+             "nonfinite_total": progress.nonfinite_total, "elapsed_s": _elapsed(run, progress),
+             "config": to_dict(run.cfg), "info": dict(run.info), **trainer.state_dict()}
+    return save_checkpoint(run.ckpt_dir, progress.step, state, keep_last=run.cfg.train.keep_last)
+
+
+def _elapsed(run: Run, progress: Progress) -> float:
+    return progress.elapsed_s + time.perf_counter() - run.t_start
+
+
+def _micro_steps(trainer: Trainer, model, batches: Batches, g: torch.Generator, run: Run):
+    """Forward and backward over the step's micro-batches: (mean loss, mean metrics, non-finite seen)."""
+    accum = run.cfg.train.grad_accum
+    total, metrics = 0.0, {}
+    for micro in range(accum):
+        batch = batches.next()
+        with run.acc.autocast():
+            loss, logged = trainer.loss(model, batch, g)
+        if not bool(torch.isfinite(loss)):
+            return total, metrics, True
+        total += float(loss.detach()) / accum
+        for key, value in logged.items():
+            metrics[key] = metrics.get(key, 0.0) + value / accum
+        last = micro == accum - 1
+        with run.acc.no_sync(model) if (not last and run.world > 1) else nullcontext():
+            run.acc.backward(loss / accum)
+    return total, metrics, False
+
+
+class _Log:
+    """``log.jsonl`` (plus TensorBoard when asked) on the main process; images/s between records."""
+
+    def __init__(self, run: Run, resumed: bool):
+        self.run, self.file, self.tb = run, None, None
+        self.t_last, self.images = time.perf_counter(), 0
+        if run.main:
+            self.file = (run.out / "log.jsonl").open("a" if resumed else "w")
+            self.tb = _tensorboard(run.out) if run.cfg.train.tensorboard else None
+
+    def write(self, record: dict, now: float) -> None:
+        record["images_per_s"] = self.images / max(now - self.t_last, 1e-9)
+        self.t_last, self.images = now, 0
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, float):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        for f in (self.file, self.tb):
+            if f is not None:
+                f.close()
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer if the tensorboard package is installed (else a warning and None)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard); "
+                      "logging to log.jsonl only", stacklevel=2)
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _skip_step(run: Run, opt, sched, progress: Progress, bad_in_a_row: int, last_good) -> None:
+    """A non-finite loss on any rank: no update anywhere; stop after ``max_nonfinite`` in a row."""
+    opt.zero_grad(set_to_none=True)
+    progress.nonfinite_total += 1
+    if bad_in_a_row >= run.cfg.train.max_nonfinite:
+        raise TrainingError(
+            f"{bad_in_a_row} non-finite losses in a row at step {progress.step}: the learning rate "
+            f"({run.cfg.optim.lr:g}) is likely too high, or fp16 overflowed (try bf16 or no), or "
+            f"the data contain NaN. Last good checkpoint: {last_good or 'none'}")
+    progress.step += 1  # a skipped step still advances, keeping the (seed, rank, step) stream aligned
+    with warnings.catch_warnings():  # stepping the LR without an optimizer step is intended
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
+
+
+def fit(trainer: Trainer, resume: str | bool = "auto"):
+    """Run ``trainer`` to ``train.steps``; ``resume="auto"`` continues from the run's latest checkpoint
+    if any, a path resumes from that checkpoint, False starts fresh. Returns ``trainer.finish``'s result."""
+    cfg = trainer.cfg
+    trainer.check()
+    run = Run(cfg)
+    dataset = trainer.setup(run)
+    source = _source(run, resume)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    module = trainer.build(run, resuming=source is not None)
+    opt, sched = make_optimizer(cfg, module)
+    progress = _restore(source, module, opt, sched, trainer, run) if source is not None else Progress()
+    model, opt = run.acc.prepare(module, opt)
+    trainer.prepared(model)
+    batches = Batches(dataset, cfg, run.rank, run.world, progress.data)
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = _Log(run, resumed=source is not None)
+    run.bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not (run.main and cfg.train.progress),
+                   desc=trainer.name, dynamic_ncols=True)
+    bad_in_a_row, last_good = 0, latest_checkpoint(run.ckpt_dir)
+    model.train()
+    try:
+        while progress.step < cfg.train.steps:
+            g = step_generator(cfg.train.seed, run.rank, progress.step)
+            torch.manual_seed(g.initial_seed() % 2**63)  # the network's dropout
+            opt.zero_grad(set_to_none=True)
+            loss, metrics, bad = _micro_steps(trainer, model, batches, g, run)
+            if run.any_rank(bad):
+                bad_in_a_row += 1
+                _skip_step(run, opt, sched, progress, bad_in_a_row, last_good)
+                continue
+            bad_in_a_row = 0
+            grad_norm = run.acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
+                if cfg.optim.grad_clip > 0 else None
+            opt.step()
+            sched.step()
+            progress.step += 1
+            step = progress.step
+            trainer.after_step(model, step, run)
+            log.images += run.global_batch
+            run.bar.update(1)
+            # every rank must stop at the same step: the main process's clock decides
+            out_of_time = cfg.train.time_limit_min > 0 and run.any_rank(
+                run.main and time.perf_counter() - run.t_start > 60 * cfg.train.time_limit_min)
+            if run.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time):
+                record = {"step": step, "loss": loss, **metrics, "lr": sched.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "nonfinite_skipped": progress.nonfinite_total, "epoch": progress.data.epoch,
+                          "elapsed_s": _elapsed(run, progress)}
+                log.write(record, time.perf_counter())
+                run.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            trainer.periodic(step, run)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                last_good = _checkpoint(run, trainer, model, opt, sched, progress) or last_good
+                run.acc.wait_for_everyone()
+            if out_of_time:
+                run.say(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
+                break
+    finally:
+        run.bar.close()
+        log.close()
+    if not cfg.train.checkpoint_every or progress.step % cfg.train.checkpoint_every:
+        _checkpoint(run, trainer, model, opt, sched, progress)
+    result = trainer.finish(model, progress.step, run)
+    run.acc.wait_for_everyone()
+    return result
