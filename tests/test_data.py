@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from reverie.data import ShapesDataset, collate, get_dataset, parse_caption, preview_grid
+from reverie.data import DATASETS, ShapesDataset, collate, get_dataset, parse_caption, preview_grid
 from reverie.data.digits import load_digits_uint8
 from reverie.data.mnist import DIGIT_WORDS, INSTALL_HINT, mnist_data_file
 from reverie.data.preview import _wrap
@@ -395,12 +396,74 @@ def test_imagefolder_empty_or_unreadable_folder_is_a_clear_error(tmp_path):
         get_dataset("imagefolder", root=tmp_path / "missing")
 
 
+def test_imagefolder_non_utf8_metadata_is_an_error_naming_the_file(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    latin1 = json.dumps({"file_name": "a.png", "text": "café"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "b.png", "text": "ok"}\n' + latin1 + b"\n")
+    with pytest.raises(ValueError, match=r"metadata\.jsonl' is not UTF-8 text \(line 2") as error:
+        get_dataset("imagefolder", root=tmp_path)
+    assert str(tmp_path / "metadata.jsonl") in str(error.value)
+
+
+def test_imagefolder_root_that_is_not_a_directory_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # "" must not quietly mean the working directory
+    for root in (None, "", "  ", 3):
+        with pytest.raises(ValueError, match="imagefolder needs root, a directory of images"):
+            get_dataset("imagefolder", root=root)
+    with pytest.raises(ValueError, match=r"'a\.png' is not a directory"):
+        get_dataset("imagefolder", root="a.png")
+    with pytest.raises(ValueError, match=r"'~no-such-user-here/pics' does not exist"):
+        get_dataset("imagefolder", root="~no-such-user-here/pics")
+    (tmp_path / "only-hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "only-hidden" / ".a.png")
+    with pytest.raises(ValueError, match="no readable images in folder 'only-hidden'"):
+        get_dataset("imagefolder", root="only-hidden")
+
+
 # ------------------------------------------------------------------------- registry, loader, preview
 
 
 def test_unknown_dataset_name_lists_valid_names():
     with pytest.raises(ValueError, match="valid names: digits, imagefolder, mnist, shapes"):
         get_dataset("cifar10")
+
+
+def test_dataset_options_that_do_not_fit_name_the_dataset_and_its_options(monkeypatch):
+    with pytest.raises(ValueError, match=r"dataset 'imagefolder' needs option root \(set it with "
+                       r"--data\.options='\{root: DIR\}'.*\); its options: root, resolution, center_crop"):
+        get_dataset("imagefolder", resolution=64)
+    with pytest.raises(ValueError, match=r"dataset 'shapes' has no options resolutoin \(did you mean resolution\?\), "
+                       r"zoom; its options: resolution, max_objects"):
+        get_dataset("shapes", resolutoin=16, zoom=2)
+    with pytest.raises(ValueError, match=r"needs option root .* and has no option bogus"):
+        get_dataset("imagefolder", bogus=1)
+
+    def broken(size: int = 8):  # a TypeError inside a constructor is a bug, not a user mistake: not rewritten
+        raise TypeError("inner bug")
+
+    def open_ended(size: int, **extra):
+        return {"size": size, **extra}
+
+    monkeypatch.setitem(DATASETS, "broken", broken)
+    monkeypatch.setitem(DATASETS, "open", open_ended)
+    with pytest.raises(TypeError, match="inner bug"):
+        get_dataset("broken", size=4)
+    assert get_dataset("open", size=1, anything=2) == {"size": 1, "anything": 2}
+    with pytest.raises(ValueError, match=r"dataset 'open' needs option size .*; its options: size, \.\.\."):
+        get_dataset("open")
+
+
+def test_cli_data_preview_mistakes_print_one_line(capsys, tmp_path):
+    from reverie.cli import main
+
+    assert main(["data", "preview", "imagefolder", "-o", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dataset 'imagefolder' needs option root" in err and "--root DIR" in err
+    assert main(["data", "preview", "digits", "--n", "5000", "-o", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "n must be between 1 and 4096" in err
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_dataloader_with_workers_gives_the_same_batches():
@@ -432,3 +495,32 @@ def test_preview_grid_upscales_tiles_and_wraps_captions(tmp_path):
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
     short = _wrap(text, draw, font, 80, max_lines=2)
     assert len(short) == 2 and short[-1].endswith("...")
+
+
+class _Blank:
+    """``length`` items of one blank image each (shared, so a test costs no memory until a grid is drawn)."""
+
+    def __init__(self, length: int, side: int):
+        self.image = torch.zeros(3, side, side)
+        self.length, self.image_shape = length, (3, side, side)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return {"image": self.image, "text": "blank", "label": -1}
+
+
+def test_preview_grid_refuses_grids_that_do_not_fit_in_memory():
+    with pytest.raises(ValueError, match="n must be between 1 and 4096 images for one preview grid, got 5000"):
+        preview_grid(_Blank(1, 8), n=5000)
+    big = _Blank(3000, 256)
+    with pytest.raises(ValueError, match=r"3000 images of 256x256 pixels would take about \d+ MB; at most 512 MB "
+                       r"is allowed, so n <= (\d+) at this resolution") as error:
+        preview_grid(big, n=3000)
+    fits = int(re.search(r"n <= (\d+)", str(error.value)).group(1))
+    assert 500 < fits < 3000
+    with pytest.raises(ValueError, match=f"n <= {fits} "):
+        preview_grid(big, n=fits + 1)
+    grid = preview_grid(_Blank(9, 256), n=9)
+    assert grid.width == 3 * (256 + 6) + 6 and grid.height < 3 * 256 * 1.5

@@ -15,6 +15,8 @@ Items are pure functions of ``(seed, index)``, so any worker or process produces
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 
 from torch.utils.data import Dataset, default_collate
@@ -44,7 +46,44 @@ def get_dataset(name: str, **kwargs) -> Dataset:
     """Build a registered dataset by name: ``get_dataset("imagefolder", root="photos", resolution=64)``."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    _check_options(name, DATASETS[name], kwargs)
     return DATASETS[name](**kwargs)
+
+
+def _check_options(name: str, factory: Callable[..., Dataset], kwargs: dict) -> None:
+    """Raise a ValueError naming the dataset, its missing or unknown options and the valid ones when
+    ``kwargs`` do not fit ``factory``'s signature (checked before the call, so a TypeError raised inside
+    the constructor is never mistaken for a user's mistake)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return
+    params = list(signature.parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = [p.name for p in named]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [] if takes_any else [k for k in kwargs if k not in valid]
+    if not missing and not unknown:
+        return
+    problems = []
+    if missing:
+        example = ", ".join(f"{m}: {'DIR' if m == 'root' else 'VALUE'}" for m in missing)
+        where = f"--data.options='{{{example}}}'"
+        if "root" in missing:
+            where += " or, for reverie data preview, --root DIR"
+        plural = len(missing) > 1
+        problems.append(f"needs option{'s' if plural else ''} {', '.join(missing)} "
+                        f"(set {'them' if plural else 'it'} with {where})")
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        problems.append(f"has no option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
+    listed = ", ".join(valid) + (", ..." if takes_any else "") if valid else "none"
+    raise ValueError(f"dataset {name!r} {' and '.join(problems)}; its options: {listed}")
 
 
 def collate(batch: list[dict]) -> dict:

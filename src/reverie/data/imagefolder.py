@@ -19,6 +19,7 @@ epoch (with non-persistent DataLoader workers the new epoch reaches them).
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -52,7 +53,15 @@ def _readable(path: Path, full: bool) -> bool:
 def _read_metadata(path: Path, caption_key: str) -> dict[Path, str]:
     """Captions from one metadata.jsonl, keyed by resolved image path; malformed lines are warned about."""
     captions, bad = {}, 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (line {line}, byte {error.start}: {error.reason}); "
+                         "save it as UTF-8, one JSON object per line") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
@@ -64,6 +73,24 @@ def _read_metadata(path: Path, caption_key: str) -> dict[Path, str]:
         warnings.warn(f"{path}: ignored {bad} line(s) without valid 'file_name' and {caption_key!r}",
                       stacklevel=3)
     return captions
+
+
+def _root_dir(root) -> Path:
+    """``root`` as an existing directory, or a ValueError naming it and saying what is wrong."""
+    if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
+        raise ValueError(f"imagefolder needs root, a directory of images (got {root!r})")
+    path = Path(root)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # '~user' with no such user: report the path as given
+        pass
+    if not path.exists():
+        raise ValueError(f"image folder {str(path)!r} does not exist (root must be a directory of images)")
+    if not path.is_dir():
+        raise ValueError(f"image folder {str(path)!r} is not a directory (root must be a directory of images)")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"image folder {str(path)!r} cannot be read (permission denied)")
+    return path
 
 
 def _names(paths: list[str]) -> str:
@@ -87,9 +114,7 @@ class ImageFolder(Dataset):
             raise ValueError(f"unknown verify {verify!r}; valid choices: fast, full")
         if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution must be a positive integer or None, got {resolution!r}")
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise ValueError(f"image folder {str(self.root)!r} does not exist or is not a directory")
+        self.root = _root_dir(root)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.load_failures = seed, 0, 0
         self._failed: set[int] = set()
