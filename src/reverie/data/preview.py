@@ -63,7 +63,7 @@ def _tile(image, min_side: int, max_side: int) -> Image.Image:
 
 def _grid_bytes(count: int, columns: int | None, cell_w: int, cell_h: int, tile_w: int, tile_h: int) -> int:
     """Memory a grid of ``count`` cells takes while it is drawn: the RGB grid plus the RGB tiles."""
-    columns = min(columns or math.ceil(math.sqrt(count)), count)
+    columns = columns or math.ceil(math.sqrt(count))  # as preview_grid lays it out
     rows = math.ceil(count / columns)
     grid = (columns * (cell_w + _PAD) + _PAD) * (rows * (cell_h + _PAD) + _PAD)
     return 3 * (grid + count * tile_w * tile_h)
