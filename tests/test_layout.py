@@ -283,5 +283,5 @@ def test_fine_tuning_run_trains_and_resumes_without_its_source(make_model_dir, t
     shutil.rmtree(src)  # resuming reads the checkpoint, not the model it started from
     again = train(_cfg(*run, "--train.steps=3"), resume="auto")
     assert again.step == 3 and again.model.layout is not None
-    with pytest.raises(TrainingError, match="not a model directory"):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):  # refused before any work
         train(_cfg(*run, "--train.steps=1", f"--train.out_dir={tmp_path / 'fresh'}"), resume="auto")

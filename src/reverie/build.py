@@ -56,6 +56,16 @@ def dataset_info(dataset) -> dict:
             "num_classes": num_classes}
 
 
+def check_info(info: dict) -> dict:
+    """A model's data description (``dataset_info``, stored in ``config.json``), checked for what sampling uses."""
+    for key in ("in_channels", "resolution"):
+        if not isinstance(info[key], int) or isinstance(info[key], bool) or info[key] < 1:
+            raise ValueError(f"data.{key} must be a positive integer, got {info[key]!r}")
+    if not isinstance(info.get("num_classes", 0), int):
+        raise ValueError(f"data.num_classes must be an integer, got {info['num_classes']!r}")
+    return info
+
+
 def build_network(cfg, info: dict) -> torch.nn.Module:
     """The config's network for data described by ``info`` (see :func:`dataset_info`), wrapped with
     its text encoder for text models."""
@@ -113,7 +123,8 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
         raise FileNotFoundError(f"{str(path)!r} is not an autoencoder directory (no config.json); train one "
                                 f"with `reverie train-vae configs/vae-shapes-f4.yaml`")
     found = modeldir.read(path, kind="vae")
-    vae = create_autoencoder(found.config["network"])
+    with modeldir.parsing(path / "config.json"):
+        vae = create_autoencoder(found.config["network"])
     modeldir.load_module_weights(vae, found.load_weights(use_ema=False), source=str(found.weights_file(use_ema=False)))
     return vae.to(device).eval().requires_grad_(False)
 

@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +62,29 @@ class ModelDir:
         return file_hash(self.weights_file(use_ema))
 
 
+@contextmanager
+def parsing(source: str | Path, what: str = ""):
+    """Turn what a damaged file makes config-parsing code raise (a missing key, a wrong type) into one
+    ValueError that names the file; wrap only the code that reads the file's contents."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{source} is damaged: {what}missing {e.args[0]!r}") from None
+    except (TypeError, AttributeError, IndexError, ValueError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if str(source) in message:
+            raise ValueError(message) from None
+        raise ValueError(f"{source} is damaged: {what}{message}") from None
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; a syntax error names the file."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON: it is not UTF-8 text") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data
@@ -76,6 +94,9 @@ def read(path: str | Path, kind: str | None = None) -> ModelDir:
     """Read a model directory's ``config.json``; with ``kind``, refuse a model of another kind."""
     path = Path(path)
     cfg_file = path / "config.json"
+    if not path.is_dir():
+        what = "a file" if path.exists() else "not found"
+        raise FileNotFoundError(f"{path} is not a reverie model directory ({what})")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a reverie model directory (no config.json)")
     config = read_json(cfg_file)

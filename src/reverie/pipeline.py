@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from . import modeldir
-from .build import DiffusionModel, load_autoencoder, network_from_config, save_autoencoder, save_diffusion
-from .configs import ConfigError, from_dict
+from .build import DiffusionModel, check_info, load_autoencoder, network_from_config, save_autoencoder, save_diffusion
+from .configs import from_dict
 from .images import to_pil
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
@@ -47,15 +47,17 @@ class Pipeline(DiffusionModel):
         if found.kind != "diffusion":
             raise ValueError(f"{path} is a {found.kind} model, not a diffusion model"
                              + (": use it as model.autoencoder in a training config" if found.kind == "vae" else ""))
-        try:
+        with modeldir.parsing(path / "config.json"):
             cfg = from_dict(TrainConfig, found.config["train_config"])
             net = network_from_config(found.config, layout_channels=cfg.model.layout_channels)
-            info = found.config["data"]
-        except (KeyError, TypeError, ConfigError) as e:
-            raise ValueError(f"{path / 'config.json'} is damaged: {e}") from None
+            info = check_info(found.config["data"])
+            own_vae = found.config.get("autoencoder")
+            own_vae = path / str(own_vae) if own_vae else None
         weights = found.weights_file(use_ema)
         modeldir.load_module_weights(net, found.load_weights(use_ema), source=str(weights))
-        vae = load_autoencoder(path / found.config["autoencoder"], device) if found.config.get("autoencoder") else None
+        if own_vae is not None and not (own_vae / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a latent model whose autoencoder ({own_vae}) is missing")
+        vae = load_autoencoder(own_vae, device) if own_vae is not None else None
         return cls(net.to(device), cfg, info, name=path.name, weights_hash=modeldir.file_hash(weights), vae=vae)
 
     def save_pretrained(self, path: str | Path) -> Path:

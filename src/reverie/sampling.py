@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,3 +294,56 @@ def save_sample_grid(model: DiffusionModel, path: Path) -> Path:
     # prompts repeat cyclically over the images: one column per prompt when they tile the grid exactly
     ncols = len(prompts) if prompts and len(images) % len(prompts) == 0 and len(prompts) <= 16 else None
     return save_grid(images, path, ncols=ncols)
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may use: ``REVERIE_MEMORY_GB`` if set, else the system's available memory
+    (``MemAvailable``; 4 GB where it cannot be read)."""
+    if os.environ.get("REVERIE_MEMORY_GB"):
+        return int(float(os.environ["REVERIE_MEMORY_GB"]) * 2**30)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+@torch.no_grad()
+def bytes_per_image(model: DiffusionModel, guided: bool = True) -> int:
+    """An upper bound on the memory one image of a sampling batch needs: every module's output of one
+    denoiser call on one image, as if all were alive at once (they are not: the true peak is lower), twice
+    under guidance, plus the sampler's copies of the state and, for a latent model, the decoded image."""
+    sizes = []
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.net.modules() if not list(m.children())]
+    try:
+        options = SamplingOptions(layouts="none")
+        cond, _ = conditions(model, 1, options, [""])
+        x = torch.zeros(1, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
+        device = next(model.net.parameters()).device
+        model.denoiser(x.to(device), torch.ones(1, device=device), **cond)
+    finally:
+        for h in handles:
+            h.remove()
+    state = x.numel() * 4 * 8  # x, denoised, and a multistep sampler's history, in float32
+    decoded = math.prod(model.image_shape) * 4 * 4 if model.vae is not None else 0
+    return sum(sizes) * (2 if guided else 1) + state + decoded
+
+
+def check_batch(model: DiffusionModel, batch: int, option: str = "--batch-size", guided: bool = True) -> None:
+    """Refuse a sampling batch whose estimated memory (:func:`bytes_per_image`) exceeds half of
+    :func:`available_memory`, naming a batch size that fits."""
+    per_image = bytes_per_image(model, guided)
+    budget = available_memory() // 2
+    if batch * per_image > budget:
+        fits = max(1, budget // per_image)
+        raise ValueError(f"{option} {batch} would need about {batch * per_image / 2**30:.1f} GB to sample "
+                         f"({per_image / 2**20:.1f} MB per image), more than the {budget / 2**30:.1f} GB available; "
+                         f"use {option} {fits} or less")

@@ -26,7 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in (train, generate, evaluate, info):
         group.add_commands(sub, fmt)
+    for command in _leaf_parsers(sub):
+        command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _leaf_parsers(sub) -> list:
+    leaves = []
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [parser]
+    return leaves
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,18 +46,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "train-vae") or not all(u.startswith("--") and "=" in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
-    from ..train.errors import TrainingError
+    from ..train.errors import RunChanged, RunInUse, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as e:
+    except (ConfigError, ValueError, OSError, TrainingError) as e:
         if os.environ.get("REVERIE_DEBUG"):
             raise
-        print(f"reverie: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingError) else 2
+        print(f"reverie: error: {one_line(e)}", file=sys.stderr)
+        ran_and_failed = isinstance(e, TrainingError) and not isinstance(e, (RunInUse, RunChanged))
+        return 1 if ran_and_failed else 2
     except KeyboardInterrupt:
         print("reverie: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line; an OSError names its file (disk full, permission denied, not a directory)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-t2i"
@@ -110,3 +111,43 @@ def sampling_options(args, layouts="auto"):
 def grid_label(args, pipe) -> str:
     """What to print and record for the grid: the name, the grid file, or the model's own kind."""
     return args.grid or pipe.cfg.sample.grid
+
+
+def show_progress(args) -> bool:
+    """Progress bars on a terminal, unless --quiet."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def writable_dir(directory: Path, option: str) -> Path:
+    """``directory``, created if missing, after checking that a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{option}: {directory} cannot be a directory: a file is in the way") from None
+    except OSError as e:
+        raise UserError(f"{option}: cannot create {directory}: {e.strerror}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".reverie-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{option}: cannot write in {directory}: {e.strerror}") from None
+    return directory
+
+
+def output_file(path: str, suffixes: tuple[str, ...], option: str = "-o") -> Path:
+    """A file path the command will be able to write, checked before any work: not a directory, with one of
+    ``suffixes``, in a directory that exists (or can be made) and is writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name ending in {suffixes[0]}")
+    if target.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    writable_dir(target.parent, option)
+    return target
+
+
+def output_dir(path: str, option: str = "--out-dir") -> Path:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{option} {path} is a file, not a directory")
+    return writable_dir(target, option)

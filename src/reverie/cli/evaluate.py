@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, at_least, sampling_options, sampling_parent
+from .common import DEFAULT_MODEL, UserError, at_least, output_file, sampling_options, sampling_parent, show_progress
+
+MAX_EVAL = 50_000
 
 
 def add_commands(sub, fmt) -> None:
@@ -41,14 +43,22 @@ def run_eval(args) -> int:
 
     from ..eval.evaluate import EvalSettings, evaluate, parse_metrics, result_rows
     from ..pipeline import Pipeline
+    from ..sampling import check_batch
 
     metrics = parse_metrics(args.metrics)
+    for option, value in (("--n", args.n), ("--ref-n", args.ref_n)):
+        if value > MAX_EVAL:
+            raise UserError(f"{option} must be at most {MAX_EVAL:,} (FID's standard sample size), got {value:,}")
     options = sampling_options(args)
+    if args.json:
+        output_file(args.json, (".json",), "--json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = EvalSettings(n=args.n, batch_size=args.batch_size, ref=args.ref, ref_split=args.ref_split,
                             ref_root=args.ref_root, ref_n=args.ref_n, device=device, per_prompt=args.per_prompt,
-                            layout=args.layout, paraphrase=args.paraphrase, nll_n=args.nll_n, probe_n=args.probe_n)
+                            layout=args.layout, paraphrase=args.paraphrase, nll_n=args.nll_n, probe_n=args.probe_n,
+                            progress=show_progress(args))
     pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=device)
+    check_batch(pipe, args.batch_size, guided=pipe.conditioning != "none")
     results = evaluate(pipe, metrics, options, settings)
     if args.grid is not None:
         results["grid"] = args.grid

@@ -9,9 +9,20 @@ import sys
 import time
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, UserError, at_least, sampling_options, sampling_parent
+from .common import (
+    DEFAULT_MODEL,
+    UserError,
+    at_least,
+    output_dir,
+    output_file,
+    sampling_options,
+    sampling_parent,
+    show_progress,
+)
 
-MAX_IMAGES = 64
+MAX_IMAGES = 64     # generate: one batch
+MAX_GRID = 1024     # sample: images in one PNG grid (more: --out-dir streams them)
+MAX_PILOT = 1024
 
 
 def add_commands(sub, fmt) -> None:
@@ -31,9 +42,12 @@ def add_commands(sub, fmt) -> None:
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt,
                        parents=[sampling_parent()])
     s.add_argument("model", help="model directory (config.json + model.safetensors), checkpoint or run")
-    s.add_argument("--n", type=at_least(1), default=16, help="number of images")
+    s.add_argument("--n", type=at_least(1), default=16, help=f"number of images (a grid holds at most {MAX_GRID})")
+    s.add_argument("--batch-size", type=at_least(1), default=64, help="images sampled at once")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")
+    s.add_argument("--out-dir", default=None,
+                   help="write one PNG per image into this folder instead, batch by batch (any --n)")
     s.set_defaults(func=sample)
 
     tg = sub.add_parser("tune-grid", help="tune a few-step sigma grid to a model and a sampler", formatter_class=fmt,
@@ -128,6 +142,10 @@ def generate(args) -> int:
     from ..pipeline import Pipeline
 
     prompt, num_images, index, options = _request(args)
+    if args.out_dir:
+        output_dir(args.out_dir)
+    else:
+        output_file(args.output, (".png",))
     pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
@@ -139,7 +157,7 @@ def generate(args) -> int:
     params = {"prompt": prompt, "num_images": num_images, **used.to_metadata(), "model": pipe.name,
               "model_hash": pipe.weights_hash}
     start = time.perf_counter()
-    images = pipe.generate(prompt, num_images, options, progress=sys.stderr.isatty())
+    images = pipe.generate(prompt, num_images, options, progress=show_progress(args))
     elapsed = time.perf_counter() - start
     if index is not None:  # reproducing one file of an --out-dir batch
         images = [images[index]]
@@ -156,30 +174,65 @@ def generate(args) -> int:
 
 
 def sample(args) -> int:
-    from ..images import save_grid
+    """A grid of ``--n`` images, or with ``--out-dir`` one PNG per image written batch by batch, so that memory
+    stays that of one batch whatever ``--n`` is."""
+    from tqdm.auto import tqdm
+
+    from ..images import save_grid, to_pil
     from ..pipeline import Pipeline
+    from ..sampling import check_batch
 
     options = sampling_options(args)
+    if args.out_dir:
+        out = output_dir(args.out_dir)
+    elif args.n > MAX_GRID:
+        raise UserError(f"--n {args.n} is too many for one grid image (at most {MAX_GRID}); write one PNG per image "
+                        f"with --out-dir DIR, which streams them in batches of --batch-size")
+    else:
+        output_file(args.output, (".png",))
     pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
-    images = pipe.sample(args.n, options, progress=sys.stderr.isatty())
-    path = save_grid(images, args.output)
-    print(f"wrote {args.n} samples to {path}")
+    batch = min(args.batch_size, args.n)
+    check_batch(pipe, batch, guided=pipe.conditioning != "none")
+    if not args.out_dir:
+        images = torch_cat([pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
+                            for k, start in enumerate(range(0, args.n, batch))])
+        print(f"wrote {args.n} samples to {save_grid(images, args.output)}")
+        return 0
+    with tqdm(total=args.n, desc="sample", unit="img", disable=not show_progress(args)) as bar:
+        for k, start in enumerate(range(0, args.n, batch)):
+            images = pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
+            for i, image in enumerate(to_pil(images)):
+                image.save(out / f"{start + i:06d}.png")
+            bar.update(len(images))
+    print(f"wrote {args.n} samples to {out}/ (batches of {batch}, seeds {options.seed} + batch index)")
     return 0
+
+
+def torch_cat(chunks):
+    import torch
+
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def tune_grid(args) -> int:
     from ..pipeline import Pipeline
     from ..samplers import GRIDS
+    from ..sampling import check_batch
 
     if args.teacher_grid is not None and args.teacher_grid not in GRIDS:
         raise UserError(f"unknown --teacher-grid {args.teacher_grid!r}; choose one of {', '.join(GRIDS)}")
+    if args.pilot > MAX_PILOT:
+        raise UserError(f"--pilot must be at most {MAX_PILOT}, got {args.pilot} (a grid is tuned on a few dozen)")
     options = sampling_options(args)
+    output_file(args.output, (".json",))
     pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device or "cpu")
+    check_batch(pipe, args.pilot, option="--pilot", guided=pipe.conditioning != "none")
     if args.prompt and pipe.conditioning != "text":
         raise UserError(f"model {pipe.name!r} is not text-conditioned; --prompt needs a text model")
     start = time.perf_counter()
     tuned = pipe.tune_grid(options.sampler, options.steps, pilot=args.pilot, seed=options.seed, prompts=args.prompt,
-                           teacher_steps=args.teacher_steps, teacher_grid=args.teacher_grid, progress=True,
+                           teacher_steps=args.teacher_steps, teacher_grid=args.teacher_grid,
+                           progress=show_progress(args),
                            options=options)
     elapsed = time.perf_counter() - start
     path = tuned.save(args.output)

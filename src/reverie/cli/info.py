@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import at_least
+from .common import at_least, output_file
 
 
 def add_commands(sub, fmt) -> None:
@@ -69,6 +69,7 @@ def data_preview(args) -> int:
     from ..data import get_dataset
     from ..data.preview import preview_grid
 
+    output_file(args.output, (".png",))
     options = {"resolution": args.resolution}
     if args.root:
         options["root"] = args.root

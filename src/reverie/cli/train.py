@@ -29,7 +29,8 @@ def add_commands(sub, fmt) -> None:
 def _config(cls, args):
     from ..configs import load_config, to_dict
 
-    cfg = load_config(cls, args.config, args.overrides)
+    overrides = list(args.overrides) + (["--train.progress=false"] if args.quiet else [])
+    cfg = load_config(cls, args.config, overrides)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return None
@@ -66,7 +67,9 @@ def export(args) -> int:
     import torch
 
     from ..train import export_checkpoint
+    from .common import output_dir
 
+    output_dir(args.output, "-o")
     out = export_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema,
                             dtype=torch.float16 if args.half else torch.float32)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20

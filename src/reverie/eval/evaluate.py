@@ -42,6 +42,7 @@ class EvalSettings:
     paraphrase: bool = False
     nll_n: int = 64
     probe_n: int = 256
+    progress: bool = True
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -89,7 +90,8 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
     """FID / KID / precision-recall of ``settings.n`` samples against the reference's Inception features."""
     name, data_options = reference_spec(pipe, settings)
     resolution = pipe.image_shape[-1]
-    ref = dataset_reference(name, resolution=resolution, n=settings.ref_n, device=settings.device, **data_options)
+    ref = dataset_reference(name, resolution=resolution, n=settings.ref_n, device=settings.device,
+                            progress=settings.progress, **data_options)
     prompts = None
     if pipe.conditioning == "text":  # captions of the reference images, as COCO FID does
         data = get_dataset(name, resolution=resolution, **data_options)
@@ -105,7 +107,8 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
                            prompts=prompts[start:start + num] if prompts else None)
 
     feats = sample_features(draw, settings.n, batch_size=settings.batch_size, seed=options.seed,
-                            desc=f"sampling {pipe.name}", extractor=get_inception(settings.device))
+                            desc=f"sampling {pipe.name}", extractor=get_inception(settings.device),
+                            progress=settings.progress)
     res = evaluate_samples(feats, ref, tuple(m for m in metrics if m in SAMPLE_METRICS))
     res["reference"] = f"{name} {data_options.get('split', '')}".strip()
     return res
@@ -122,7 +125,7 @@ def nll_metrics(pipe, settings: EvalSettings, seed: int = 0) -> dict:
 
     def mean_sem(bits_per_dim, key):
         g = torch.Generator().manual_seed(seed)
-        bpd = torch.cat([bits_per_dim(pipe.denoiser, x0[i:i + batch], generator=g, progress=True)
+        bpd = torch.cat([bits_per_dim(pipe.denoiser, x0[i:i + batch], generator=g, progress=settings.progress)
                          for i in range(0, n, batch)])
         res[key], res[key + "_sem"] = float(bpd.mean()), float(bpd.std() / n**0.5) if n > 1 else 0.0
 
@@ -151,11 +154,11 @@ def evaluate(pipe, metrics: list[str], options: SamplingOptions | None = None,
         results["adherence"] = evaluate_adherence(
             pipe, num_per_prompt=settings.per_prompt, steps=options.steps, sampler=options.sampler,
             guidance_scale=options.guidance_scale, seed=options.seed, grid=options.grid,
-            paraphrased=settings.paraphrase, layouts=settings.layout)
+            paraphrased=settings.paraphrase, layouts=settings.layout, progress=settings.progress)
     if "probe" in metrics:
         results["probe"] = caption_probe(pipe.denoiser, num_images=settings.probe_n, seed=options.seed,
                                          batch_size=settings.batch_size, resolution=pipe.cfg.data.resolution,
-                                         data_options=pipe.cfg.data.options)
+                                         data_options=pipe.cfg.data.options, progress=settings.progress)
     return results
 
 

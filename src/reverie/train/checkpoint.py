@@ -18,7 +18,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..modeldir import load_weights, parsing, read_json
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -134,10 +136,31 @@ def find_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint directory back into the nested state dict it was saved from."""
+def newest_first(root: str | Path) -> list[Path]:
+    """The checkpoints to try when resuming: the one ``latest`` names, then the others, newest first."""
+    root = Path(root)
+    found = list(reversed(list_checkpoints(root)))
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text(errors="replace").strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """Read a checkpoint directory back into the nested state dict it was saved from; a damaged one
+    (truncated tensors, a broken ``state.json``, a ``required`` top-level key missing) is a ValueError
+    naming the file."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a reverie checkpoint (no state.json)")
-    tensors = load_file(str(path / "tensors.safetensors"))
-    return unflatten_state(json.loads((path / "state.json").read_text()), tensors)
+    skeleton = read_json(path / "state.json")
+    tensors = load_weights(path / "tensors.safetensors")
+    with parsing(path / "state.json"):
+        state = unflatten_state(skeleton, tensors)
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"{path / 'state.json'} is damaged: missing {', '.join(missing)}")
+    return state

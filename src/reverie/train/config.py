@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configs import ConfigError
+from ..nets import PRESETS
 from ..samplers import SIGMA_GRIDS
 from ..sampling import SamplingOptions
 
@@ -189,6 +190,8 @@ class TrainConfig(RunConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
+            (self.model.network in PRESETS,
+             f"model.network {self.model.network!r} is not a preset; choose one of {', '.join(PRESETS)}"),
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
             (0 <= self.train.layout_dropout <= 1, "train.layout_dropout must be in [0, 1]"),
             (0 <= self.train.layout_only <= 1, "train.layout_only must be in [0, 1]"),

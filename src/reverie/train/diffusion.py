@@ -30,7 +30,7 @@ from ..configs import from_dict
 from ..latent import LatentCache, encode_batch, latent_info
 from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
 from ..sampling import save_sample_grid
-from .checkpoint import find_checkpoint, load_checkpoint
+from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .errors import TrainingError
@@ -80,6 +80,7 @@ def init_weights(net: torch.nn.Module, model_dir: str | Path) -> list[str]:
 
 class DiffusionTrainer(Trainer):
     name = "train"
+    network_fields = ("model.", "schedule.", "data.resolution")
 
     def check(self) -> None:
         cfg = self.cfg
@@ -88,6 +89,12 @@ class DiffusionTrainer(Trainer):
             # first loss, then non-finite losses from the second step on; eager bf16 and compiled fp32 train fine.
             raise TrainingError("train.compile with mixed precision on the CPU gave non-finite losses here "
                                 "(torch 2.13); use --train.mixed_precision=no with compile, or compile on a GPU")
+        resumable = latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints") is not None  # holds the weights
+        if cfg.train.init_from and not resumable and not (Path(cfg.train.init_from) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"train.init_from={cfg.train.init_from!r} is not a model directory "
+                                    f"(no model.safetensors)")
+        if cfg.model.autoencoder:
+            modeldir.read(cfg.model.autoencoder, kind="vae")  # exists, and is an autoencoder
 
     def setup(self, run: Run):
         cfg = self.cfg
@@ -208,8 +215,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
     """Turn a training checkpoint (or a run directory's latest) into a shareable model directory
     holding one set of weights (the EMA ones by default), optionally stored in half precision."""
     source = find_checkpoint(checkpoint)
-    state = load_checkpoint(source)
-    cfg = from_dict(TrainConfig, state["config"])
+    state = load_checkpoint(source, ("model", "ema", "config"))
+    with modeldir.parsing(source / "state.json"):
+        cfg = from_dict(TrainConfig, state["config"])
     info = state.get("info") or dataset_info(build_dataset(cfg))
     net = build_network(cfg, info)
     modeldir.load_module_weights(net, state["ema" if use_ema else "model"], source=str(source))

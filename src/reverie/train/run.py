@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -48,15 +50,19 @@ from tqdm.auto import tqdm
 
 from ..configs import to_dict
 from ..modeldir import load_module_weights, module_weights
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, newest_first, save_checkpoint
 from .data import Batches, DataState, step_generator
-from .errors import TrainingError
+from .errors import RunChanged, TrainingError
+from .lock import RunLock
 
 
 class Trainer:
-    """What one kind of model adds to the skeleton (module docstring); ``name`` labels its progress bar."""
+    """What one kind of model adds to the skeleton (module docstring); ``name`` labels its progress bar.
+    ``network_fields``: config paths (dotted prefixes) that define the network; a resume that changes one
+    is refused, other changes are allowed and kept in the run's ``history.jsonl``."""
 
     name = "train"
+    network_fields: tuple[str, ...] = ("model.", "data.resolution")
 
     def __init__(self, cfg, dataset=None):
         self.cfg, self.dataset = cfg, dataset
@@ -167,17 +173,60 @@ def make_optimizer(cfg, module: torch.nn.Module):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
-def _source(run: Run, resume) -> Path | None:
-    """The checkpoint to resume from: ``"auto"`` the run's latest (if any), a path, or False for none."""
-    if resume == "auto":
-        return latest_checkpoint(run.ckpt_dir)
-    return Path(resume) if resume else None
+RUN_STATE = ("step", "model", "optimizer", "lr_scheduler", "data", "config")  # what every run checkpoint holds
 
 
-def _restore(source: Path, module, opt, sched, trainer: Trainer, run: Run) -> Progress:
-    state = load_checkpoint(source)
+def _resume_from(run: Run, resume) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its state: ``"auto"`` the run's newest intact one (a damaged newer
+    one is skipped, with a warning), a path that checkpoint, False none."""
+    if resume != "auto":
+        return (Path(resume), load_checkpoint(resume, RUN_STATE)) if resume else (None, None)
+    damaged = []
+    for candidate in newest_first(run.ckpt_dir):
+        try:
+            state = load_checkpoint(candidate, RUN_STATE)
+        except (ValueError, OSError) as e:
+            damaged.append(f"{candidate.name} ({e})")
+            continue
+        if damaged:
+            run.say(f"reverie: warning: skipped damaged checkpoint(s) {'; '.join(damaged)}; resuming from "
+                    f"{candidate.name}")
+        return candidate, state
+    if damaged:
+        raise TrainingError(f"every checkpoint of {run.out} is damaged: {'; '.join(damaged)}; "
+                            f"start afresh with --resume no")
+    return None, None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_changes(trainer: Trainer, run: Run, state: dict, source: Path) -> None:
+    """Refuse a resume that changes the network; record any other change in ``history.jsonl``."""
+    old, new = _flat(state["config"]), _flat(to_dict(run.cfg))
+    changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+    network = [k for k in changed if k.startswith(trainer.network_fields)]
+    if network:
+        shown = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in network[:4])
+        raise RunChanged(f"{source} was trained with another network ({shown}); resume with its settings, "
+                         f"or start a new train.out_dir (--train.init_from=MODEL_DIR fine-tunes from a model)")
+    if changed and run.main:
+        run.say("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        with (run.out / "history.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state["step"], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
+
+
+def _restore(state: dict, source: Path, module, opt, sched, trainer: Trainer, run: Run) -> Progress:
     trainer.load_state_dict(state, source)
-    load_module_weights(module, state["model"])
+    load_module_weights(module, state["model"], source=str(source))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["lr_scheduler"])
     run.say(f"resumed from {source} at step {state['step']}")
@@ -221,11 +270,14 @@ def _micro_steps(trainer: Trainer, model, batches: Batches, g: torch.Generator, 
 class _Log:
     """``log.jsonl`` (plus TensorBoard when asked) on the main process; images/s between records."""
 
-    def __init__(self, run: Run, resumed: bool):
+    def __init__(self, run: Run, resumed_at: int | None):
         self.run, self.file, self.tb = run, None, None
         self.t_last, self.images = time.perf_counter(), 0
         if run.main:
-            self.file = (run.out / "log.jsonl").open("a" if resumed else "w")
+            path = run.out / "log.jsonl"
+            if resumed_at is not None:
+                _truncate_log(path, resumed_at)
+            self.file = path.open("a" if resumed_at is not None else "w")
             self.tb = _tensorboard(run.out) if run.cfg.train.tensorboard else None
 
     def write(self, record: dict, now: float) -> None:
@@ -242,6 +294,24 @@ class _Log:
         for f in (self.file, self.tb):
             if f is not None:
                 f.close()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records up to the checkpoint's ``step`` (the later ones will be written again) and drop a line
+    a kill cut in half; atomically, so a crash here loses nothing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _tensorboard(out: Path):
@@ -271,26 +341,35 @@ def _skip_step(run: Run, opt, sched, progress: Progress, bad_in_a_row: int, last
 
 
 def fit(trainer: Trainer, resume: str | bool = "auto"):
-    """Run ``trainer`` to ``train.steps``; ``resume="auto"`` continues from the run's latest checkpoint
-    if any, a path resumes from that checkpoint, False starts fresh. Returns ``trainer.finish``'s result."""
-    cfg = trainer.cfg
+    """Run ``trainer`` to ``train.steps``; ``resume="auto"`` continues from the run's newest intact checkpoint
+    if any, a path resumes from that checkpoint, False starts fresh. The main process holds the run
+    directory's lock (``reverie.train.lock``) throughout. Returns ``trainer.finish``'s result."""
     trainer.check()
-    run = Run(cfg)
+    run = Run(trainer.cfg)
+    with RunLock(run.out) if run.main else nullcontext():
+        return _fit(trainer, run, resume)
+
+
+def _fit(trainer: Trainer, run: Run, resume):
+    cfg = run.cfg
     dataset = trainer.setup(run)
-    source = _source(run, resume)
+    source, state = _resume_from(run, resume)
+    if state is not None:
+        _check_changes(trainer, run, state, source)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    module = trainer.build(run, resuming=source is not None)
+    module = trainer.build(run, resuming=state is not None)
     opt, sched = make_optimizer(cfg, module)
-    progress = _restore(source, module, opt, sched, trainer, run) if source is not None else Progress()
+    progress = _restore(state, source, module, opt, sched, trainer, run) if state is not None else Progress()
     model, opt = run.acc.prepare(module, opt)
     trainer.prepared(model)
     batches = Batches(dataset, cfg, run.rank, run.world, progress.data)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = _Log(run, resumed=source is not None)
-    run.bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not (run.main and cfg.train.progress),
-                   desc=trainer.name, dynamic_ncols=True)
+    log = _Log(run, resumed_at=progress.step if state is not None else None)
+    show = run.main and cfg.train.progress and sys.stderr.isatty()
+    run.bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not show, desc=trainer.name,
+                   dynamic_ncols=True)
     bad_in_a_row, last_good = 0, latest_checkpoint(run.ckpt_dir)
     model.train()
     try:
