@@ -119,18 +119,18 @@ def show_progress(args) -> bool:
 
 
 def writable_dir(directory: Path, option: str) -> Path:
-    """``directory``, created if missing, after checking that a file can be written in it."""
+    """``directory`` after checking, without creating anything, that the command will be able to make it (if
+    missing) and write in it: its nearest existing ancestor is a directory that takes a new file."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option}: {directory} cannot be a directory: {existing} is a file")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"{option}: {directory} cannot be a directory: a file is in the way") from None
-    except OSError as e:
-        raise UserError(f"{option}: cannot create {directory}: {e.strerror}") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".reverie-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".reverie-write-test-"):
             pass
     except OSError as e:
-        raise UserError(f"{option}: cannot write in {directory}: {e.strerror}") from None
+        raise UserError(f"{option}: cannot write in {existing}: {e.strerror}") from None
     return directory
 
 

@@ -74,10 +74,12 @@ def layout_arg(value: str):
         return value
     from ..layout import check_layout
 
-    text = Path(value).read_text() if Path(value).suffix == ".json" and Path(value).is_file() else value
+    is_file = Path(value).suffix == ".json" and Path(value).is_file()
     try:
-        layout = json.loads(text)
-    except json.JSONDecodeError:
+        layout = json.loads(Path(value).read_text(encoding="utf-8") if is_file else value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if is_file:
+            raise UserError(f"--layout {value}: the file is not valid JSON ({e})") from None
         raise UserError(f"--layout must be auto, none, or a JSON list like "
                         f"'[[\"red circle\", [0.1, 0.1, 0.4, 0.4]]]', got {value!r}") from None
     return [check_layout(layout, "--layout")]
@@ -198,6 +200,7 @@ def sample(args) -> int:
                             for k, start in enumerate(range(0, args.n, batch))])
         print(f"wrote {args.n} samples to {save_grid(images, args.output)}")
         return 0
+    out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=args.n, desc="sample", unit="img", disable=not show_progress(args)) as bar:
         for k, start in enumerate(range(0, args.n, batch)):
             images = pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)

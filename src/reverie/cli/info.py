@@ -26,11 +26,16 @@ def add_commands(sub, fmt) -> None:
 
 
 def _describe_model(found) -> None:
-    from safetensors import safe_open
+    from .. import modeldir
 
     config = found.config
-    with safe_open(str(found.weights_file(use_ema=False)), "pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    header = modeldir.check_safetensors(found.weights_file(use_ema=False))
+    n = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    with modeldir.parsing(found.path / "config.json"):
+        _print_model(found, config, n)
+
+
+def _print_model(found, config: dict, n: int) -> None:
     print(f"model directory {found.path}")
     print(f"  kind:       {found.kind}")
     print(f"  network:    {config['network'].get('arch')} ({n:,} parameters)")
@@ -52,6 +57,8 @@ def inspect(args) -> int:
     from ..train.checkpoint import find_checkpoint, load_checkpoint
 
     path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         _describe_model(modeldir.read(path))
         return 0

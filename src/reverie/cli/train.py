@@ -69,7 +69,7 @@ def export(args) -> int:
     from ..train import export_checkpoint
     from .common import output_dir
 
-    output_dir(args.output, "-o")
+    output_dir(args.output, "-o")  # checked, not created: a damaged checkpoint leaves nothing behind
     out = export_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema,
                             dtype=torch.float16 if args.half else torch.float32)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..configs import from_dict as typed_config
 from ..utils import append_dims
 
 __all__ = [
@@ -83,7 +84,7 @@ class NetConfig:
         if arch != cls.arch:
             raise ValueError(f"config is for arch {arch!r}, not {cls.arch!r}")
         check_keys(cls, d)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return typed_config(cls, d, "network")  # every value's type checked, named by its field
 
     def replace(self, **overrides):
         """A copy with some fields changed; unknown names raise a ValueError listing valid ones."""

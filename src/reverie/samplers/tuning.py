@@ -99,12 +99,15 @@ class TunedGrid:
         if not path.is_file():
             raise FileNotFoundError(f"no grid file {path}")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not a JSON grid file: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path} is not a tuned grid (expected a JSON object)")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _grid(log_sigmas: list[float], sigma_max: float) -> Tensor:

@@ -130,6 +130,9 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "state.json").is_file():
         return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found" if not path.exists() else f"{path} is a file, not a run "
+                                f"directory or checkpoint")
     found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no checkpoint found in {path}")
