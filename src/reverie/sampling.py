@@ -337,13 +337,20 @@ def bytes_per_image(model: DiffusionModel, guided: bool = True) -> int:
     return sum(sizes) * (2 if guided else 1) + state + decoded
 
 
-def check_batch(model: DiffusionModel, batch: int, option: str = "--batch-size", guided: bool = True) -> None:
-    """Refuse a sampling batch whose estimated memory (:func:`bytes_per_image`) exceeds half of
-    :func:`available_memory`, naming a batch size that fits."""
-    per_image = bytes_per_image(model, guided)
+def check_batch(model: DiffusionModel, batch: int, option: str = "--batch-size", guided: bool = True,
+                factor: float = 1.0, what: str = "sample") -> None:
+    """Refuse a batch whose estimated memory (:func:`bytes_per_image`, times ``factor``: about 2 for training,
+    which keeps activations for the backward pass) exceeds half of :func:`available_memory`, naming a batch
+    size that fits."""
+    per_image = int(bytes_per_image(model, guided) * factor)
     budget = available_memory() // 2
     if batch * per_image > budget:
-        fits = max(1, budget // per_image)
-        raise ValueError(f"{option} {batch} would need about {batch * per_image / 2**30:.1f} GB to sample "
-                         f"({per_image / 2**20:.1f} MB per image), more than the {budget / 2**30:.1f} GB available; "
-                         f"use {option} {fits} or less")
+        fits = budget // per_image
+        advice = f"use {option} {fits} or less" if fits else "even one image does not fit: free memory, or use a " \
+                                                             "smaller model"
+        raise ValueError(f"{option} {batch} would need about {_size(batch * per_image)} to {what} "
+                         f"({_size(per_image)} per image), more than the {_size(budget)} available; {advice}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"

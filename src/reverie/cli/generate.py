@@ -142,6 +142,7 @@ def save_png(image, path: Path, params: dict) -> None:
 def generate(args) -> int:
     from ..images import make_grid
     from ..pipeline import Pipeline
+    from ..sampling import check_batch
 
     prompt, num_images, index, options = _request(args)
     if args.out_dir:
@@ -149,6 +150,7 @@ def generate(args) -> int:
     else:
         output_file(args.output, (".png",))
     pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
+    check_batch(pipe, num_images, option="--num-images", guided=pipe.conditioning != "none")
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
         print(f"reverie: warning: {args.from_png} was made by model {made_by.get('model')} "

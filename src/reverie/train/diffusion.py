@@ -29,7 +29,7 @@ from ..build import (
 from ..configs import from_dict
 from ..latent import LatentCache, encode_batch, latent_info
 from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
-from ..sampling import save_sample_grid
+from ..sampling import check_batch, save_sample_grid
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .ema import EMA
@@ -128,6 +128,9 @@ class DiffusionTrainer(Trainer):
             # sampling stays eager) are unchanged. Only the image network: a text encoder takes strings.
             (net.net if hasattr(net, "encoder") else net).compile()
         self.sampled = DiffusionModel(self.ema.model, cfg, run.info, vae=self.vae)
+        # activations are kept for the backward pass: refuse a batch that cannot fit, before any step (every
+        # rank decides the same)
+        check_batch(self.sampled, cfg.data.batch_size, "data.batch_size", guided=False, factor=2.0, what="train")
         self.denoiser = build_denoiser(cfg, net, self.sampled.schedule)
         self.levels = noise_levels(cfg, self.sampled.schedule)
         return net
