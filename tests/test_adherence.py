@@ -48,7 +48,7 @@ def pairs():
 
 def test_shipped_classifier_is_small_and_safetensors():
     files = sorted(p.name for p in DEFAULT_PATH.iterdir())
-    assert files == ["config.json", "model.safetensors"]
+    assert files == ["README.md", "config.json", "model.safetensors"]  # the model card, architecture, weights
     assert (DEFAULT_PATH / "model.safetensors").stat().st_size <= 3 * 2**20
 
 

