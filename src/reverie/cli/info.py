@@ -34,9 +34,10 @@ def add_commands(sub, fmt) -> None:
 
 def _describe_model(found) -> None:
     from .. import modeldir
+    from ..weights import check_safetensors
 
     config = found.config
-    header = modeldir.check_safetensors(found.weights_file(use_ema=False))
+    header = check_safetensors(found.weights_file(use_ema=False))
     n = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     with modeldir.parsing(found.path / "config.json"):
         _print_model(found, config, n)

