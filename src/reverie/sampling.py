@@ -21,10 +21,10 @@ from .build import DiffusionModel
 from .guidance import CFGDenoiser
 from .images import save_grid
 from .layout import check_layout, get_planner, plan_layouts
+from .limits import MAX_GUIDANCE, MAX_STEPS
 from .samplers import GRIDS, SIGMA_GRIDS, TunedGrid, check_grid, check_sampler, get_sigmas, sample, tune_sigmas
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range (Karras et al. 2022)
-MAX_STEPS, MAX_GUIDANCE = 1000, 50.0
 
 
 @dataclass

@@ -70,7 +70,7 @@ def sampler_name(text: str) -> str:
 
 def sampling_parent() -> argparse.ArgumentParser:
     """The sampling options every generating command takes; None means the model's own setting."""
-    from ..sampling import MAX_GUIDANCE, MAX_STEPS
+    from ..limits import MAX_GUIDANCE, MAX_STEPS
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("sampling options (default: the model's own settings)")

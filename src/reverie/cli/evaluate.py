@@ -11,7 +11,7 @@ MAX_EVAL = 50_000
 
 
 def add_commands(sub, fmt) -> None:
-    from ..eval.evaluate import EVAL_METRICS
+    from ..eval import EVAL_METRICS
 
     ev = sub.add_parser("eval", help="evaluate a model: FID, KID, precision/recall, NLL, prompt adherence",
                         formatter_class=fmt, parents=[sampling_parent()])

@@ -18,12 +18,10 @@ from ..data import DATASETS, get_dataset
 from ..likelihood import nll_bits_per_dim
 from ..likelihood_ode import ode_bits_per_dim
 from ..sampling import SamplingOptions
+from . import EVAL_METRICS, SAMPLE_METRICS
 from .adherence import evaluate_adherence
 from .fid import dataset_reference, evaluate_samples, get_inception, inception_path, reference_indices, sample_features
 from .probe import caption_probe
-
-SAMPLE_METRICS = ("fid", "kid", "pr")
-EVAL_METRICS = (*SAMPLE_METRICS, "nll", "adherence", "probe")
 
 
 @dataclass
