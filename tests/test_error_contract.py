@@ -73,3 +73,31 @@ def test_quiet_is_accepted_by_every_command(capsys):
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     leaves = _leaf_parsers(sub)
     assert len(leaves) >= 9 and all(any("--quiet" in a.option_strings for a in p._actions) for p in leaves)
+
+
+def test_reproducing_one_file_of_a_batch_keeps_its_index(model, tmp_path):
+    import json
+
+    from PIL import Image
+
+    assert main(["generate", "x", "--model", str(model), "--steps", "1", "--num-images", "3",
+                 "--out-dir", str(tmp_path / "a")]) == 0
+    assert main(["generate", "--from-png", str(tmp_path / "a" / "002.png"), "--model", str(model),
+                 "-o", str(tmp_path / "b.png")]) == 0
+    meta = json.loads(Image.open(tmp_path / "b.png").text["reverie"])
+    assert meta["index"] == 2 and meta["num_images"] == 3
+    assert Image.open(tmp_path / "b.png").tobytes() == Image.open(tmp_path / "a" / "002.png").tobytes()
+    assert main(["generate", "--from-png", str(tmp_path / "b.png"), "--model", str(model),
+                 "--out-dir", str(tmp_path / "c")]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["002.png"]  # the same file name, the same index
+
+
+def test_writing_a_model_directory_removes_weights_of_an_earlier_model(tmp_path):
+    import torch
+
+    from reverie import modeldir
+
+    modeldir.write(tmp_path / "m", "diffusion", {}, {"model": {"w": torch.ones(1)}, "ema": {"w": torch.zeros(1)}})
+    modeldir.write(tmp_path / "m", "diffusion", {}, {"model": {"w": torch.full((1,), 2.0)}})
+    assert not (tmp_path / "m" / "ema.safetensors").exists()  # else loaders would prefer the stale EMA weights
+    assert float(modeldir.read(tmp_path / "m").load_weights()["w"]) == 2.0

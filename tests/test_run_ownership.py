@@ -85,7 +85,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
     train(_cfg(out, "--train.steps=4"), resume=False, dataset=Toy(40))
     for ckpt in (out / "checkpoints").glob("ckpt-*"):
         (ckpt / "state.json").write_text("{not json")
-    with pytest.raises(TrainingError, match="every checkpoint .* is damaged.*--resume no"):
+    with pytest.raises(TrainingError, match="every checkpoint .* is damaged.*away to start afresh"):
         train(_cfg(out, "--train.steps=6"), resume="auto", dataset=Toy(40))
 
 
@@ -120,3 +120,21 @@ def test_the_cli_refuses_a_busy_run_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "being trained by another process" in lines[0], proc.stderr
     assert time.monotonic() - start < 60 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "--train.steps=4"), resume=False, dataset=Toy(40))
+    # pruning keeps the highest steps: a fresh run's checkpoints would be deleted as soon as written
+    with pytest.raises(RunChanged, match="holds checkpoints of an earlier run"):
+        train(_cfg(out, "--train.steps=2"), resume=False, dataset=Toy(40))
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
+
+
+def test_changes_inside_dict_fields_count_but_new_fields_do_not():
+    from reverie.train.run import _changes
+
+    old = {"model": {"network": "unet-tiny", "network_overrides": {}}, "optim": {"lr": 1.0}}
+    new = {"model": {"network": "unet-tiny", "network_overrides": {"dropout": 0.1}}, "optim": {"lr": 1.0, "new": 2}}
+    assert _changes(old, new) == {"model.network_overrides.dropout": ("(absent)", 0.1)}
+    assert _changes(new, old) == {"model.network_overrides.dropout": (0.1, "(absent)")}

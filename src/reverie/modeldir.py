@@ -118,6 +118,9 @@ def write(path: str | Path, kind: str, config: dict, weights: dict[str, dict[str
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for stale in ("model", "ema"):  # an earlier model in this directory: loaders would prefer its EMA weights
+        if stale not in weights:
+            (path / f"{stale}.safetensors").unlink(missing_ok=True)
     for stem, state in weights.items():
         tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
         save_file(tensors, str(path / f"{stem}.safetensors"))

@@ -296,19 +296,27 @@ def save_sample_grid(model: DiffusionModel, path: Path) -> Path:
     return save_grid(images, path, ncols=ncols)
 
 
-def available_memory() -> int:
-    """Bytes of memory this process may use: ``REVERIE_MEMORY_GB`` if set, else the system's available memory
-    (``MemAvailable``; 4 GB where it cannot be read)."""
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes of memory this process may use: ``REVERIE_MEMORY_GB`` if set; else on a GPU its free memory, on
+    the CPU the system's available memory (``MemAvailable``; 4 GB where it cannot be read) shared by the local
+    processes of a multi-process run."""
     if os.environ.get("REVERIE_MEMORY_GB"):
-        return int(float(os.environ["REVERIE_MEMORY_GB"]) * 2**30)
+        try:
+            return int(float(os.environ["REVERIE_MEMORY_GB"]) * 2**30)
+        except ValueError:
+            raise ValueError(f"REVERIE_MEMORY_GB must be a number of GB, got {os.environ['REVERIE_MEMORY_GB']!r}") \
+                from None
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // local
     except OSError:
         pass
-    return 4 * 2**30
+    return 4 * 2**30 // local
 
 
 @torch.no_grad()
@@ -343,7 +351,7 @@ def check_batch(model: DiffusionModel, batch: int, option: str = "--batch-size",
     which keeps activations for the backward pass) exceeds half of :func:`available_memory`, naming a batch
     size that fits."""
     per_image = int(bytes_per_image(model, guided) * factor)
-    budget = available_memory() // 2
+    budget = available_memory(next(model.net.parameters()).device) // 2
     if batch * per_image > budget:
         fits = budget // per_image
         advice = f"use {option} {fits} or less" if fits else "even one image does not fit: free memory, or use a " \

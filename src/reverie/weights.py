@@ -66,4 +66,9 @@ def check_safetensors(path: str | Path) -> dict:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, parsed by safetensors only after :func:`check_safetensors`."""
     check_safetensors(path)
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError is a bare Exception: damage the header check did not catch
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path} is damaged or not a safetensors file: {e}") from None

@@ -163,10 +163,12 @@ def generate(args) -> int:
     start = time.perf_counter()
     images = pipe.generate(prompt, num_images, options, progress=show_progress(args))
     elapsed = time.perf_counter() - start
-    if index is not None:  # reproducing one file of an --out-dir batch
-        images = [images[index]]
+    numbers = range(len(images))
+    if index is not None:  # reproducing one file of an --out-dir batch: it keeps its index
+        images, numbers = [images[index]], [index]
+        params["index"] = index
     if args.out_dir:
-        for i, img in enumerate(images):
+        for i, img in zip(numbers, images):
             save_png(img, Path(args.out_dir) / f"{i:03d}.png", {**params, "index": i})
         where = args.out_dir
     else:
@@ -224,6 +226,8 @@ def tune_grid(args) -> int:
     from ..samplers import GRIDS
     from ..sampling import check_batch
 
+    if args.grid is not None:
+        raise UserError("tune-grid makes a grid: --grid does not apply (--teacher-grid sets the reference solve's)")
     if args.teacher_grid is not None and args.teacher_grid not in GRIDS:
         raise UserError(f"unknown --teacher-grid {args.teacher_grid!r}; choose one of {', '.join(GRIDS)}")
     if args.pilot > MAX_PILOT:

@@ -152,8 +152,8 @@ class DiffusionTrainer(Trainer):
         cond = self._condition(batch, g)
         per_sample = denoising_loss(self.denoiser, x0, lv.sigma.to(self.device), noise, weighting=cfg.loss.weighting,
                                     min_snr_gamma=cfg.loss.min_snr_gamma, cond=cond, sigma_data=cfg.model.sigma_data)
-        if isinstance(self.levels, LossAwareTimesteps):
-            self.levels.update(lv.t, per_sample)
+        if isinstance(self.levels, LossAwareTimesteps) and bool(torch.isfinite(per_sample).all()):
+            self.levels.update(lv.t, per_sample)  # a non-finite loss (a skipped step) must not poison the history
         return (per_sample.float() * lv.weight.to(per_sample.device, torch.float32)).mean(), {}
 
     def _condition(self, batch: dict, g: torch.Generator) -> dict:

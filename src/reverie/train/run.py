@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ..configs import to_dict
 from ..modeldir import load_module_weights, module_weights
-from .checkpoint import latest_checkpoint, load_checkpoint, newest_first, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, newest_first, save_checkpoint
 from .data import Batches, DataState, step_generator
 from .errors import RunChanged, TrainingError
 from .lock import RunLock
@@ -180,6 +180,10 @@ def _resume_from(run: Run, resume) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its state: ``"auto"`` the run's newest intact one (a damaged newer
     one is skipped, with a warning), a path that checkpoint, False none."""
     if resume != "auto":
+        if not resume and list_checkpoints(run.ckpt_dir):
+            # pruning keeps the highest steps: a fresh run's checkpoints would be deleted as soon as written
+            raise RunChanged(f"{run.out} holds checkpoints of an earlier run; resume it (--resume auto), or move "
+                             f"{run.ckpt_dir} away, or train into another train.out_dir")
         return (Path(resume), load_checkpoint(resume, RUN_STATE)) if resume else (None, None)
     damaged = []
     for candidate in newest_first(run.ckpt_dir):
@@ -193,25 +197,49 @@ def _resume_from(run: Run, resume) -> tuple[Path | None, dict | None]:
                     f"{candidate.name}")
         return candidate, state
     if damaged:
-        raise TrainingError(f"every checkpoint of {run.out} is damaged: {'; '.join(damaged)}; "
-                            f"start afresh with --resume no")
+        raise TrainingError(f"every checkpoint of {run.out} is damaged: {'; '.join(damaged)}; move "
+                            f"{run.ckpt_dir} away to start afresh")
     return None, None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+ABSENT = "(absent)"
+
+
+def _flat(tree: dict, prefix: str = "", containers: set | None = None) -> dict:
+    """Dotted path -> leaf value; ``containers`` collects the paths of dicts (``model.network_overrides``)."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict):
+            if containers is not None:
+                containers.add(f"{prefix}{key}")
+            out.update(_flat(value, f"{prefix}{key}.", containers))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
+def _changes(old_cfg: dict, new_cfg: dict) -> dict:
+    """path -> (old, new) for every leaf that differs; a key inside a dict present in both configs (e.g. a
+    network override) that one side lacks counts as changed. A section field the other version of reverie did
+    not have is not a change."""
+    old_dicts, new_dicts = set(), set()
+    old, new = _flat(old_cfg, containers=old_dicts), _flat(new_cfg, containers=new_dicts)
+    both = old_dicts & new_dicts
+    changed = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, ABSENT), new.get(key, ABSENT)
+        if a != b and (key in old and key in new or key.rsplit(".", 1)[0] in both - {"", *_sections(old_cfg)}):
+            changed[key] = (a, b)
+    return changed
+
+
+def _sections(cfg: dict) -> set:
+    return {k for k, v in cfg.items() if isinstance(v, dict)}
+
+
 def _check_changes(trainer: Trainer, run: Run, state: dict, source: Path) -> None:
     """Refuse a resume that changes the network; record any other change in ``history.jsonl``."""
-    old, new = _flat(state["config"]), _flat(to_dict(run.cfg))
-    changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+    changed = _changes(state["config"], to_dict(run.cfg))
     network = [k for k in changed if k.startswith(trainer.network_fields)]
     if network:
         shown = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in network[:4])
@@ -256,7 +284,9 @@ def _micro_steps(trainer: Trainer, model, batches: Batches, g: torch.Generator, 
         batch = batches.next()
         with run.acc.autocast():
             loss, logged = trainer.loss(model, batch, g)
-        if not bool(torch.isfinite(loss)):
+        # every rank decides together, before backward: a rank that skipped DDP's gradient all-reduce alone would
+        # leave the others waiting in it; all ranks stop at the same micro-batch, so data positions stay aligned
+        if run.any_rank(not bool(torch.isfinite(loss))):
             return total, metrics, True
         total += float(loss.detach()) / accum
         for key, value in logged.items():
@@ -378,7 +408,7 @@ def _fit(trainer: Trainer, run: Run, resume):
             torch.manual_seed(g.initial_seed() % 2**63)  # the network's dropout
             opt.zero_grad(set_to_none=True)
             loss, metrics, bad = _micro_steps(trainer, model, batches, g, run)
-            if run.any_rank(bad):
+            if bad:  # already agreed by every rank
                 bad_in_a_row += 1
                 _skip_step(run, opt, sched, progress, bad_in_a_row, last_good)
                 continue
@@ -412,7 +442,8 @@ def _fit(trainer: Trainer, run: Run, resume):
     finally:
         run.bar.close()
         log.close()
-    if not cfg.train.checkpoint_every or progress.step % cfg.train.checkpoint_every:
+    newest = latest_checkpoint(run.ckpt_dir)
+    if newest is None or newest.name != f"ckpt-{progress.step:08d}":  # e.g. a last step skipped as non-finite
         _checkpoint(run, trainer, model, opt, sched, progress)
     result = trainer.finish(model, progress.step, run)
     run.acc.wait_for_everyone()
