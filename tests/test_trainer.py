@@ -257,3 +257,35 @@ def test_sample_grid_puts_each_prompt_in_its_own_column(tmp_path, monkeypatch):
     cfg = load_config(TrainConfig, None, ["--sample.num_images=6", "--sample.prompts=[a, b, c, d]"])
     with Image.open(sampling.save_sample_grid(DiffusionModel(None, cfg, {}), tmp_path / "b.png")) as im:
         assert im.size == (3 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+
+
+def test_two_process_ddp_skips_a_nonfinite_loss_on_one_rank_together(tmp_path):
+    """Rank 0 alone sees a NaN at step 0: both ranks skip that step (no collective mismatch) and stay identical."""
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import torch
+        from toy_data import Toy
+        from reverie.configs import load_config
+        from reverie.train import train
+        from reverie.train.config import TrainConfig
+
+        class OneNaN(Toy):
+            def __getitem__(self, i):
+                item = super().__getitem__(i)
+                return {{**item, "image": item["image"] * float("nan")}} if i == 0 else item
+
+        cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={tmp_path / 'run'}", "--train.steps=3",
+                          "--train.checkpoint_every=3", "--data.shuffle=false"])
+        result = train(cfg, resume=False, dataset=OneNaN(32))
+        from safetensors.torch import save_file
+        state = {{k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}}
+        save_file(state, f"{tmp_path}/rank{{os.environ['RANK']}}.safetensors")
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
+    subprocess.run([*cmd, str(script)], cwd=ROOT, env={**_subprocess_env(), "OMP_NUM_THREADS": "1"}, check=True,
+                   timeout=400)
+    w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["nonfinite_skipped"] == 1 and log[-1]["step"] == 3
