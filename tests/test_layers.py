@@ -28,11 +28,11 @@ CORE = ("reverie.schedules", "reverie.process", "reverie.denoisers", "reverie.lo
 NEVER_FROM_CORE = ("reverie.train", "reverie.pipeline", "reverie.cli", "reverie.eval")
 
 
-def modules() -> dict[str, tuple[Path, bool]]:
+def modules(src: Path = SRC) -> dict[str, tuple[Path, bool]]:
     """Dotted module name -> (file, is a package)."""
     found = {}
-    for f in SRC.rglob("*.py"):
-        parts = list(f.relative_to(SRC.parent).with_suffix("").parts)
+    for f in src.rglob("*.py"):
+        parts = list(f.relative_to(src.parent).with_suffix("").parts)
         is_pkg = parts[-1] == "__init__"
         found[".".join(parts[:-1] if is_pkg else parts)] = (f, is_pkg)
     return found
@@ -50,12 +50,15 @@ def _targets(name: str, is_pkg: bool, node, known: dict) -> list[str]:
     return [f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names]
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the reverie modules it imports (anywhere in the file)."""
-    known, graph = modules(), {}
+def import_graph(src: Path = SRC, inside_functions_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the reverie modules it imports (anywhere in the file, or only inside functions)."""
+    known, graph = modules(src), {}
     for name, (path, is_pkg) in known.items():
         graph[name] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        scopes = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))] \
+            if inside_functions_only else [tree]
+        for node in (n for scope in scopes for n in ast.walk(scope)):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target in _targets(name, is_pkg, node, known):
                     while target not in known and "." in target:
@@ -126,3 +129,12 @@ def test_imports_stay_in_their_layer(module):
     assert not upward, f"{module} (layer {layer(module)}) imports from higher layers: {upward}"
     if module.startswith(CORE):
         assert not [t for t in graph[module] if t.startswith(NEVER_FROM_CORE)]
+
+
+if __name__ == "__main__":  # the figures of the import graph: python tests/test_layers.py [path/to/src/reverie]
+    import sys
+
+    src = Path(sys.argv[1]) if len(sys.argv) > 1 else SRC
+    graph, local = import_graph(src), import_graph(src, inside_functions_only=True)
+    print(f"{len(graph)} modules, {sum(map(len, graph.values()))} import edges, "
+          f"{sum(map(len, local.values()))} of them from inside functions; cycles: {cycles(graph) or 'none'}")

@@ -166,12 +166,10 @@ def resolve_layouts(model: DiffusionModel, prompts: list[str], layouts="auto", s
     """Per-image layouts for a layout model: ``"auto"`` plans them from the prompts with the training
     data's planner (``reverie.layout``), ``"none"`` or None gives none, a list holds one per image (or
     one for all). Models without layout conditioning take only ``"auto"`` / ``"none"`` / None."""
-    if layouts is None or (isinstance(layouts, str) and layouts in ("auto", "none")):
+    if layouts is None or isinstance(layouts, str):  # "auto" or "none" (SamplingOptions checks the spelling)
         if layouts != "auto" or not model.takes_layouts:
             return None
         return plan_layouts(get_planner(model.cfg.data.name), prompts, seed)
-    if isinstance(layouts, str):
-        raise ValueError(f"layouts must be 'auto', 'none' or a list of layouts, got {layouts!r}")
     if not model.takes_layouts:
         raise ValueError("this model takes no layouts (it was trained without model.layout_channels)")
     layouts = list(layouts)
@@ -346,12 +344,12 @@ def bytes_per_image(model: DiffusionModel, guided: bool = True) -> int:
 
 
 def check_batch(model: DiffusionModel, batch: int, option: str = "--batch-size", guided: bool = True,
-                factor: float = 1.0, what: str = "sample") -> None:
+                factor: float = 1.0, what: str = "sample", device: torch.device | None = None) -> None:
     """Refuse a batch whose estimated memory (:func:`bytes_per_image`, times ``factor``: about 2 for training,
-    which keeps activations for the backward pass) exceeds half of :func:`available_memory`, naming a batch
-    size that fits."""
+    which keeps activations for the backward pass) exceeds half of :func:`available_memory` on ``device``
+    (default: the model's), naming a batch size that fits."""
     per_image = int(bytes_per_image(model, guided) * factor)
-    budget = available_memory(next(model.net.parameters()).device) // 2
+    budget = available_memory(device or next(model.net.parameters()).device) // 2
     if batch * per_image > budget:
         fits = budget // per_image
         advice = f"use {option} {fits} or less" if fits else "even one image does not fit: free memory, or use a " \

@@ -108,11 +108,6 @@ def sampling_options(args, layouts="auto"):
                            layouts=layouts, seed=args.seed)
 
 
-def grid_label(args, pipe) -> str:
-    """What to print and record for the grid: the name, the grid file, or the model's own kind."""
-    return args.grid or pipe.cfg.sample.grid
-
-
 def show_progress(args) -> bool:
     """Progress bars on a terminal, unless --quiet."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()

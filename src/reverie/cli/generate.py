@@ -182,6 +182,7 @@ def generate(args) -> int:
 def sample(args) -> int:
     """A grid of ``--n`` images, or with ``--out-dir`` one PNG per image written batch by batch, so that memory
     stays that of one batch whatever ``--n`` is."""
+    import torch
     from tqdm.auto import tqdm
 
     from ..images import save_grid, to_pil
@@ -200,7 +201,7 @@ def sample(args) -> int:
     batch = min(args.batch_size, args.n)
     check_batch(pipe, batch, guided=pipe.conditioning != "none")
     if not args.out_dir:
-        images = torch_cat([pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
+        images = torch.cat([pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
                             for k, start in enumerate(range(0, args.n, batch))])
         print(f"wrote {args.n} samples to {save_grid(images, args.output)}")
         return 0
@@ -213,12 +214,6 @@ def sample(args) -> int:
             bar.update(len(images))
     print(f"wrote {args.n} samples to {out}/ (batches of {batch}, seeds {options.seed} + batch index)")
     return 0
-
-
-def torch_cat(chunks):
-    import torch
-
-    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def tune_grid(args) -> int:

@@ -130,7 +130,8 @@ class DiffusionTrainer(Trainer):
         self.sampled = DiffusionModel(self.ema.model, cfg, run.info, vae=self.vae)
         # activations are kept for the backward pass: refuse a batch that cannot fit, before any step (every
         # rank decides the same)
-        check_batch(self.sampled, cfg.data.batch_size, "data.batch_size", guided=False, factor=2.0, what="train")
+        check_batch(self.sampled, cfg.data.batch_size, "data.batch_size", guided=False, factor=2.0, what="train",
+                    device=run.device)  # the EMA copy is measured on the CPU; the batch trains on run.device
         self.denoiser = build_denoiser(cfg, net, self.sampled.schedule)
         self.levels = noise_levels(cfg, self.sampled.schedule)
         return net

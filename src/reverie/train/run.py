@@ -206,11 +206,12 @@ ABSENT = "(absent)"
 
 
 def _flat(tree: dict, prefix: str = "", containers: set | None = None) -> dict:
-    """Dotted path -> leaf value; ``containers`` collects the paths of dicts (``model.network_overrides``)."""
+    """Dotted path -> leaf value; ``containers`` collects the paths of dict-valued fields inside the sections
+    (``model.network_overrides``: the user's keys, not a config schema's)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            if containers is not None:
+            if containers is not None and prefix:
                 containers.add(f"{prefix}{key}")
             out.update(_flat(value, f"{prefix}{key}.", containers))
         else:
@@ -228,13 +229,9 @@ def _changes(old_cfg: dict, new_cfg: dict) -> dict:
     changed = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, ABSENT), new.get(key, ABSENT)
-        if a != b and (key in old and key in new or key.rsplit(".", 1)[0] in both - {"", *_sections(old_cfg)}):
+        if a != b and (key in old and key in new or key.rsplit(".", 1)[0] in both):
             changed[key] = (a, b)
     return changed
-
-
-def _sections(cfg: dict) -> set:
-    return {k for k, v in cfg.items() if isinstance(v, dict)}
 
 
 def _check_changes(trainer: Trainer, run: Run, state: dict, source: Path) -> None:
