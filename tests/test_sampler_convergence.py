@@ -20,11 +20,13 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 STD = 0.08  # every ring component's std
 GMM = ring2d(k=8, radius=1.0, std=STD)
 # Samplers that call the denoiser twice per step (the last step once): compare at equal NFE.
-CALLS_PER_STEP = {"heun": 2}
+CALLS_PER_STEP = {"heun": 2, "pc": 2}
 # First-order stochastic samplers converge slowly in distribution: on this ring the within-mode
 # std of euler_ancestral / ddpm is 8% low at 30 steps, 4% at 120, 1% at 500 (measured); they get
 # more steps for the "converged" check than the ODE solvers, which are within 1% at 60 NFE.
-FINE_NFE = {"euler_ancestral": 240, "ddpm": 240}
+FINE_NFE = {"euler_ancestral": 240, "ddpm": 240, "pc": 240, "reverse_diffusion": 240, "euler_maruyama": 240}
+# Adaptive solvers choose their own steps (tests/test_sde.py checks the "ode" sampler's tolerance and NFE).
+ADAPTIVE = {"ode"}
 
 
 def _require(name):
@@ -69,7 +71,8 @@ def test_converges_to_the_mixture(name, reference_set):
     err_coarse, err_fine = sliced_w2(coarse, true), sliced_w2(fine, true)
     # Two independent 3000-sample sets of this ring sit ~0.03-0.05 apart in sliced W2.
     assert err_fine < 0.08, err_fine
-    assert err_coarse > 1.5 * err_fine, (err_coarse, err_fine)
+    if name not in ADAPTIVE:
+        assert err_coarse > 1.5 * err_fine, (err_coarse, err_fine)
     freq, within = _mode_stats(fine)
     n = fine.shape[0]
     se = math.sqrt((1 / 8) * (7 / 8) / n)
