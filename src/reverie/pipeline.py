@@ -1,7 +1,8 @@
 """The :class:`Pipeline`: a trained diffusion model loaded from disk, ready to generate.
 
 ``Pipeline.from_pretrained`` reads a model directory (``reverie.modeldir``: ``config.json`` +
-safetensors, never pickle), a training checkpoint or a run directory (its latest checkpoint). Sampling
+safetensors, never pickle), a training checkpoint or a run directory (its latest checkpoint), or a Stable
+Diffusion checkpoint (``reverie.sd``). Sampling
 settings are one :class:`reverie.sampling.SamplingOptions`; ``sample`` and ``generate`` also take its
 fields by name (``steps=20, guidance_scale=4.0, ...``). Settings left out are the model's own (the
 ``sample`` section of its training config).
@@ -20,6 +21,7 @@ from .configs import from_dict
 from .images import to_pil
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
+from .sd import is_stable_diffusion, load_stable_diffusion
 from .train.checkpoint import find_checkpoint
 from .train.config import TrainConfig
 from .train.diffusion import export_checkpoint
@@ -34,9 +36,15 @@ class Pipeline(DiffusionModel):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> Pipeline:
-        """Load a model directory, or a checkpoint or run directory (exported on the fly); validates
-        names and shapes of every tensor."""
+        """Load a model directory, a checkpoint or run directory (exported on the fly), or a Stable Diffusion
+        1.x / 2.x checkpoint (a diffusers folder or one CompVis / A1111 ``.safetensors`` file, ``reverie.sd``);
+        validates names and shapes of every tensor."""
         path = Path(path)
+        if is_stable_diffusion(path):
+            sd = load_stable_diffusion(path, device=device)
+            pipe = cls(sd.net, sd.cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
+            pipe.schedule = sd.schedule
+            return pipe
         if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 export_checkpoint(find_checkpoint(path), Path(tmp) / "model", use_ema=use_ema)

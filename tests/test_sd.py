@@ -1,0 +1,159 @@
+"""Stable Diffusion checkpoints in reverie against diffusers 0.42.1 (test-only reference).
+
+Small SD 1- and SD 2-shaped pipelines with random weights (``sd_models.py``: 2 levels, 32-128 channels, a 2-3
+layer CLIP with a vocabulary written by the test) are saved with ``save_pretrained``, loaded by reverie into its
+own modules, and sampled from the same start noise with the same prompt, negative prompt and guidance (7.5) by
+both. The final latents and the decoded images must agree to 1e-4 relative in float32.
+
+Grids (reverie's grid options reproduce diffusers' timesteps exactly):
+
+* DDIM and Euler: the SD scheduler config's own spacing, "leading" with ``steps_offset=1`` (timesteps 951, 901,
+  ... at 20 steps) = ``get_sigmas("ddim-leading", n, schedule=s, offset=1)``. DDIM's config says
+  ``set_alpha_to_one=False``, which ends diffusers' last step at alpha_bar[0] (sigma 0.029) instead of 0;
+  reverie's grids end at 0, so diffusers runs with ``set_alpha_to_one=True`` here.
+* DPM-Solver++(2M) and UniPC(bh2): ``timestep_spacing="trailing"`` = reverie's ``"ddim-trailing"`` grid
+  (diffusers' multistep "leading" spaces by T // (n + 1), a grid reverie does not name).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reverie.pipeline import Pipeline
+from reverie.samplers import get_sigmas
+from reverie.sampling import SamplingOptions, sample_images
+from reverie.sd import load_stable_diffusion, set_image_size
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+from sd_models import save_sd_pipeline, to_single_file  # noqa: E402
+
+RTOL = 1e-4
+STEPS = 6
+PROMPT, NEGATIVE = "a red circle on a blue square", "blurry"
+SAMPLERS = {  # reverie sampler: (diffusers scheduler, overrides of the SD scheduler config, reverie grid)
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": True}, "leading"),
+    "euler": ("EulerDiscreteScheduler", {}, "leading"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}, "ddim-trailing"),
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}, "ddim-trailing"),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {kind: save_sd_pipeline(kind, root / kind) for kind in ("tiny-sd1", "tiny-sd2")}
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    return {kind: diffusers.StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+            for kind, path in folders.items()}
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _grid(model, kind: str) -> torch.Tensor | str:
+    if kind == "leading":
+        return get_sigmas("ddim-leading", STEPS, schedule=model.schedule, offset=1)
+    return kind
+
+
+def _reverie(model, sampler: str, grid, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE):
+    """(final latents, images in [0, 1]) from reverie's sampling, as ``reverie generate`` runs it."""
+    latents = []
+    options = SamplingOptions(sampler=sampler, steps=None if not isinstance(grid, str) else STEPS, grid=grid,
+                              guidance_scale=7.5, negative_prompt=negative, seed=seed)
+    images = sample_images(model, 1, options, prompts=[prompt], callback=lambda step: latents.append(step.x))
+    return latents[-1], (images + 1) / 2
+
+
+def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE):
+    """(final latents, images in [0, 1]) from diffusers' pipeline, from reverie's start noise for ``seed``
+    (the pipeline scales it by the scheduler's ``init_noise_sigma``, as reverie does)."""
+    name, overrides, _ = SAMPLERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    size = pipe.unet.config.sample_size
+    noise = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(seed))
+    latents = []
+
+    def keep(_pipe, _i, _t, tensors):
+        latents.append(tensors["latents"])
+        return tensors
+
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=noise, height=size * pipe.vae_scale_factor,
+               width=size * pipe.vae_scale_factor, output_type="pt", callback_on_step_end=keep)
+    return latents[-1], out.images
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_samples_match_diffusers(folders, reference, kind, sampler):
+    model = load_stable_diffusion(folders[kind])
+    assert model.cfg.model.prediction == ("eps" if kind == "tiny-sd1" else "v")
+    ours_latents, ours_images = _reverie(model, sampler, _grid(model, SAMPLERS[sampler][2]))
+    ref_latents, ref_images = _diffusers(reference[kind], sampler)
+    assert ref_latents.std() > 0.1 and 0.05 < ref_images.std()  # a real signal, not saturated
+    assert _rel(ours_latents, ref_latents) < RTOL
+    assert _rel(ours_images, ref_images) < RTOL
+
+
+def test_seed_prompt_and_negative_prompt_change_the_image(folders):
+    model = load_stable_diffusion(folders["tiny-sd1"])
+    base = _reverie(model, "ddim", "ddim-trailing")[0]
+    assert torch.equal(base, _reverie(model, "ddim", "ddim-trailing")[0])  # same seed: same bytes
+    for changed in (dict(seed=1), dict(prompt="a green cat"), dict(negative="ugly")):
+        assert _rel(_reverie(model, "ddim", "ddim-trailing", **changed)[0], base) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2"])
+def test_single_file_gives_identical_outputs(folders, tmp_path, kind):
+    """The same weights in the CompVis / A1111 single-file layout load into identical modules: every tensor of
+    reverie's U-Net, VAE and text encoder is equal, and so are the samples."""
+    meta = {"modelspec.prediction_type": "v"} if kind == "tiny-sd2" else None
+    file = to_single_file(folders[kind], tmp_path / f"{kind}.safetensors", metadata=meta)
+    (tmp_path / "tokenizer").symlink_to(folders[kind] / "tokenizer")
+    from_folder, from_file = load_stable_diffusion(folders[kind]), load_stable_diffusion(file)
+    for a, b in ((from_folder.net.net, from_file.net.net), (from_folder.vae, from_file.vae),
+                 (from_folder.net.encoder.model, from_file.net.encoder.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert from_file.cfg.model.prediction == from_folder.cfg.model.prediction
+    assert from_file.info["image_resolution"] == (512 if kind == "tiny-sd1" else 768)  # SD 1 / SD 2's own size
+    set_image_size(from_file, 16)
+    assert torch.equal(_reverie(from_folder, "dpmpp_2m", "karras")[1], _reverie(from_file, "dpmpp_2m", "karras")[1])
+
+
+def test_single_file_layout_agrees_with_diffusers_loader(folders, tmp_path):
+    """The test's CompVis writer is checked by diffusers' own single-file converter: it reads the file back into
+    the original weights (so the single-file test above is a test of reverie's converter, not of itself)."""
+    file = to_single_file(folders["tiny-sd1"], tmp_path / "sd1.safetensors")
+    unet = diffusers.UNet2DConditionModel.from_single_file(str(file), config=str(folders["tiny-sd1"]),
+                                                           subfolder="unet", local_files_only=True)
+    original = diffusers.UNet2DConditionModel.from_pretrained(str(folders["tiny-sd1"] / "unet"))
+    sa, sb = unet.state_dict(), original.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pipeline_generate(folders):
+    pipe = Pipeline.from_pretrained(folders["tiny-sd1"])
+    images = pipe.generate(PROMPT, num_images=2, steps=3, seed=5, negative_prompt=NEGATIVE)
+    assert [im.size for im in images] == [(16, 16)] * 2
+    assert pipe.image_shape == (3, 16, 16) and pipe.conditioning == "text"
+    again = pipe.generate(PROMPT, num_images=2, steps=3, seed=5, negative_prompt=NEGATIVE)
+    assert images[1].tobytes() == again[1].tobytes()
+
+
+def test_schedule_comes_from_the_scheduler_config(folders):
+    model = load_stable_diffusion(folders["tiny-sd1"])
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(model.schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-12, atol=0)
+    assert math.isclose(model.vae.config.scaling_factor, 0.18215)
