@@ -202,12 +202,34 @@ def conditions(model: DiffusionModel, num_images: int, options: SamplingOptions,
     return {}, {}
 
 
+def noise_shape(model: DiffusionModel, num_images: int) -> tuple[int, int, int, int]:
+    """Shape of the start noise: the network's input (the latent shape for a latent model)."""
+    return (num_images, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
+
+
+def noise_scale(model: DiffusionModel, sigma_top: float) -> float:
+    """Factor from unit-variance noise n to the sampler's start x = n * scale at ``sigma_top`` (VE
+    coordinates): sigma for an EDM model; sqrt(1 + sigma^2) for a VP model, whose start is pure noise in VP
+    coordinates (x_vp = n)."""
+    return sigma_top if model.cfg.model.prediction == "edm" else (1 + sigma_top**2) ** 0.5
+
+
 def start_noise(model: DiffusionModel, num_images: int, sigma_top: float, generator: torch.Generator) -> torch.Tensor:
-    """Pure noise at the top of the grid, in the sampler's (VE) coordinates, drawn on the CPU. VP models
-    start from pure noise in VP coordinates, x_vp = n, i.e. x = n sqrt(1 + sigma^2)."""
-    shape = (num_images, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
-    scale = sigma_top if model.cfg.model.prediction == "edm" else (1 + sigma_top**2) ** 0.5
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * scale
+    """Pure noise at the top of the grid, in the sampler's (VE) coordinates, drawn on the CPU (see
+    :func:`noise_scale`)."""
+    noise = torch.randn(noise_shape(model, num_images), generator=generator, dtype=torch.float32)
+    return noise * noise_scale(model, sigma_top)
+
+
+def check_noise(model: DiffusionModel, num_images: int, noise: torch.Tensor) -> torch.Tensor:
+    """``noise`` as float32 if it is a finite tensor of :func:`noise_shape`; otherwise a one-line ValueError."""
+    shape = noise_shape(model, num_images)
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"the start noise must have shape {shape} for {num_images} image(s), got {got}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("the start noise holds non-finite values")
+    return noise.detach().float().cpu()
 
 
 def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dict):
@@ -222,16 +244,23 @@ def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dic
 @torch.no_grad()
 def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptions | None = None,
                   prompts: list[str] | None = None, class_labels: torch.Tensor | None = None,
-                  callback=None, progress: bool = False) -> torch.Tensor:
+                  callback=None, progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
     """``num_images`` samples in [-1, 1] (decoded by the model's autoencoder for a latent model). The
     initial noise is drawn on the CPU, so a seed starts from the same noise on every device; ancestral
     samplers' per-step noise uses the device's own generator, so their images match across devices only
-    in distribution."""
+    in distribution.
+
+    ``noise``: start from this unit-variance noise of :func:`noise_shape` instead of drawing it (scaled by
+    :func:`noise_scale`, exactly as a drawn one; e.g. ``reverie.editing.invert``'s ``Inversion.noise``).
+    The seed still drives the per-step noise of ancestral samplers, as it would after drawing the noise."""
     options = (options or SamplingOptions()).resolve(model.cfg)
     sigmas = sigma_grid(model, options.steps, options.grid)
     device = next(model.net.parameters()).device
     g = torch.Generator().manual_seed(options.seed)
-    x = start_noise(model, num_images, float(sigmas[0]), g).to(device)
+    x = start_noise(model, num_images, float(sigmas[0]), g)  # drawn either way: the same per-step noise follows
+    if noise is not None:
+        x = check_noise(model, num_images, noise) * noise_scale(model, float(sigmas[0]))
+    x = x.to(device)
     cond, uncond = conditions(model, num_images, options, prompts, class_labels)
     denoiser = guided_denoiser(model, options, uncond)
     was_training = model.net.training

@@ -1,0 +1,114 @@
+"""Editing: start noise given to sample_images, DDIM / exact inversion (closed form on Gaussian data, exact
+reconstruction on pixel and latent models)."""
+
+import pytest
+import torch
+
+from helpers import NET, RGB16, TEXT_MODEL, tiny_config, tiny_network
+from reverie.build import DiffusionModel
+from reverie.editing import Inversion, ddim_inversion, invert
+from reverie.latent import latent_info
+from reverie.nets.autoencoder import create_autoencoder
+from reverie.samplers import get_sigmas
+from reverie.sampling import SamplingOptions, noise_shape, sample_images
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    cfg = tiny_config(*TEXT_MODEL, "--model.prediction=v")
+    return DiffusionModel(tiny_network(cfg, RGB16).eval(), cfg, RGB16)
+
+
+@pytest.fixture(scope="module")
+def latent_model():
+    torch.manual_seed(0)
+    vae = create_autoencoder("vae-f4", base_channels=8, channel_mult=(1, 2), norm_groups=4).eval()
+    info = latent_info(RGB16, vae)
+    cfg = tiny_config(f"--model.network_overrides={NET}", "--data.resolution=16", "--model.prediction=eps")
+    return DiffusionModel(tiny_network(cfg, info).eval(), cfg, info, vae=vae)
+
+
+def _psnr(a, b):
+    return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_given_noise_is_the_drawn_noise(text_model, sampler):
+    """noise= the unit-variance draw of the seed reproduces the seeded samples bit for bit, ancestral too."""
+    options = SamplingOptions(sampler=sampler, steps=3, seed=7, guidance_scale=2.0)
+    drawn = sample_images(text_model, 2, options, prompts=PROMPTS)
+    noise = torch.randn(noise_shape(text_model, 2), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(sample_images(text_model, 2, options, prompts=PROMPTS, noise=noise), drawn)
+    other = sample_images(text_model, 2, options, prompts=PROMPTS, noise=noise.flip(0))
+    assert not torch.equal(other, drawn)
+
+
+def test_given_noise_is_checked(text_model):
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 16, 16\)"):
+        sample_images(text_model, 2, SamplingOptions(steps=2), prompts=PROMPTS, noise=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="non-finite"):
+        sample_images(text_model, 1, SamplingOptions(steps=2), noise=torch.full((1, 3, 16, 16), float("nan")))
+
+
+def test_ddim_inversion_converges_to_the_gaussian_flow_map():
+    """Data N(mu, s^2) per pixel: the exact denoiser's probability-flow ODE carries x0 to
+    mu + (x0 - mu) sqrt(s^2 + sigma^2) / s, which DDIM inversion approaches as the steps grow (first order)."""
+    mu, s = 0.3, 0.5
+
+    def denoiser(x, sigma):
+        var = sigma.view(-1, 1, 1, 1) ** 2
+        return mu + s**2 / (s**2 + var) * (x - mu)
+
+    x0 = mu + s * torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = []
+    for n in (20, 80):
+        sigmas = get_sigmas("karras", n, 0.01, 20.0).double()
+        top = ddim_inversion(denoiser, x0, sigmas, {})[-1]
+        exact = mu + (x0 - mu) * (s**2 + 20.0**2) ** 0.5 / s
+        errors.append(float((top - exact).abs().max() / exact.abs().max()))
+    assert errors[1] < 0.03 and errors[1] < errors[0] / 3.5  # first order: 4x fewer errors for 4x the steps
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_exact_inversion_reconstructs_to_float_precision(text_model, guidance):
+    images = sample_images(text_model, 2, SamplingOptions(sampler="ddim", steps=8, seed=3), prompts=PROMPTS)
+    exact = invert(text_model, images, PROMPTS, steps=8, guidance_scale=guidance, method="exact")
+    assert isinstance(exact, Inversion) and len(exact.residuals) == 8
+    assert exact.noise.shape == (2, 3, 16, 16)
+    rebuilt = sample_images(text_model, 2, exact.options, prompts=PROMPTS, noise=exact.noise,
+                            callback=exact.callback())
+    assert (rebuilt - images).abs().max() < 1e-5
+    # plain inversion's reconstruction is close but not exact; its noise is the same
+    plain = invert(text_model, images, PROMPTS, steps=8, guidance_scale=guidance)
+    assert torch.equal(plain.noise, exact.noise) and plain.residuals is None
+    again = sample_images(text_model, 2, plain.options, prompts=PROMPTS, noise=plain.noise)
+    assert 10 < _psnr(again, images) < 80
+
+
+def test_exact_inversion_of_a_latent_model_with_any_sampler(latent_model):
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    inv = invert(latent_model, images, steps=6, method="exact", sampler="dpmpp_2m")
+    assert inv.noise.shape == (2, *noise_shape(latent_model, 1)[1:])
+    latents = inv.trajectory[0]
+    seen = []
+    sample_images(latent_model, 2, inv.options, noise=inv.noise, callback=lambda step: seen.append(step.x) or
+                  inv.callback()(step))
+    assert (seen[-1] + inv.residuals[-1] - latents).abs().max() < 1e-5
+    decoded = sample_images(latent_model, 2, inv.options, noise=inv.noise, callback=inv.callback())
+    assert torch.allclose(decoded, latent_model.vae.from_latent(latents).clamp(-1, 1), atol=1e-5)
+
+
+def test_invert_rejects_bad_input(text_model):
+    images = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="unknown inversion method"):
+        invert(text_model, images, method="edict")
+    with pytest.raises(ValueError, match="inverts the ddim sampler"):
+        invert(text_model, images, sampler="dpmpp_2m")
+    with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
+        invert(text_model, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        invert(text_model, images + 2)
+    with pytest.raises(ValueError, match="2 prompts for 1 images"):
+        invert(text_model, images, PROMPTS)
