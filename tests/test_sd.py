@@ -157,3 +157,105 @@ def test_schedule_comes_from_the_scheduler_config(folders):
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(model.schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-12, atol=0)
     assert math.isclose(model.vae.config.scaling_factor, 0.18215)
+
+
+# --------------------------------------------------------------------------- refusals: one line each, exit 2
+
+def _file(path, tensors: dict, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(s) for k, s in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+UNET = "model.diffusion_model."
+COMPLETE = {UNET + "input_blocks.0.0.weight": (32, 4, 3, 3), "first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": (64,)}
+
+
+def _sd_folder_variant(tmp_path, folders, edit):
+    import shutil
+
+    folder = shutil.copytree(folders["tiny-sd1"], tmp_path / "variant")
+    edit(folder)
+    return folder
+
+
+def _edit_json(file, **changes):
+    import json
+
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+REFUSALS = {
+    "sdxl-file": (lambda p, f: _file(p / "xl.safetensors", {**COMPLETE, "conditioner.embedders.0.x": (2,)}),
+                  "is an SDXL checkpoint: SDXL is not supported yet"),
+    "inpainting-file": (lambda p, f: _file(p / "inpaint.safetensors",
+                                           {**COMPLETE, UNET + "input_blocks.0.0.weight": (32, 9, 3, 3)}),
+                        "is an inpainting or other variant checkpoint (9 U-Net input channels)"),
+    "lora-file": (lambda p, f: _file(p / "lora.safetensors",
+                                     {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}),
+                  "is a LoRA (adapter weights only), not a full Stable Diffusion checkpoint"),
+    "ckpt-file": (lambda p, f: (p / "model.ckpt").write_bytes(b"PK\x03\x04 pickle") and p / "model.ckpt",
+                  "reverie loads only .safetensors checkpoints"),
+    "truncated-file": (lambda p, f: (p / "cut.safetensors").write_bytes(
+                           (f["tiny-sd1"] / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000])
+                       and p / "cut.safetensors", "is damaged or not a safetensors file"),
+    "foreign-file": (lambda p, f: _file(p / "other.safetensors", {"net.conv_in.weight": (8, 3, 3, 3)}),
+                     "is not a Stable Diffusion checkpoint: no model.diffusion_model.* tensors"),
+    "vae-only-file": (lambda p, f: _file(p / "vae.safetensors", {k: v for k, v in COMPLETE.items()
+                                                                 if not k.startswith("cond_stage_model.")}),
+                      "lacks the text encoder (cond_stage_model.* tensors)"),
+    "incomplete-file": (lambda p, f: _file(p / "part.safetensors", COMPLETE),
+                        "is not a complete SD 1.x / 2.x checkpoint"),
+    "sdxl-folder": (lambda p, f: _sd_folder_variant(p, f, lambda d: (d / "text_encoder_2").mkdir()),
+                    "is an SDXL pipeline"),
+    "inpainting-folder": (lambda p, f: _sd_folder_variant(p, f, lambda d: _edit_json(d / "unet" / "config.json",
+                                                                                      in_channels=9)),
+                          "is an inpainting or other variant U-Net (9 input channels)"),
+    "pickled-folder": (lambda p, f: _sd_folder_variant(p, f, lambda d: (
+                           d / "vae" / "diffusion_pytorch_model.safetensors").rename(d / "vae" / "model.bin")),
+                       "holds only pickled weights (.bin), which reverie does not load"),
+    "no-text-encoder-folder": (lambda p, f: _sd_folder_variant(
+                                   p, f, lambda d: __import__("shutil").rmtree(d / "text_encoder")),
+                               "text_encoder/ is missing"),
+    "damaged-unet-config": (lambda p, f: _sd_folder_variant(p, f, lambda d: (d / "unet" / "config.json")
+                                                            .write_text('{"block_out_channels": [32, 64]}')),
+                            "unet/config.json is damaged: missing 'down_block_types'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refused_with_one_line(folders, tmp_path, capsys, case):
+    from reverie.cli import main
+
+    make, expected = REFUSALS[case]
+    path = make(tmp_path, folders)
+    code = main(["generate", "x", "--model", str(path), "-o", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("reverie: error: ")
+    assert expected in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_generate_writes_size_and_settings(folders, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from reverie.cli import main
+
+    out = tmp_path / "sd.png"
+    assert main(["generate", "a red circle", "--model", str(folders["tiny-sd1"]), "--width", "24", "--num-images", "1",
+                 "--steps", "2", "--negative-prompt", "blurry", "--seed", "7", "-o", str(out), "--quiet"]) == 0
+    with Image.open(out) as im:
+        meta = json.loads(im.text["reverie"])
+        assert im.size == (24, 24)
+    assert (meta["width"], meta["height"], meta["negative_prompt"], meta["seed"]) == (24, 24, "blurry", 7)
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(folders["tiny-sd1"]), "-o", str(again)]) == 0
+    with Image.open(out) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+    assert main(["generate", "x", "--model", str(folders["tiny-sd1"]), "--width", "24", "--height", "32",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    assert "only square images for now" in capsys.readouterr().err

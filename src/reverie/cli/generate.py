@@ -30,7 +30,12 @@ def add_commands(sub, fmt) -> None:
                          parents=[sampling_parent()])
     gen.add_argument("prompt", nargs="?", default="", help='the prompt ("" for unconditional samples)')
     gen.add_argument("--num-images", type=at_least(1), default=4, help=f"how many images (at most {MAX_IMAGES})")
-    gen.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    gen.add_argument("--model", default=None, help="model directory, or a Stable Diffusion 1.x / 2.x folder (diffusers "
+                                                   "layout) or .safetensors file (default: the shipped shapes model)")
+    gen.add_argument("--width", type=at_least(8), default=None,
+                     help="Stable Diffusion models: image width in pixels, a multiple of 8 (default: the model's own)")
+    gen.add_argument("--height", type=at_least(8), default=None,
+                     help="Stable Diffusion models: image height in pixels (default: --width, or the model's own)")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (a grid for several images)")
     gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
     gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
@@ -150,8 +155,9 @@ def generate(args) -> int:
     else:
         output_file(args.output, (".png",))
     pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
-    check_batch(pipe, num_images, option="--num-images", guided=pipe.conditioning != "none")
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
+    size = _image_size(pipe, args, made_by)
+    check_batch(pipe, num_images, option="--num-images", guided=pipe.conditioning != "none")
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
         print(f"reverie: warning: {args.from_png} was made by model {made_by.get('model')} "
               f"({made_by['model_hash']}), not {pipe.name} ({pipe.weights_hash})", file=sys.stderr)
@@ -159,7 +165,7 @@ def generate(args) -> int:
     # pinned by the model hash), as in every PNG since the first
     used = dataclasses.replace(options.resolve(pipe.cfg), grid=options.grid)
     params = {"prompt": prompt, "num_images": num_images, **used.to_metadata(), "model": pipe.name,
-              "model_hash": pipe.weights_hash}
+              "model_hash": pipe.weights_hash, **size}
     start = time.perf_counter()
     images = pipe.generate(prompt, num_images, options, progress=show_progress(args))
     elapsed = time.perf_counter() - start
@@ -177,6 +183,26 @@ def generate(args) -> int:
         where = args.output
     print(f"generated {len(images)} image(s) in {elapsed:.2f} s -> {where}")
     return 0
+
+
+def _image_size(pipe, args, made_by: dict) -> dict:
+    """--width / --height (or a PNG's) applied to a Stable Diffusion pipeline; ``{width, height}`` for its PNG
+    metadata ({} for reverie's own models, which make one size)."""
+    from ..sd import SDSettings, set_image_size
+
+    width = args.width if args.width is not None else made_by.get("width")
+    height = args.height if args.height is not None else made_by.get("height", width)
+    if not isinstance(pipe.cfg, SDSettings):
+        if width is not None or height is not None:
+            side = pipe.image_shape[-1]
+            raise UserError(f"--width / --height apply to Stable Diffusion models; {pipe.name} makes {side}x{side} "
+                            f"images")
+        return {}
+    if width is not None or height is not None:
+        width = width if width is not None else height
+        set_image_size(pipe, width, height if height is not None else width)
+    _, h, w = pipe.image_shape
+    return {"width": w, "height": h}
 
 
 def sample(args) -> int:

@@ -58,8 +58,10 @@ class CLIPTextEncoder(TextEncoder):
             found = "pickled .bin weights, which reverie does not load (no code runs from a model file)" \
                 if any(text_encoder.glob("*.bin")) else "no weights"
             raise FileNotFoundError(f"{text_encoder} holds {found}; it needs model.safetensors")
-        model = _transformers().CLIPTextModel.from_pretrained(str(text_encoder), local_files_only=True,
-                                                              use_safetensors=True)
+        transformers = _transformers()
+        transformers.utils.logging.disable_progress_bar()  # reverie's own progress and --quiet decide what shows
+        model = transformers.CLIPTextModel.from_pretrained(str(text_encoder), local_files_only=True,
+                                                           use_safetensors=True)
         return cls(model, load_clip_tokenizer(tokenizer), source=str(text_encoder.parent))
 
     def config(self) -> dict:
