@@ -23,6 +23,7 @@ from .latent import image_shape
 from .nets import PRESETS, AutoencoderKL, create_autoencoder, create_network
 from .schedules import DiscreteVPSchedule
 from .text import get_text_encoder
+from .vdm import VDMNet, make_gamma
 
 
 def build_schedule(cfg) -> DiscreteVPSchedule:
@@ -98,6 +99,8 @@ def build_network(cfg, info: dict) -> torch.nn.Module:
 def network_from_config(config: dict, layout_channels: int = 0) -> torch.nn.Module:
     """A diffusion model directory's network, as its ``config.json`` describes it (fresh weights)."""
     net = create_network(config["network"])
+    if config.get("vdm"):  # a model that learned its noise schedule (reverie.vdm) carries it
+        net = VDMNet(net, make_gamma(config["vdm"]))
     if config.get("text_encoder"):
         net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]), layout_channels=layout_channels)
     return net
@@ -138,6 +141,8 @@ def save_diffusion(path: str | Path, cfg, info: dict, net, ema_net=None, autoenc
     config = {"train_config": to_dict(cfg), "network": net.config.to_dict(),
               "text_encoder": encoder.config() if encoder else None, "data": dict(info),
               "autoencoder": modeldir.AUTOENCODER_DIR if autoencoder else None}
+    if hasattr(net, "schedule_config"):  # reverie.vdm.VDMNet: its schedule
+        config["vdm"] = net.schedule_config()
     weights = {"model": modeldir.module_weights(net)}
     if ema_net is not None:
         weights["ema"] = modeldir.module_weights(ema_net)
@@ -164,7 +169,8 @@ class DiffusionModel:
     schedule: DiscreteVPSchedule = field(init=False)
 
     def __post_init__(self):
-        self.schedule = build_schedule(self.cfg)
+        own = getattr(self.net, "schedule_view", None)  # a learned schedule (reverie.vdm) travels with its network
+        self.schedule = own if own is not None else build_schedule(self.cfg)
 
     @property
     def denoiser(self) -> Denoiser:
