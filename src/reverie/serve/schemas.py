@@ -1,0 +1,98 @@
+"""The request bodies of the API, with every bound a request may not cross.
+
+Field names follow AUTOMATIC1111's API (``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``,
+``sampler_name``, ``seed``, ``batch_size``, ``n_iter``, ``width``, ``height``, ``denoising_strength``,
+``init_images``, ``mask``), so that its clients work unchanged; fields reverie does not use are accepted
+and ignored, as A1111 itself ignores settings a script does not read. reverie's own fields (``model``,
+``layout``, ``grid``, ``guidance_rescale``) come after them. Types are strict (``"20"`` is not a number
+of steps) and every number, string and list is bounded here, before any work is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from ..limits import MAX_GUIDANCE, MAX_STEPS
+
+MAX_PROMPT_CHARS = 2000      # the text encoder reads far fewer tokens; longer is a mistake or an attack
+MAX_IMAGES = 16              # batch_size * n_iter of one request
+MAX_SIDE = 2048              # width / height of a reply image, and of an uploaded one
+MAX_PIXELS = 2048 * 2048     # an uploaded image, checked from its header before it is decoded
+MAX_BODY_BYTES = 16 * 2**20  # a request body (two base64 images of the largest size fit)
+MAX_GRID_POINTS = MAX_STEPS + 1
+MAX_LAYOUT_OBJECTS = 16
+
+Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
+Name = Annotated[StrictStr, Field(max_length=200)]
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Box = Annotated[list[Number], Field(min_length=4, max_length=4)]
+LayoutItem = Annotated[tuple[Annotated[StrictStr, Field(max_length=200)], Box], Field()]
+Base64Image = Annotated[StrictStr, Field(max_length=MAX_BODY_BYTES)]
+
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img``: A1111's fields, then reverie's own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Prompt = ""
+    negative_prompt: Prompt = ""
+    steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = None
+    cfg_scale: Annotated[Number, Field(ge=0, le=MAX_GUIDANCE)] | None = None
+    sampler_name: Name | None = None
+    sampler_index: Name | None = None  # older A1111 clients send the sampler here
+    scheduler: Name | None = None
+    seed: Annotated[StrictInt, Field(ge=-1, le=2**63 - 1)] = -1
+    batch_size: Annotated[StrictInt, Field(ge=1, le=MAX_IMAGES)] = 1
+    n_iter: Annotated[StrictInt, Field(ge=1, le=MAX_IMAGES)] = 1
+    width: Annotated[StrictInt, Field(ge=8, le=MAX_SIDE)] | None = None
+    height: Annotated[StrictInt, Field(ge=8, le=MAX_SIDE)] | None = None
+    send_images: StrictBool = True
+    save_images: StrictBool = False
+    override_settings: dict | None = None
+    # reverie's own
+    model: Name | None = None
+    guidance_rescale: Annotated[Number, Field(ge=0, le=1)] = 0.0
+    layout: Annotated[StrictStr, Field(max_length=10)] | Annotated[
+        list[LayoutItem], Field(max_length=MAX_LAYOUT_OBJECTS)] = "auto"
+    grid: Name | Annotated[list[Annotated[Number, Field(ge=0)]], Field(min_length=2, max_length=MAX_GRID_POINTS)] \
+        | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: txt2img's fields plus the image to start from and an optional mask."""
+
+    init_images: Annotated[list[Base64Image], Field(min_length=1, max_length=MAX_IMAGES)]
+    denoising_strength: Annotated[Number, Field(ge=0, le=1)] = 0.75
+    mask: Base64Image | None = None
+    inpainting_mask_invert: Annotated[StrictInt, Field(ge=0, le=1)] = 0
+    mask_blur: Annotated[StrictInt, Field(ge=0, le=64)] = 0
+    resize_mode: Annotated[StrictInt, Field(ge=0, le=3)] = 0
+
+
+class OptionsRequest(BaseModel):
+    """``POST /sdapi/v1/options``: only the model choice is a setting here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sd_model_checkpoint: Name | None = None
+
+
+class LayoutRequest(BaseModel):
+    """``POST /v1/layout``: the boxes the model's planner draws for a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] = 0
+    model: Name | None = None
+
+
+class PngInfoRequest(BaseModel):
+    """``POST /sdapi/v1/png-info``: the parameters stored in a PNG."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: Base64Image
