@@ -1,16 +1,32 @@
 """Editing: start noise given to sample_images, DDIM / exact inversion (closed form on Gaussian data, exact
 reconstruction on pixel and latent models)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import reverie
 from helpers import NET, RGB16, TEXT_MODEL, tiny_config, tiny_network
 from reverie.build import DiffusionModel
-from reverie.editing import Inversion, ddim_inversion, invert
+from reverie.editing import (
+    Inversion,
+    ddim_inversion,
+    edit,
+    img2img,
+    inpaint,
+    invert,
+    repaint,
+    repaint_path,
+    strength_steps,
+    target_layouts,
+)
 from reverie.latent import latent_info
 from reverie.nets.autoencoder import create_autoencoder
 from reverie.samplers import get_sigmas
-from reverie.sampling import SamplingOptions, noise_shape, sample_images
+from reverie.sampling import SamplingOptions, noise_shape, sample_images, sigma_grid
+
+ASSETS = Path(reverie.__file__).parent / "assets"
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -112,3 +128,102 @@ def test_invert_rejects_bad_input(text_model):
         invert(text_model, images + 2)
     with pytest.raises(ValueError, match="2 prompts for 1 images"):
         invert(text_model, images, PROMPTS)
+
+
+# --- img2img, inpainting, prompt edits ---
+
+
+def test_strength_follows_diffusers():
+    assert [strength_steps(s, 20) for s in (0.3, 0.5, 0.7, 1.0)] == [6, 10, 14, 20]
+    assert strength_steps(0.05, 20) == 1
+    for bad in (0, -0.1, 1.2, True):
+        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+            strength_steps(bad, 20)
+    with pytest.raises(ValueError, match="runs no step"):
+        strength_steps(0.04, 20)  # int(20 * 0.04) = 0: diffusers fails on this
+
+
+def test_img2img_starts_at_the_strength_level(text_model):
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    options = SamplingOptions(sampler="euler", steps=10, grid="ddim-trailing", seed=4)
+    seen = []
+    out = img2img(text_model, images, PROMPTS, strength=0.3, options=options, callback=seen.append)
+    grid = sigma_grid(text_model, 10, "ddim-trailing")
+    assert [s.sigma for s in seen] == grid[7:-1].tolist()
+    assert out.shape == images.shape and out.abs().max() <= 1
+    # the same seed gives the same bytes; a lower strength stays nearer the input
+    assert torch.equal(out, img2img(text_model, images, PROMPTS, strength=0.3, options=options))
+    far = img2img(text_model, images, PROMPTS, strength=1.0, options=options)
+    assert (out - images).abs().mean() < (far - images).abs().mean()
+
+
+def test_repaint_path():
+    assert repaint_path(4, 2, 2) == [0, 1, 2, 1, 0, 1, 2, 3, 4, 3, 2, 3, 4]
+    assert repaint_path(3) == [0, 1, 2, 3]
+    path = repaint_path(20, 5, 4)
+    assert sum(b > a for a, b in zip(path, path[1:])) == 80 and path[-1] == 20
+
+
+def test_repaint_resampling_approaches_the_gaussian_conditional():
+    """Two pixels with correlation 0.9 under their exact denoiser: given pixel 0 = 1.5, pixel 1 is
+    N(1.35, 0.19). Replacement alone (resample 1) barely uses the known pixel; RePaint's resampling does."""
+    cov = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+
+    def denoiser(x, sigma):
+        gain = cov @ torch.linalg.inv(cov + float(sigma[0]) ** 2 * torch.eye(2, dtype=torch.float64))
+        return (x.view(x.shape[0], 2) @ gain.T).view_as(x)
+
+    n = 4000
+    known = torch.tensor([1.5, 0.0], dtype=torch.float64).view(1, 1, 1, 2).expand(n, 1, 1, 2)
+    mask = torch.tensor([0.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2)
+    sigmas = get_sigmas("karras", 30, 0.01, 20.0).double()
+    means = {}
+    for resample in (1, 10):
+        g = torch.Generator().manual_seed(0)
+        x = known + 20.0 * torch.randn(known.shape, generator=g, dtype=torch.float64)
+        out = repaint(denoiser, x, sigmas, known, mask, repaint_path(30, 3, resample), {}, g)
+        assert torch.equal(out[..., 0], known[..., 0])
+        means[resample] = float(out[..., 1].mean())
+        if resample == 10:
+            assert abs(float(out[..., 1].var()) - 0.19) < 0.05
+    assert abs(means[10] - 1.35) < 0.08 < abs(means[1] - 1.35)
+
+
+@pytest.mark.parametrize("which", ["text_model", "latent_model"])
+def test_inpaint_keeps_the_unmasked_pixels_exactly(which, request):
+    model = request.getfixturevalue(which)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mask = torch.zeros(16, 16)
+    mask[4:10, 3:12] = 1
+    prompt = PROMPTS if which == "text_model" else ""
+    out = inpaint(model, images, mask, prompt, steps=4, jump_length=2, resample=2, seed=5)
+    keep = mask == 0
+    assert torch.equal(out[:, :, keep], images[:, :, keep])
+    assert not torch.equal(out[:, :, ~keep], images[:, :, ~keep])
+    assert torch.equal(out, inpaint(model, images, mask, prompt, steps=4, jump_length=2, resample=2, seed=5))
+
+
+def test_inpaint_rejects_bad_masks(text_model):
+    images = torch.zeros(1, 3, 16, 16)
+    for mask, message in ((torch.zeros(8, 8), "must be 16x16"), (torch.zeros(16, 16), "empty"),
+                          (torch.ones(1, 1, 16, 16), "all white"), (torch.zeros(1, 3, 16, 16), "one channel")):
+        with pytest.raises(ValueError, match=message):
+            inpaint(text_model, images, mask, "a red circle", steps=2)
+
+
+def test_edit_to_the_same_prompt_reconstructs(text_model):
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    same = edit(text_model, images, PROMPTS, PROMPTS, steps=6, guidance_scale=2.0)
+    assert (same - images.clamp(-1, 1)).abs().max() < 1e-5
+    changed = edit(text_model, images, PROMPTS, ["a green triangle", "a yellow star"], steps=6, guidance_scale=2.0)
+    assert (changed - images).abs().max() > 1e-3
+
+
+def test_target_layouts_keep_the_boxes():
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(ASSETS / "shapes-t2i")
+    box_a, box_b = (2.0, 3.0, 10.0, 11.0), (14.0, 15.0, 26.0, 27.0)
+    source = SamplingOptions(layouts=[[("red circle", box_a), ("blue square", box_b)]]).resolve(pipe.cfg)
+    target = target_layouts(pipe, source, ["a green circle above a blue square"])
+    assert target.layouts == [[("green circle", box_a), ("blue square", box_b)]]

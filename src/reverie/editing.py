@@ -21,6 +21,25 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   ``reverie.sampling.start_noise`` before scaling, so ``sample_images(model, n, inv.options,
   prompts=inv.prompts, noise=inv.noise)`` regenerates the image (exactly, with
   ``callback=inv.callback()`` for the exact method).
+
+* **img2img** (:func:`img2img`; SDEdit, Meng et al. 2022): the image is noised to the level that
+  ``strength`` picks on the model's grid, ``x = x0 + sigma n`` in VE coordinates (x_vp = alpha x0 +
+  sqrt(1 - alpha^2) n), and any sampler runs from there under the new prompt. diffusers' convention:
+  ``min(int(steps * strength), steps)`` of the ``steps`` grid steps run, the last ones; strength 1 starts at
+  the top of the grid. A strength that runs no step is refused (diffusers would fail later).
+
+* **Inpainting** (:func:`inpaint`; training-free, RePaint, Lugmayr et al. 2022): masks are white (1) =
+  repaint, black (0) = keep, as in diffusers. After every step down to sigma the known region is replaced
+  by the input noised to sigma with fresh noise (x0 + sigma n); steps are ancestral (``eta`` 1: DDPM, as
+  RePaint; 0: DDIM). RePaint's resampling: after ``jump_length`` steps down, the state is diffused back up
+  those steps (``x + sqrt(sigma_hi^2 - sigma_lo^2) z``) and the block is run again, ``resample`` times in
+  all, so the generated region harmonizes with the known one. A latent model blends in latent space
+  (a latent cell is kept only where all its pixels are) and decodes. The known pixels are pasted back
+  exactly at the end, for every model.
+
+* **Prompt edits** (:func:`edit`): invert under the source prompt, then regenerate from that noise under the
+  target prompt (with the exact method's residuals, which carry the image's structure). A layout model
+  keeps the source layout's boxes, relabelled with the target's phrases.
 """
 
 from __future__ import annotations
@@ -29,16 +48,20 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .build import DiffusionModel
-from .samplers.base import denoise
+from .samplers.base import SamplerStep, ancestral_step, denoise
 from .sampling import (
     SamplingOptions,
     conditions,
+    decode,
     guided_denoiser,
     noise_scale,
+    noise_shape,
     resolve_layouts,
+    run_sampler,
     sample_images,
     sigma_grid,
 )
@@ -209,3 +232,170 @@ def _residuals(model: DiffusionModel, inversion: Inversion, class_labels, progre
     sample_images(model, len(inversion.prompts), inversion.options, prompts=_model_kind(model, inversion.prompts),
                   class_labels=class_labels, callback=record, progress=progress, noise=inversion.noise)
     return residuals
+
+
+def _prepare(model: DiffusionModel, images: Tensor, prompt, options, settings) -> tuple:
+    """Checked images, one prompt per image (None for a model without text), resolved options with
+    explicit layouts, and the grid."""
+    options = SamplingOptions.make(options, **settings)
+    images = check_images(model, images)
+    prompts = prompt_list(prompt, images.shape[0])
+    options = fixed_layouts(model, options.resolve(model.cfg), prompts)
+    return images, _model_kind(model, prompts), options, sigma_grid(model, options.steps, options.grid)
+
+
+def strength_steps(strength: float, steps: int) -> int:
+    """How many of ``steps`` grid steps img2img runs at ``strength`` (diffusers: min(int(steps * strength),
+    steps)); a ValueError for a strength outside (0, 1] or one that runs no step."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    run = min(int(steps * strength), steps)
+    if run == 0:
+        raise ValueError(f"strength {strength} of {steps} steps runs no step (int({steps} x {strength}) = 0); "
+                         f"raise the strength to at least {1 / steps:.3g} or use more steps")
+    return run
+
+
+def _noise(model: DiffusionModel, num_images: int, seed: int) -> tuple[torch.Generator, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return g, torch.randn(noise_shape(model, num_images), generator=g, dtype=torch.float32)
+
+
+def img2img(model: DiffusionModel, image: Tensor, prompt: str | list[str] = "", strength: float = 0.8,
+            options: SamplingOptions | None = None, class_labels: Tensor | None = None, callback=None,
+            progress: bool = False, **settings) -> Tensor:
+    """SDEdit: ``image`` (``[B, C, H, W]`` in [-1, 1]) noised to the level ``strength`` picks, then sampled
+    under ``prompt`` with ``options`` / ``settings`` (:class:`SamplingOptions`); images in [-1, 1]."""
+    images, prompts, options, sigmas = _prepare(model, image, prompt, options, settings)
+    sigmas = sigmas[len(sigmas) - 1 - strength_steps(strength, options.steps):]
+    g, noise = _noise(model, images.shape[0], options.seed)
+    x0 = encode(model, images)
+    x = x0 + float(sigmas[0]) * noise.to(x0.device)
+    out = run_sampler(model, x, sigmas, options, prompts, class_labels, g if x.device.type == "cpu" else None,
+                      callback, progress)
+    return decode(model, out)
+
+
+def check_mask(model: DiffusionModel, mask: Tensor, num_images: int) -> Tensor:
+    """``mask`` (``[H, W]``, ``[1 or B, 1, H, W]``; white/1 = repaint, black/0 = keep, values above 0.5 count
+    as white) as a float 0/1 tensor ``[B, 1, H, W]`` at the image size; a one-line ValueError for a wrong size,
+    an empty mask or one that repaints everything."""
+    _, height, width = model.image_shape
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"the mask must be a tensor, got {type(mask).__name__}")
+    m = mask.detach().float()
+    m = m.view(1, 1, *m.shape) if m.ndim == 2 else m
+    if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != (height, width) or m.shape[0] not in (1, num_images):
+        raise ValueError(f"the mask must be {height}x{width} (the image size) with one channel, got shape "
+                         f"{tuple(mask.shape)}")
+    m = (m > 0.5).float().expand(num_images, 1, height, width)
+    counts = m.flatten(1).sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("the mask is empty (all black): nothing to repaint")
+    if bool((counts == height * width).any()):
+        raise ValueError("the mask is all white: nothing is kept; use img2img or generate instead")
+    return m
+
+
+def latent_mask(model: DiffusionModel, mask: Tensor) -> Tensor:
+    """The mask in the network's space: a latent cell is repainted where any of its pixels is."""
+    size = model.info["resolution"]
+    if mask.shape[-1] == size:
+        return mask
+    return F.adaptive_max_pool2d(mask, size)
+
+
+def repaint_path(steps: int, jump_length: int = 1, resample: int = 1) -> list[int]:
+    """Grid indices RePaint visits (Lugmayr et al. 2022, Sec. 4.2): down ``jump_length`` steps, back up as
+    many, ``resample`` passes per block in all; from 0 (the top) to ``steps`` (sigma 0)."""
+    if jump_length < 1 or resample < 1:
+        raise ValueError(f"jump_length and resample must be >= 1, got {jump_length} and {resample}")
+    path, i = [0], 0
+    while i < steps:
+        stop = min(i + jump_length, steps)
+        for k in range(resample):
+            path += list(range(i + 1, stop + 1))
+            if k < resample - 1:
+                path += list(range(stop - 1, i - 1, -1))
+        i = stop
+    return path
+
+
+@torch.no_grad()
+def repaint(denoiser, x: Tensor, sigmas: Tensor, known: Tensor, mask: Tensor, path: list[int], cond: dict,
+            generator: torch.Generator | None = None, eta: float = 1.0, callback=None) -> Tensor:
+    """RePaint in VE coordinates: ``x`` at ``sigmas[path[0]]``; ``known`` the clean known content, ``mask`` 1
+    where to generate. Down moves are ancestral steps (``eta``), each followed by the known region at the new
+    level; up moves diffuse forward. ``callback`` sees each down move (``i`` counts moves)."""
+    def noised_known(sigma):
+        z = torch.randn(known.shape, generator=generator, dtype=known.dtype).to(known.device)
+        return known + sigma * z
+
+    for move, (a, b) in enumerate(zip(path[:-1], path[1:])):
+        sigma, sigma_next = float(sigmas[a]), float(sigmas[b])
+        if b < a:  # back up: forward diffusion sigma -> sigma_next
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + (sigma_next**2 - sigma**2) ** 0.5 * z
+            continue
+        denoised = denoise(denoiser, x, sigma, cond)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = denoised + (sigma_down / sigma) * (x - denoised)
+        if sigma_up > 0:
+            x = x + sigma_up * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = mask * x + (1 - mask) * noised_known(sigma_next)
+        if callback is not None:
+            out = callback(SamplerStep(move, sigma, sigma_next, x, denoised))
+            x = x if out is None else out
+    return x
+
+
+def inpaint(model: DiffusionModel, image: Tensor, mask_image: Tensor, prompt: str | list[str] = "",
+            options: SamplingOptions | None = None, strength: float = 1.0, jump_length: int = 1, resample: int = 1,
+            eta: float = 1.0, class_labels: Tensor | None = None, callback=None, **settings) -> Tensor:
+    """Training-free inpainting (RePaint): repaint where ``mask_image`` is white under ``prompt``; images in
+    [-1, 1] whose black-masked pixels equal the input's exactly. ``strength`` < 1 starts from the input noised
+    partway (img2img's convention); ``options.sampler`` is not used (RePaint's ancestral steps, ``eta``)."""
+    images, prompts, options, sigmas = _prepare(model, image, prompt, options, settings)
+    n = images.shape[0]
+    mask = check_mask(model, mask_image, n)
+    sigmas = sigmas[len(sigmas) - 1 - strength_steps(strength, options.steps):]
+    g, noise = _noise(model, n, options.seed)
+    known = encode(model, images)
+    x = known + float(sigmas[0]) * noise.to(known.device)
+    cond, uncond = conditions(model, n, options, prompts, class_labels)
+    was_training = model.net.training
+    model.net.eval()
+    try:
+        out = repaint(guided_denoiser(model, options, uncond), x, sigmas, known, latent_mask(model, mask).to(x.device),
+                      repaint_path(len(sigmas) - 1, jump_length, resample), cond, g, eta, callback)
+    finally:
+        model.net.train(was_training)
+    out = decode(model, out).to(images.device)
+    return mask.to(out.device) * out + (1 - mask.to(out.device)) * images
+
+
+def target_layouts(model: DiffusionModel, source: SamplingOptions, targets: list[str]) -> SamplingOptions:
+    """The source options for the target prompts: a layout model keeps each source box, relabelled with the
+    phrase the target prompt's own plan gives that object (the boxes alone when the object counts differ)."""
+    if not model.takes_layouts or isinstance(source.layouts, str):
+        return source
+    planned = resolve_layouts(model, targets, "auto", source.seed) or [None] * len(targets)
+    layouts = []
+    for old, new in zip(source.layouts, planned):
+        if old and new and len(old) == len(new):
+            old = [(phrase, box) for (_, box), (phrase, _) in zip(old, new)]
+        layouts.append(old)
+    return dataclasses.replace(source, layouts=layouts)
+
+
+def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
+         options: SamplingOptions | None = None, method: str = "exact", class_labels: Tensor | None = None,
+         progress: bool = False, **settings) -> Tensor:
+    """A prompt edit: invert ``image`` under ``source_prompt`` (``method``: see :func:`invert`), regenerate
+    under ``target_prompt`` from the same noise (and residuals); images in [-1, 1]."""
+    inv = invert(model, image, source_prompt, options, method=method, class_labels=class_labels,
+                 progress=progress, **settings)
+    targets = prompt_list(target_prompt, len(inv.prompts))
+    options = target_layouts(model, inv.options, targets)
+    return sample_images(model, len(targets), options, prompts=_model_kind(model, targets), class_labels=class_labels,
+                         callback=inv.callback(), progress=progress, noise=inv.noise)
