@@ -120,7 +120,8 @@ def build_sd_pipeline(kind: str, seed: int = 0, vocab_dir: Path | None = None):
     unet = diffusers.UNet2DConditionModel(**unet_kw)
     vae = diffusers.AutoencoderKL(**vae_kw)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(vocab_dir))
-    clip_cfg = transformers.CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+    vocab_size = len(tokenizer) if kind.startswith("tiny") else 49408  # the released size; the test vocab uses 576
+    clip_cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77,
                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                            pad_token_id=tokenizer.pad_token_id, **clip_kw)
     text_encoder = transformers.CLIPTextModel(clip_cfg)

@@ -66,6 +66,10 @@ def _grid(model, kind: str) -> torch.Tensor | str:
     return kind
 
 
+def _load(path) -> Pipeline:
+    return Pipeline.from_pretrained(path)
+
+
 def _reverie(model, sampler: str, grid, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE):
     """(final latents, images in [0, 1]) from reverie's sampling, as ``reverie generate`` runs it."""
     latents = []
@@ -97,7 +101,7 @@ def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative
 @pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2"])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_samples_match_diffusers(folders, reference, kind, sampler):
-    model = load_stable_diffusion(folders[kind])
+    model = _load(folders[kind])
     assert model.cfg.model.prediction == ("eps" if kind == "tiny-sd1" else "v")
     ours_latents, ours_images = _reverie(model, sampler, _grid(model, SAMPLERS[sampler][2]))
     ref_latents, ref_images = _diffusers(reference[kind], sampler)
@@ -107,7 +111,7 @@ def test_samples_match_diffusers(folders, reference, kind, sampler):
 
 
 def test_seed_prompt_and_negative_prompt_change_the_image(folders):
-    model = load_stable_diffusion(folders["tiny-sd1"])
+    model = _load(folders["tiny-sd1"])
     base = _reverie(model, "ddim", "ddim-trailing")[0]
     assert torch.equal(base, _reverie(model, "ddim", "ddim-trailing")[0])  # same seed: same bytes
     for changed in (dict(seed=1), dict(prompt="a green cat"), dict(negative="ugly")):
@@ -121,7 +125,7 @@ def test_single_file_gives_identical_outputs(folders, tmp_path, kind):
     meta = {"modelspec.prediction_type": "v"} if kind == "tiny-sd2" else None
     file = to_single_file(folders[kind], tmp_path / f"{kind}.safetensors", metadata=meta)
     (tmp_path / "tokenizer").symlink_to(folders[kind] / "tokenizer")
-    from_folder, from_file = load_stable_diffusion(folders[kind]), load_stable_diffusion(file)
+    from_folder, from_file = _load(folders[kind]), _load(file)
     for a, b in ((from_folder.net.net, from_file.net.net), (from_folder.vae, from_file.vae),
                  (from_folder.net.encoder.model, from_file.net.encoder.model)):
         sa, sb = a.state_dict(), b.state_dict()
@@ -259,3 +263,24 @@ def test_cli_generate_writes_size_and_settings(folders, tmp_path, capsys):
     assert main(["generate", "x", "--model", str(folders["tiny-sd1"]), "--width", "24", "--height", "32",
                  "-o", str(tmp_path / "x.png")]) == 2
     assert "only square images for now" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- large images: sliced and tiled decoding
+
+def test_vae_decodes_one_image_at_a_time_and_in_tiles(folders):
+    """Slicing decodes a batch image by image (the same numbers as one batched call), and tiling blends
+    overlapping tiles so that a decoder that is local gives exactly its untiled output: checked with a decoder
+    replaced by nearest upsampling, where every tile's pixels equal the whole image's."""
+    import torch.nn.functional as F
+
+    vae = load_stable_diffusion(folders["tiny-sd1"]).vae
+    z = torch.randn(3, 4, 10, 10, generator=torch.Generator().manual_seed(0))
+    batched = vae.decoder(vae.post_quant_conv(z))
+    assert _rel(vae.decode(z), batched) < 1e-5
+    assert torch.equal(vae.decode_tiled(z[:1], tile=16, overlap=4), vae.decode(z[:1]))  # one tile: the whole image
+    f = vae.config.downsample_factor
+    vae._decode_whole = lambda part: F.interpolate(part[:, :3], scale_factor=f) * 2 + 1
+    big = torch.randn(1, 4, 37, 29, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(vae.decode_tiled(big, tile=12, overlap=4), vae._decode_whole(big), rtol=1e-6, atol=1e-6)
+    vae.tile_latent, vae.tile_overlap = 12, 4
+    assert vae.decode(big).shape == (1, 3, 37 * f, 29 * f)  # above tile_latent, decode tiles on its own

@@ -17,7 +17,7 @@ import torch
 
 from . import modeldir
 from .build import DiffusionModel, check_info, load_autoencoder, network_from_config, save_autoencoder, save_diffusion
-from .configs import from_dict
+from .configs import from_dict, to_dict
 from .images import to_pil
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
@@ -42,7 +42,8 @@ class Pipeline(DiffusionModel):
         path = Path(path)
         if is_stable_diffusion(path):
             sd = load_stable_diffusion(path, device=device)
-            pipe = cls(sd.net, sd.cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
+            cfg = from_dict(TrainConfig, to_dict(sd.cfg))  # a full config: every field sampling reads, defaulted
+            pipe = cls(sd.net, cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
             pipe.schedule = sd.schedule
             return pipe
         if (path / "state.json").is_file() or (path / "checkpoints").is_dir():

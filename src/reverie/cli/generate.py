@@ -188,11 +188,11 @@ def generate(args) -> int:
 def _image_size(pipe, args, made_by: dict) -> dict:
     """--width / --height (or a PNG's) applied to a Stable Diffusion pipeline; ``{width, height}`` for its PNG
     metadata ({} for reverie's own models, which make one size)."""
-    from ..sd import SDSettings, set_image_size
+    from ..sd import FAMILY, set_image_size
 
     width = args.width if args.width is not None else made_by.get("width")
     height = args.height if args.height is not None else made_by.get("height", width)
-    if not isinstance(pipe.cfg, SDSettings):
+    if pipe.info.get("family") != FAMILY:
         if width is not None or height is not None:
             side = pipe.image_shape[-1]
             raise UserError(f"--width / --height apply to Stable Diffusion models; {pipe.name} makes {side}x{side} "

@@ -23,6 +23,8 @@ Choices (why the code looks the way it does):
 - The heads are per level (``num_heads``): SD 1 has 8 everywhere, SD 2 has width / 64 (5, 10, 20, 20).
 - Upsampling interpolates to the size of the skip it meets, so latents whose sides are not multiples of
   2^(levels - 1) (images not a multiple of 64 px) still line up.
+- The network runs in its weights' dtype and memory format (bf16 + channels_last is the fast path on CPUs with
+  AMX) and answers in the input's dtype, so samplers keep their state in float32.
 - Norm epsilons as in the checkpoints: 1e-5 in res blocks and at the output, 1e-6 in the transformers' GroupNorm.
 """
 
@@ -100,7 +102,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.proj(x).chunk(2, dim=-1)
-        return self.out(a * F.gelu(b))
+        return self.out(F.gelu(b).mul_(a))
 
 
 def _sd_attention(dim: int, heads: int, context_dim: int | None = None) -> Attention:
@@ -120,9 +122,10 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLU(dim, 4 * dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # residuals added into each branch's fresh output: no extra full-size buffer per add
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -140,7 +143,7 @@ class SpatialTransformer(nn.Module):
         tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # a view when channels_last
         for block in self.blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens).view(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj_out(tokens).view(B, H, W, C).permute(0, 3, 1, 2).add_(x)
 
 
 class Level(nn.Module):
@@ -206,9 +209,12 @@ class SDUNet(nn.Module):
             raise ValueError("the SD U-Net needs `context`, the text encoder's tokens (B, L, context_dim)")
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"input must be (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        emb = F.silu(self.time_embed(c_noise.reshape(-1).expand(x.shape[0])).to(x.dtype))
-        context = context.to(x.dtype)
-        h = self.conv_in(x)
+        weight = self.conv_in.weight  # run in the weights' dtype and memory format; answer in x's dtype
+        emb = F.silu(self.time_embed(c_noise.reshape(-1).expand(x.shape[0])).to(weight.dtype))
+        context = context.to(weight.dtype)
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        h = self.conv_in(x.to(weight.dtype, memory_format=torch.channels_last if channels_last else
+                              torch.contiguous_format))
         skips = [h]
         for level in self.down:
             for j in range(len(level.resnets)):
@@ -223,7 +229,7 @@ class SDUNet(nn.Module):
                 h = self._run(level, j, torch.cat([h, skips.pop()], dim=1), emb, context)
             if level.resample is not None:  # nearest to the next skip's size, then the conv
                 h = level.resample.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
 
 
 SD_UNET_PRESETS: dict[str, SDUNetConfig] = {

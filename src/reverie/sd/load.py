@@ -39,8 +39,10 @@ from ..text.clip import CLIPTextEncoder, load_clip_tokenizer
 from ..weights import check_safetensors, load_weights
 from . import convert
 
-__all__ = ["is_stable_diffusion", "load_stable_diffusion", "SDSettings", "schedule_from_config", "set_image_size"]
+__all__ = ["FAMILY", "is_stable_diffusion", "load_stable_diffusion", "SDSettings", "schedule_from_config",
+           "set_image_size"]
 
+FAMILY = "stable-diffusion"  # model.info["family"] of every model loaded here
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 SDXL_HINT = "SDXL is not supported yet (it needs a second text encoder, pooled and size conditioning)"
@@ -50,9 +52,12 @@ SDXL_HINT = "SDXL is not supported yet (it needs a second text encoder, pooled a
 
 @dataclass
 class SDModelSection:
+    """The fields of ``TrainConfig.model`` that sampling reads (this module sits below the training layer)."""
+
     prediction: str = "eps"
     conditioning: str = "text"
     layout_channels: int = 0
+    process: str = "gaussian"
 
 
 @dataclass
@@ -101,10 +106,16 @@ def is_stable_diffusion(path: str | Path) -> bool:
 
 
 def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                          prediction: str | None = None, tokenizer: str | Path | None = None) -> DiffusionModel:
+                          prediction: str | None = None, tokenizer: str | Path | None = None,
+                          channels_last: bool = False) -> DiffusionModel:
     """A diffusers folder or a single ``.safetensors`` file as a reverie :class:`DiffusionModel`, its ``net`` and
-    ``vae`` in eval mode without gradients, on ``device`` in ``dtype``. ``prediction`` ("eps" / "v") and
-    ``tokenizer`` (a folder with CLIP's ``vocab.json`` and ``merges.txt``) matter for single files only."""
+    ``vae`` in eval mode without gradients, on ``device`` in ``dtype`` (``torch.bfloat16`` with ``channels_last``
+    is the fast path on CPUs with AMX; samplers keep float32 states either way). ``prediction`` ("eps" / "v") and
+    ``tokenizer`` (a folder with CLIP's ``vocab.json`` and ``merges.txt``) matter for single files only.
+
+    Its ``cfg`` is :class:`SDSettings`, the config fields this layer knows; ``Pipeline.from_pretrained`` turns it
+    into a full training config (every field the sampling layer reads, at its default), so sample through a
+    ``Pipeline``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
@@ -120,7 +131,11 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
     net = TextConditionedNet(unet, encoder)
     net.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    info = {"in_channels": unet.config.in_channels, "resolution": unet.config.sample_size, "num_classes": 0,
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    info = {"family": FAMILY, "in_channels": unet.config.in_channels, "resolution": unet.config.sample_size,
+            "num_classes": 0,
             "image_channels": vae.config.resolved_out_channels,
             "image_resolution": unet.config.sample_size * vae.config.downsample_factor}
     model = DiffusionModel(net, cfg, info, vae=vae)

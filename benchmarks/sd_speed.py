@@ -1,0 +1,198 @@
+"""Stable Diffusion 1.5 text-to-image speed and memory: reverie against diffusers, in one run.
+
+The full SD 1.5 architecture (860M-parameter U-Net, KL-VAE, 12-layer CLIP ViT-L text encoder) with random
+weights, built locally from the released configs (``tests/sd_models.py``; nothing is downloaded) and saved once
+as a diffusers folder under ``out/``. Both libraries load that folder and generate one 512x512 image with
+DPM-Solver++(2M), classifier-free guidance 7.5 and a negative prompt: 20 denoiser steps, each one U-Net call on a
+batch of 2 (conditional + unconditional), then the VAE decode.
+
+Each configuration runs in its own process (so its peak RSS is its own): reverie and diffusers, each in float32
+and in bfloat16 with channels_last (the fast path on CPUs with AMX). On a shared machine a whole 20-step run per
+configuration takes long, so ``--timed-steps N`` runs N steps and reports
+
+    seconds / image = measured total + (20 - N) x (median seconds of the steps after the first)
+
+(each step is the same U-Net call, so the extrapolation adds only identical work). ``--timed-steps 20`` measures
+the whole run. The ratio is diffusers' fastest configuration over reverie's fastest.
+
+    python benchmarks/sd_speed.py --timed-steps 4             # CPU, ~15-30 min on 2 cores
+    python benchmarks/sd_speed.py --device cuda --timed-steps 20 --configs reverie-fp16,diffusers-fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+NEGATIVE = "blurry, ugly"
+CONFIGS = {  # name: (library, dtype, channels_last)
+    "reverie-bf16-cl": ("reverie", "bfloat16", True),
+    "diffusers-bf16-cl": ("diffusers", "bfloat16", True),
+    "diffusers-bf16": ("diffusers", "bfloat16", False),
+    "reverie-fp32": ("reverie", "float32", False),
+    "diffusers-fp32": ("diffusers", "float32", False),
+    "reverie-fp16": ("reverie", "float16", False),
+    "diffusers-fp16": ("diffusers", "float16", False),
+}
+
+
+def build_model(folder: Path) -> Path:
+    """The random-weight SD 1.5 folder, built once."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sd_models import save_sd_pipeline
+
+    print(f"building random-weight SD 1.5 in {folder} (once) ...", flush=True)
+    return save_sd_pipeline("sd15", folder)
+
+
+def _run_reverie(folder, dtype, channels_last, steps, size, device, stamps):
+    from reverie.sampling import SamplingOptions, sample_images
+    from reverie.sd import load_stable_diffusion, set_image_size
+
+    model = load_stable_diffusion(folder, device=device, dtype=dtype, channels_last=channels_last)
+    set_image_size(model, size)
+    stamps["loaded"] = time.perf_counter()
+    options = SamplingOptions(sampler="dpmpp_2m", steps=steps, grid="ddim-trailing", guidance_scale=7.5,
+                              negative_prompt=NEGATIVE, seed=0)
+    steps_at = stamps.setdefault("steps", [])
+    stamps["start"] = time.perf_counter()
+    image = sample_images(model, 1, options, prompts=[PROMPT], callback=lambda s: steps_at.append(_now(device)))
+    stamps["end"] = _now(device)
+    return float(image.float().std())
+
+
+def _run_diffusers(folder, dtype, channels_last, steps, size, device, stamps):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                       timestep_spacing="trailing")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch_module().channels_last)
+        pipe.vae.to(memory_format=torch_module().channels_last)
+    stamps["loaded"] = time.perf_counter()
+    steps_at = stamps.setdefault("steps", [])
+
+    def on_step(_pipe, _i, _t, tensors):
+        steps_at.append(_now(device))
+        return tensors
+
+    torch = torch_module()
+    stamps["start"] = time.perf_counter()
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size,
+               width=size, generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=on_step)
+    stamps["end"] = _now(device)
+    return float(out.images.float().std())
+
+
+def torch_module():
+    import torch
+
+    return torch
+
+
+def _now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch_module().cuda.synchronize()
+    return time.perf_counter()
+
+
+def child(name: str, folder: Path, steps: int, size: int, device: str, threads: int) -> dict:
+    """One configuration in this process: times, peak memory."""
+    torch = torch_module()
+    if threads:
+        torch.set_num_threads(threads)
+    library, dtype, channels_last = CONFIGS[name]
+    run = _run_reverie if library == "reverie" else _run_diffusers
+    stamps = {"begin": time.perf_counter()}
+    with torch.inference_mode():
+        std = run(folder, getattr(torch, dtype), channels_last, steps, size, device, stamps)
+    step_times = [b - a for a, b in zip([stamps["start"]] + stamps["steps"][:-1], stamps["steps"])]
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return {"config": name, "library": library, "dtype": dtype, "channels_last": channels_last,
+            "load_s": stamps["loaded"] - stamps["begin"], "run_s": stamps["end"] - stamps["start"],
+            "step_s": step_times, "after_steps_s": stamps["end"] - stamps["steps"][-1], "image_std": std,
+            "peak_gb": peak, "peak_kind": "GPU max allocated" if device.startswith("cuda") else "process max RSS"}
+
+
+def summarize(result: dict, steps: int) -> dict:
+    """Seconds per image at ``steps`` steps from a run of ``len(step_s)`` steps (module docstring)."""
+    timed = result["step_s"]
+    per_step = statistics.median(timed[1:]) if len(timed) > 1 else timed[0]
+    return {**result, "per_step_s": per_step,
+            "seconds_per_image": result["run_s"] + (steps - len(timed)) * per_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="reverie-bf16-cl,diffusers-bf16-cl,diffusers-bf16,reverie-fp32,"
+                                             "diffusers-fp32", help=f"comma list of {', '.join(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=20, help="denoiser steps per image")
+    parser.add_argument("--timed-steps", type=int, default=20, help="steps actually run (see the docstring)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--model-dir", default=str(ROOT / "out" / "sd15-random"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sd_speed.json"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder = Path(args.model_dir)
+    if args.child:
+        print(json.dumps(child(args.child, folder, args.timed_steps, args.size, args.device, args.threads)))
+        return
+    build_model(folder)
+    results = []
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        cmd = [sys.executable, __file__, "--child", name, "--model-dir", str(folder), "--timed-steps",
+               str(args.timed_steps), "--size", str(args.size), "--device", args.device, "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if proc.returncode:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results.append(summarize(json.loads(proc.stdout.strip().splitlines()[-1]), args.steps))
+        r = results[-1]
+        print(f"{name:18s} {r['seconds_per_image']:8.1f} s/image  {r['per_step_s']:6.2f} s/step  "
+              f"peak {r['peak_gb']:5.1f} GB  (load {r['load_s']:.0f} s)", flush=True)
+    best = {lib: min((r for r in results if r["library"] == lib), key=lambda r: r["seconds_per_image"], default=None)
+            for lib in ("reverie", "diffusers")}
+    ratio = (best["diffusers"]["seconds_per_image"] / best["reverie"]["seconds_per_image"]
+             if best["reverie"] and best["diffusers"] else None)
+    summary = {"model": "SD 1.5 architecture, random weights", "size": args.size, "steps": args.steps,
+               "timed_steps": args.timed_steps, "sampler": "DPM-Solver++(2M), trailing timesteps",
+               "guidance_scale": 7.5, "device": args.device, "machine": _machine(args.device),
+               "results": results, "best": {k: v and v["config"] for k, v in best.items()},
+               "speedup_reverie_over_diffusers": ratio}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    if ratio:
+        print(f"best: reverie {best['reverie']['config']} vs diffusers {best['diffusers']['config']}: "
+              f"{ratio:.2f}x  -> {args.out}")
+
+
+def _machine(device: str) -> str:
+    torch = torch_module()
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
