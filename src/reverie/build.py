@@ -22,19 +22,26 @@ from .denoisers import Denoiser, make_denoiser
 from .latent import image_shape
 from .nets import PRESETS, AutoencoderKL, create_autoencoder, create_network
 from .schedules import DiscreteVPSchedule
+from .sde import SDES, TIME_SCALE, get_sde, is_sde
 from .text import get_text_encoder
 from .vdm import VDMNet, make_gamma
 
 
 def build_schedule(cfg) -> DiscreteVPSchedule:
+    """The config's schedule: a discrete VP table, or a score SDE (``reverie.sde``, also a schedule)."""
+    if cfg.schedule.name in SDES:
+        return get_sde(cfg.schedule.name)
     return DiscreteVPSchedule.from_name(cfg.schedule.name, cfg.schedule.num_timesteps,
                                         zero_terminal_snr=cfg.schedule.zero_terminal_snr)
 
 
 def build_denoiser(cfg, net: torch.nn.Module, schedule: DiscreteVPSchedule) -> Denoiser:
-    """``D(x, sigma, **cond) -> x0_hat`` for the config's prediction type (EDM models need no schedule)."""
+    """``D(x, sigma, **cond) -> x0_hat`` for the config's prediction type (EDM models need no schedule; an
+    SDE model's network takes the continuous time as 999 t)."""
     if cfg.model.prediction == "edm":
         return make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
+    if is_sde(schedule):
+        return make_denoiser(cfg.model.prediction, net, schedule, time_scale=TIME_SCALE)
     return make_denoiser(cfg.model.prediction, net, schedule)
 
 

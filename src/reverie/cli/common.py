@@ -83,6 +83,10 @@ def sampling_parent() -> argparse.ArgumentParser:
     g.add_argument("--guidance-rescale", type=number_in(0, 1), default=0.0, help="guidance rescale phi")
     g.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
     g.add_argument("--seed", type=at_least(0), default=0, help="random seed")
+    g.add_argument("--corrector-steps", type=at_least(0), default=None,
+                   help="--sampler pc: Langevin corrector steps per level (default 1)")
+    g.add_argument("--snr", type=number_in(1e-6, 10), default=None,
+                   help="--sampler pc: the corrector's signal-to-noise ratio (default 0.16)")
     return p
 
 
@@ -105,7 +109,8 @@ def sampling_options(args, layouts="auto"):
         grid = tuned.sigmas
     return SamplingOptions(sampler=args.sampler, steps=steps, grid=grid, guidance_scale=args.guidance_scale,
                            guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
-                           layouts=layouts, seed=args.seed)
+                           layouts=layouts, seed=args.seed, corrector_steps=getattr(args, "corrector_steps", None),
+                           snr=getattr(args, "snr", None))
 
 
 def show_progress(args) -> bool:

@@ -9,6 +9,7 @@ metrics is done first (:func:`check_metrics`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ..data import DATASETS, get_dataset
 from ..likelihood import nll_bits_per_dim
 from ..likelihood_ode import ode_bits_per_dim
 from ..sampling import SamplingOptions
+from ..sde import discretize, is_sde
 from . import EVAL_METRICS, SAMPLE_METRICS
 from .adherence import evaluate_adherence
 from .fid import dataset_reference, evaluate_samples, get_inception, inception_path, reference_indices, sample_features
@@ -55,6 +57,8 @@ def check_metrics(pipe, metrics: list[str], settings: EvalSettings) -> None:
     """Refuse at once what a metric cannot do with this model."""
     if "nll" in metrics and (pipe.vae is not None or pipe.conditioning != "none"):
         raise ValueError("nll needs an unconditional pixel-space model")
+    if "nll" in metrics and pipe.cfg.model.process != "gaussian":
+        raise ValueError(f"nll needs a Gaussian diffusion model, not model.process={pipe.cfg.model.process}")
     for name in ("adherence", "probe"):
         if name in metrics and pipe.conditioning != "text":
             raise ValueError(f"{name} needs a text-conditioned model")
@@ -131,6 +135,8 @@ def nll_metrics(pipe, settings: EvalSettings, seed: int = 0) -> dict:
 
     if pipe.cfg.model.prediction == "edm":
         res["elbo_bpd"] = None  # no discrete chain to bound
+    elif is_sde(pipe.schedule):  # the ELBO of the SDE's 1000-level discretization (reverie.sde.discretize)
+        mean_sem(functools.partial(nll_bits_per_dim, schedule=discretize(pipe.schedule)), "elbo_bpd")
     else:
         mean_sem(nll_bits_per_dim, "elbo_bpd")
     mean_sem(ode_bits_per_dim, "ode_bpd")

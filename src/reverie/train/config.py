@@ -13,6 +13,7 @@ from ..configs import ConfigError
 from ..nets import PRESETS
 from ..samplers import SIGMA_GRIDS
 from ..sampling import SamplingOptions
+from ..sde import SDES
 
 
 @dataclass
@@ -27,11 +28,15 @@ class ModelSection:
     layout_channels: int = 0            # text models: >0 also conditions on object boxes (reverie.layout)
     autoencoder: str = ""               # latent diffusion: a VAE model directory ("" = pixel space)
     latent_sample: bool = True          # train on posterior samples (LDM) rather than posterior means
+    # gaussian: x = x0 + sigma * noise (every schedule, the score SDEs included); ihdm / blurring: heat-equation
+    # processes with their own loss and sampler (reverie.heat, settings in the heat section)
+    process: Literal["gaussian", "ihdm", "blurring"] = "gaussian"
+    pfgm_d: int = 0                     # PFGM++ (reverie.pfgm): D extra dimensions of the training noise; 0: Gaussian
 
 
 @dataclass
 class ScheduleSection:
-    name: str = "linear"                # linear | scaled_linear | cosine | sigmoid
+    name: str = "linear"                # linear | scaled_linear | cosine | sigmoid; vp-sde | subvp-sde | ve-sde
     num_timesteps: int = 1000
     zero_terminal_snr: bool = False
 
@@ -76,9 +81,20 @@ class EMASection:
 class LossSection:
     weighting: Literal["simple", "min_snr", "edm"] = "simple"
     min_snr_gamma: float = 5.0
-    noise_levels: Literal["uniform", "loss_aware", "lognormal"] = "uniform"
+    noise_levels: Literal["uniform", "loss_aware", "lognormal", "continuous"] = "uniform"  # continuous: SDE t~U
     p_mean: float = -1.2                # lognormal (EDM) only
     p_std: float = 1.2
+
+
+@dataclass
+class HeatSection:
+    """Heat-equation processes (``model.process``: ihdm, blurring; reverie.heat)."""
+
+    num_levels: int = 100               # IHDM: K blur levels
+    blur_min: float = 0.5               # IHDM: smallest blur width sigma_B
+    blur_max: float = 20.0              # IHDM: largest blur width; blurring diffusion: sigma_B,max
+    noise: float = 0.01                 # IHDM: training (and prior) noise delta
+    d_min: float = 0.001                # blurring diffusion: floor of the per-frequency dissipation
 
 
 @dataclass
@@ -187,6 +203,7 @@ class TrainConfig(RunConfig):
     loss: LossSection = field(default_factory=LossSection)
     sample: SampleSection = field(default_factory=SampleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    heat: HeatSection = field(default_factory=HeatSection)
 
     def checks(self) -> list[tuple[bool, str]]:
         return [
@@ -202,12 +219,24 @@ class TrainConfig(RunConfig):
             (self.sample.every >= 0, "sample.every must be >= 0 (0: never)"),
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
+            (self.model.pfgm_d >= 0, "model.pfgm_d must be >= 0 (0: Gaussian noise, D = infinity)"),
+            (self.heat.num_levels >= 1, "heat.num_levels must be >= 1"),
+            (0 < self.heat.blur_min <= self.heat.blur_max, "heat: need 0 < blur_min <= blur_max"),
+            (self.heat.noise >= 0 and 0 < self.heat.d_min < 1, "heat: need noise >= 0 and 0 < d_min < 1"),
         ]
 
     def validate(self) -> None:
         super().validate()
         if self.data.cache_latents and not self.model.autoencoder:
             raise ConfigError("data.cache_latents needs model.autoencoder (a VAE model directory)")
+        sde = self.schedule.name in SDES
+        if sde != (self.loss.noise_levels == "continuous") and self.model.process == "gaussian":
+            raise ConfigError(f"schedule.name={self.schedule.name} trains with loss.noise_levels="
+                              f"{'continuous' if sde else 'uniform, loss_aware or lognormal'}")
+        if self.model.pfgm_d and self.model.prediction != "edm":
+            raise ConfigError("model.pfgm_d (PFGM++) carries EDM's recipe over: use model.prediction=edm")
+        if self.model.process != "gaussian" and (self.model.conditioning != "none" or self.model.autoencoder):
+            raise ConfigError(f"model.process={self.model.process} trains unconditional pixel-space models")
         if self.model.prediction == "edm" and self.loss.noise_levels != "lognormal":
             raise ConfigError("model.prediction=edm trains with loss.noise_levels=lognormal")
         if self.model.prediction == "edm" and self.sample.grid not in SIGMA_GRIDS:

@@ -27,9 +27,12 @@ from ..build import (
     save_diffusion,
 )
 from ..configs import from_dict
+from ..heat import IHDM, BlurringSchedule
 from ..latent import LatentCache, encode_batch, latent_info
 from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
+from ..pfgm import pfgm_noise
 from ..sampling import check_batch, save_sample_grid
+from ..sde import UniformTime
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .ema import EMA
@@ -51,11 +54,31 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
 
 
 def noise_levels(cfg: TrainConfig, schedule):
+    if cfg.loss.noise_levels == "continuous":  # score SDEs: t ~ U(t_min, 1)
+        return UniformTime(schedule)
     if cfg.loss.noise_levels == "lognormal":
         return LogNormalSigmas(cfg.loss.p_mean, cfg.loss.p_std)
     if cfg.loss.noise_levels == "loss_aware":
         return LossAwareTimesteps(schedule)
     return UniformTimesteps(schedule)
+
+
+def heat_process(cfg: TrainConfig):
+    """The config's heat-equation process (``reverie.heat``), or None for a Gaussian one."""
+    h = cfg.heat
+    if cfg.model.process == "ihdm":
+        return IHDM(h.num_levels, h.blur_min, h.blur_max, h.noise)
+    if cfg.model.process == "blurring":
+        return BlurringSchedule(blur_max=h.blur_max, d_min=h.d_min)
+    return None
+
+
+def heat_loss(process, model, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A heat-equation process's loss on the raw network: IHDM's level k ~ U{1..K}, or blurring diffusion's
+    t ~ U(t_min, t_max), then unit noise (both drawn from the step's generator, in that order)."""
+    levels = process.draw_levels(x0.shape[0], g) if isinstance(process, IHDM) else process.draw_times(x0.shape[0], g)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    return process.loss(model, x0, levels.to(x0.device), noise).float().mean()
 
 
 def init_weights(net: torch.nn.Module, model_dir: str | Path) -> list[str]:
@@ -134,6 +157,7 @@ class DiffusionTrainer(Trainer):
                     device=run.device)  # the EMA copy is measured on the CPU; the batch trains on run.device
         self.denoiser = build_denoiser(cfg, net, self.sampled.schedule)
         self.levels = noise_levels(cfg, self.sampled.schedule)
+        self.heat = heat_process(cfg)
         return net
 
     def prepared(self, model) -> None:
@@ -148,8 +172,12 @@ class DiffusionTrainer(Trainer):
             x0 = batch["image"].to(self.device)
         if cfg.train.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        if cfg.model.process != "gaussian":
+            return heat_loss(self.heat, model, x0, g), {}
         lv = self.levels(x0.shape[0], g)
-        noise = torch.randn(x0.shape, generator=g).to(self.device, x0.dtype)
+        noise = pfgm_noise(x0.shape, cfg.model.pfgm_d, generator=g) if cfg.model.pfgm_d else \
+            torch.randn(x0.shape, generator=g)
+        noise = noise.to(self.device, x0.dtype)
         cond = self._condition(batch, g)
         per_sample = denoising_loss(self.denoiser, x0, lv.sigma.to(self.device), noise, weighting=cfg.loss.weighting,
                                     min_snr_gamma=cfg.loss.min_snr_gamma, cond=cond, sigma_data=cfg.model.sigma_data)

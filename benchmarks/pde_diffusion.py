@@ -1,0 +1,283 @@
+"""PDE diffusion on MNIST at equal training budget: score SDEs (VP, sub-VP, VE with PC / Euler-Maruyama /
+reverse-diffusion / probability-flow ODE samplers), heat-equation models (IHDM, blurring diffusion), PFGM++
+(D = 128, 2048) and the existing eps / EDM models, in one FID / NFE / time table; bits/dim through the ODE
+(and the ELBO of the SDE's discretization) for VP and sub-VP; the coarse-to-fine picture; and, with the exact
+score of a Gaussian mixture, the PC sampler against Euler-Maruyama at equal NFE.
+
+    python benchmarks/pde_diffusion.py --resolution 16 --train-steps 150 --batch-size 32 --n 300   # run here
+    python benchmarks/pde_diffusion.py --resolution 32 --train-steps 2400 --batch-size 64 --n 5000  # configs' budget
+
+Stages (``--stages``, default all): ``train`` (``reverie train`` each config with the same budget overrides
+into ``OUT/<name>``, skipped when ``OUT/<name>/model`` exists), ``fid``, ``nll``, ``picture``, ``gmm``. Results
+go to benchmarks/results/pde_diffusion.json (merged stage by stage) and the picture to
+benchmarks/results/pde_coarse_to_fine.png. NFE counts network calls per image; time is wall-clock seconds
+per image of the sampler alone (Inception excluded), on whatever else the machine was running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "pde_diffusion.json"
+PICTURE = ROOT / "benchmarks" / "results" / "pde_coarse_to_fine.png"
+
+# name -> (run directory under --out, config, extra overrides)
+MODELS = {
+    "vp-sde": ("vp-sde", "mnist-vp-sde", []),
+    "subvp-sde": ("subvp-sde", "mnist-subvp-sde", []),
+    "ve-sde": ("ve-sde", "mnist-ve-sde", []),
+    "heat (IHDM)": ("heat", "mnist-heat", []),
+    "blurring": ("blurring", "mnist-blurring", []),
+    "pfgm++ D=128": ("pfgm128", "mnist-pfgmpp", ["--model.pfgm_d=128"]),
+    "pfgm++ D=2048": ("pfgm2048", "mnist-pfgmpp", ["--model.pfgm_d=2048"]),
+    "edm (D=inf)": ("edm", "mnist-edm", []),
+    "eps (DDPM)": ("eps", "mnist-eps", []),
+}
+
+
+def run_dir(out: Path, name: str) -> Path:
+    return out / MODELS[name][0]
+
+
+def rows_for(name: str, levels: int) -> list[tuple[str, dict]]:
+    """(sampler label, sampling settings) to evaluate per model: the SDEs get every sampler at equal NFE."""
+    if name.endswith("sde"):
+        return [(f"pc {levels}x(1+1)", {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": 0.16}),
+                (f"euler_maruyama {2 * levels}", {"sampler": "euler_maruyama", "steps": 2 * levels}),
+                (f"reverse_diffusion {2 * levels}", {"sampler": "reverse_diffusion", "steps": 2 * levels}),
+                ("ode rk45 1e-3", {"sampler": "ode", "rtol": 1e-3, "atol": 1e-3})]
+    if name == "blurring":
+        return [(f"ancestral {2 * levels}", {"steps": 2 * levels})]
+    if name.startswith("heat"):
+        return [("ihdm noisy (K)", {})]
+    if name.startswith("eps"):
+        return [(f"dpmpp_2m {levels}", {"sampler": "dpmpp_2m", "steps": levels}),
+                (f"ddpm {2 * levels}", {"sampler": "ddpm", "steps": 2 * levels, "grid": "ddim-trailing"})]
+    return [("heun 18 (35 NFE)", {"sampler": "heun", "steps": 18, "grid": "karras"})]
+
+
+def stage_train(args) -> None:
+    for name, (_, config, extra) in MODELS.items():
+        target = run_dir(args.out, name)
+        if (target / "model" / "config.json").is_file():
+            print(f"{name}: trained ({target}/model)")
+            continue
+        cmd = [sys.executable, "-m", "reverie", "train", str(ROOT / "configs" / f"{config}.yaml"),
+               f"--train.steps={args.train_steps}", f"--data.batch_size={args.batch_size}",
+               f"--data.resolution={args.resolution}", f"--optim.warmup_steps={min(200, args.train_steps // 6)}",
+               f"--train.threads={args.threads}", "--sample.every=0",
+               "--train.checkpoint_every=0", f"--train.out_dir={target}", "--quiet", *extra]
+        print(" ".join(cmd[2:]), flush=True)
+        start = time.time()
+        subprocess.run(cmd, check=True)
+        print(f"{name}: {time.time() - start:.0f} s")
+
+
+class Counter:
+    """Counts the network's forward calls (a hook on the top module)."""
+
+    def __init__(self, net):
+        self.calls = 0
+        self.handle = net.register_forward_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+
+
+def draw_fn(pipe, settings: dict, timing: dict):
+    """``draw(num, seed)``: images in [-1, 1] with the settings; NFE and sampler time accumulate in ``timing``."""
+    from reverie.samplers import sample
+    from reverie.sampling import SamplingOptions, heat_images, sample_images, sigma_grid, start_noise
+
+    extra = {k: settings[k] for k in ("rtol", "atol") if k in settings}
+    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in extra})
+    counter = Counter(pipe.net)
+
+    def draw(num: int, seed: int) -> torch.Tensor:
+        options = SamplingOptions.make(opts, seed=seed).resolve(pipe.cfg)
+        before, start = counter.calls, time.perf_counter()
+        if pipe.cfg.model.process != "gaussian":
+            images = heat_images(pipe, num, options)
+        elif extra:  # the ODE's tolerances are not sampling options: call the sampler directly
+            sigmas = sigma_grid(pipe, options.steps, options.grid)
+            x = start_noise(pipe, num, float(sigmas[0]), torch.Generator().manual_seed(seed))
+            images = sample(options.sampler, pipe.denoiser, x, sigmas, **extra).clamp(-1, 1)
+        else:
+            images = sample_images(pipe, num, options)
+        timing["seconds"] += time.perf_counter() - start
+        timing["calls"] += counter.calls - before
+        timing["images"] += num
+        return images
+
+    return draw
+
+
+def stage_fid(args, results: dict) -> None:
+    from reverie.eval.fid import dataset_reference, evaluate_samples, get_inception, sample_features
+    from reverie.pipeline import Pipeline
+
+    torch.set_num_threads(args.threads)
+    ref = dataset_reference("mnist", resolution=args.resolution, n=10_000, split="test", progress=False)
+    extractor = get_inception()
+    table = results.setdefault("fid", {})
+    for name in MODELS:
+        path = run_dir(args.out, name) / "model"
+        if not path.is_dir():
+            print(f"{name}: not trained, skipped")
+            continue
+        pipe = Pipeline.from_pretrained(path)
+        for label, settings in rows_for(name, args.levels):
+            key = f"{name} | {label}"
+            if key in table and table[key]["n"] >= args.n:
+                continue
+            timing = {"seconds": 0.0, "calls": 0, "images": 0}
+            feats = sample_features(draw_fn(pipe, settings, timing), args.n, batch_size=args.eval_batch, seed=0,
+                                    extractor=extractor, progress=False)
+            res = evaluate_samples(feats, ref, ("fid",))
+            batches = math.ceil(args.n / args.eval_batch)
+            table[key] = {"model": name, "sampler": label, "fid": res["fid"], "n": res["n"], "n_ref": res["n_ref"],
+                          "nfe": timing["calls"] / batches, "s_per_image": timing["seconds"] / timing["images"]}
+            print(f"{key}: FID {res['fid']:.1f}  NFE {table[key]['nfe']:.0f}  "
+                  f"{table[key]['s_per_image'] * 1000:.0f} ms/image", flush=True)
+            save(results)
+
+
+def stage_nll(args, results: dict) -> None:
+    from reverie.eval.evaluate import EvalSettings, nll_metrics
+    from reverie.pipeline import Pipeline
+
+    out = results.setdefault("nll", {})
+    for name in ("vp-sde", "subvp-sde"):
+        path = run_dir(args.out, name) / "model"
+        if not path.is_dir():
+            continue
+        start = time.time()
+        res = nll_metrics(Pipeline.from_pretrained(path), EvalSettings(nll_n=args.nll_n, batch_size=args.nll_n,
+                                                                      progress=False))
+        res["seconds"] = time.time() - start
+        out[name] = res
+        print(f"{name}: ODE {res['ode_bpd']:.3f} +- {res['ode_bpd_sem']:.3f} bits/dim, ELBO (T=1000) "
+              f"{res['elbo_bpd']:.3f} +- {res['elbo_bpd_sem']:.3f} ({res['n']} test images)", flush=True)
+        save(results)
+
+
+def band_energy(images: torch.Tensor, bands: int = 4) -> torch.Tensor:
+    """Mean DCT energy [bands] of images [B, 1, H, W] in rings of k + l (low to high frequency)."""
+    from reverie.heat import dct2
+
+    u = dct2(images.to(torch.float64)).pow(2).mean((0, 1))
+    h = u.shape[-1]
+    ring = torch.arange(h)[:, None] + torch.arange(h)[None]
+    edges = torch.linspace(0, 2 * h - 1, bands + 1)
+    return torch.stack([u[(ring >= edges[i]) & (ring < edges[i + 1])].sum() for i in range(bands)])
+
+
+def trajectory(pipe, name: str, num: int, points: int, seed: int = 3) -> list[torch.Tensor]:
+    """``points`` snapshots of the current estimate of the image along sampling (x0_hat for Gaussian and
+    blurring models, the state for IHDM), evenly spaced over the sampler's steps."""
+    from reverie.sampling import SamplingOptions, heat_images, sample_images
+
+    snaps = []
+    if name.startswith("heat"):
+        options = SamplingOptions(seed=seed).resolve(pipe.cfg)
+        heat_images(pipe, num, options, callback=lambda k, u: snaps.append(u.clamp(-1, 1).cpu()))
+    elif name == "blurring":
+        options = SamplingOptions(steps=100, seed=seed).resolve(pipe.cfg)
+        heat_images(pipe, num, options, callback=lambda i, x0: snaps.append(x0.clamp(-1, 1).cpu()))
+    else:
+        options = SamplingOptions(sampler="dpmpp_2m", steps=50, seed=seed)
+        sample_images(pipe, num, options, callback=lambda step: snaps.append(step.denoised.clamp(-1, 1).cpu()))
+    idx = torch.linspace(0, len(snaps) - 1, points).round().long().tolist()
+    return [snaps[i] for i in idx]
+
+
+def stage_picture(args, results: dict) -> None:
+    from reverie.images import save_grid
+    from reverie.pipeline import Pipeline
+
+    rows, settle = [], {}
+    for name in ("heat (IHDM)", "blurring", "eps (DDPM)"):
+        path = run_dir(args.out, name) / "model"
+        if not path.is_dir():
+            continue
+        snaps = trajectory(Pipeline.from_pretrained(path), name, 4, args.points)
+        rows += [torch.stack([s[i] for s in snaps]) for i in range(4)]
+        final = band_energy(snaps[-1])
+        # share of the final energy of each frequency band reached by each snapshot (4 bands, low to high)
+        settle[name] = [(band_energy(s) / final).tolist() for s in snaps]
+    if rows:
+        save_grid(torch.cat(rows), PICTURE, ncols=args.points)
+        results["coarse_to_fine"] = {"picture": str(PICTURE.relative_to(ROOT)), "rows": "4 images each of IHDM, "
+                                     "blurring, eps (dpmpp_2m 50); columns: evenly spaced sampling steps",
+                                     "band_energy_fraction": settle}
+        save(results)
+        print(f"wrote {PICTURE}")
+
+
+def stage_gmm(args, results: dict) -> None:
+    """PC vs Euler-Maruyama vs reverse diffusion at equal NFE with the exact score of the 8-ring (2-D)."""
+    from reverie.gmm import ring2d, sliced_w2
+    from reverie.samplers import get_sigmas, sample
+    from reverie.sde import get_sde
+
+    ring = ring2d(k=8, radius=1.0, std=0.08)
+    ref = ring.sample(3000, torch.Generator().manual_seed(11))
+    floor = sliced_w2(ring.sample(3000, torch.Generator().manual_seed(12)), ref)
+    out = {"floor": floor, "rows": []}
+    for sde_name in ("vp-sde", "ve-sde"):
+        sde = get_sde(sde_name)
+        z = torch.randn(3000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x = ring.sample(3000, torch.Generator().manual_seed(100)) + z * sde.sigma_max
+        for nfe in (10, 20, 40, 80):
+            row = {"sde": sde_name, "nfe": nfe}
+            for label, name, steps in (("pc", "pc", nfe // 2), ("euler_maruyama", "euler_maruyama", nfe),
+                                       ("reverse_diffusion", "reverse_diffusion", nfe)):
+                sigmas = get_sigmas("karras", steps, sde.sigma_min, sde.sigma_max)
+                row[label] = sliced_w2(sample(name, ring, x, sigmas, generator=torch.Generator().manual_seed(1)), ref)
+            out["rows"].append(row)
+            print(row, flush=True)
+    results["gmm_exact_score"] = out
+    save(results)
+
+
+def save(results: dict) -> None:
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="train,fid,nll,picture,gmm")
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "pde")
+    p.add_argument("--resolution", type=int, default=16, help="MNIST resolution (the configs' is 32)")
+    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n", type=int, default=300, help="generated images per FID (the issue asks 5000)")
+    p.add_argument("--eval-batch", type=int, default=100)
+    p.add_argument("--levels", type=int, default=25, help="PC levels (NFE 2x); the other samplers get 2x steps")
+    p.add_argument("--nll-n", type=int, default=16)
+    p.add_argument("--points", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["budget"] = {"train_steps": args.train_steps, "batch_size": args.batch_size, "n": args.n,
+                         "resolution": args.resolution,
+                         "machine": "shared 2-core Xeon (AMX), torch " + torch.__version__}
+    stages = args.stages.split(",")
+    if "train" in stages:
+        stage_train(args)
+    for stage, fn in (("gmm", stage_gmm), ("fid", stage_fid), ("nll", stage_nll), ("picture", stage_picture)):
+        if stage in stages:
+            fn(args, results)
+
+
+if __name__ == "__main__":
+    main()
