@@ -281,16 +281,30 @@ def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptio
     if noise is not None:
         x = check_noise(model, num_images, noise) * noise_scale(model, float(sigmas[0]))
     x = x.to(device)
-    cond, uncond = conditions(model, num_images, options, prompts, class_labels)
+    g_steps = g if device.type == "cpu" else torch.Generator(device).manual_seed(options.seed)
+    out = run_sampler(model, x, sigmas, options, prompts, class_labels, g_steps, callback, progress)
+    return decode(model, out)
+
+
+@torch.no_grad()
+def run_sampler(model: DiffusionModel, x: torch.Tensor, sigmas: torch.Tensor, options: SamplingOptions,
+                prompts: list[str] | None = None, class_labels: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+    """Run ``options.sampler`` (resolved options) from ``x`` at ``sigmas[0]`` down ``sigmas`` under the prompts'
+    conditioning and guidance, the network in eval mode; the result in the network's space."""
+    cond, uncond = conditions(model, x.shape[0], options, prompts, class_labels)
     denoiser = guided_denoiser(model, options, uncond)
     was_training = model.net.training
     model.net.eval()
-    g_steps = g if device.type == "cpu" else torch.Generator(device).manual_seed(options.seed)
     try:
-        out = sample(options.sampler, denoiser, x, sigmas.to(device), generator=g_steps, cond=cond,
-                     callback=callback, progress=progress, **options.sampler_options())
+        return sample(options.sampler, denoiser, x, sigmas.to(x.device), generator=generator, cond=cond,
+                      callback=callback, progress=progress, **options.sampler_options())
     finally:
         model.net.train(was_training)
+
+
+def decode(model: DiffusionModel, out: torch.Tensor) -> torch.Tensor:
+    """Network-space samples as images in [-1, 1] (decoded by the autoencoder for a latent model)."""
     if model.vae is not None:
         out = model.vae.from_latent(out.to(next(model.vae.parameters()).device))
     return out.clamp(-1, 1)
