@@ -200,3 +200,14 @@ def test_make_gamma_round_trips_the_config():
         make_gamma({"kind": "sigmoid"})
     with pytest.raises(ValueError, match="gamma_min < gamma_max"):
         GammaNetwork(gamma_min=2.0, gamma_max=1.0)
+
+
+def test_speed_rescales_the_parameters_not_the_function():
+    torch.manual_seed(5)
+    slow = GammaNetwork(hidden=8)
+    torch.manual_seed(5)
+    fast = GammaNetwork(hidden=8, speed=30.0)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    torch.testing.assert_close(fast(t), slow(t))
+    torch.testing.assert_close(fast.w3 * 30, slow.w3)
+    assert make_gamma(fast.config()).speed == 30.0

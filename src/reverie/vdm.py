@@ -126,22 +126,26 @@ class GammaNetwork(_Endpoints):
     kind = "learned"
 
     def __init__(self, gamma_min: float = GAMMA_REF[0], gamma_max: float = GAMMA_REF[1],
-                 learn_endpoints: bool = True, hidden: int = 1024):
+                 learn_endpoints: bool = True, hidden: int = 1024, speed: float = 1.0):
         super().__init__(gamma_min, gamma_max, learn_endpoints)
-        self.hidden = hidden
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.hidden, self.speed = hidden, float(speed)
         f64 = dict(dtype=torch.float64)
         # l1: 1 -> 1; l2: 1 -> H; l3: H -> 1. Raw weights through softplus; l3 starts small, so the
-        # schedule starts close to linear in gamma (VDM initializes to its linear schedule).
+        # schedule starts close to linear in gamma (VDM initializes to its linear schedule). The stored
+        # parameters are raw / speed: Adam moves each by about lr per step, so the raw weights move speed x lr
+        # (a learning-rate multiplier for the shape that needs no optimizer change).
         self.w1 = nn.Parameter(torch.zeros((), **f64))
-        self.w2 = nn.Parameter(torch.randn(hidden, **f64) * 0.5)
-        self.b2 = nn.Parameter(torch.randn(hidden, **f64))
-        self.w3 = nn.Parameter(torch.full((hidden,), -4.0, **f64))
+        self.w2 = nn.Parameter(torch.randn(hidden, **f64) * 0.5 / speed)
+        self.b2 = nn.Parameter(torch.randn(hidden, **f64) / speed)
+        self.w3 = nn.Parameter(torch.full((hidden,), -4.0 / speed, **f64))
 
     def tilde(self, t: Tensor) -> Tensor:
         """gamma_tilde(t), unnormalized and increasing."""
-        t = t.to(torch.float64)
-        h = torch.tanh((2 * t - 1)[..., None] * _positive(self.w2) + self.b2)
-        return _positive(self.w1) * t + (h * _positive(self.w3)).sum(-1) / self.hidden
+        t, k = t.to(torch.float64), self.speed
+        h = torch.tanh((2 * t - 1)[..., None] * _positive(k * self.w2) + k * self.b2)
+        return _positive(k * self.w1) * t + (h * _positive(k * self.w3)).sum(-1) / self.hidden
 
     def shape(self, t: Tensor) -> Tensor:
         ends = self.tilde(torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.w1.device))
@@ -149,7 +153,7 @@ class GammaNetwork(_Endpoints):
 
     def config(self) -> dict:
         return {"kind": self.kind, "gamma_min": self.init[0], "gamma_max": self.init[1],
-                "learn_endpoints": self.learn_endpoints, "hidden": self.hidden}
+                "learn_endpoints": self.learn_endpoints, "hidden": self.hidden, "speed": self.speed}
 
 
 class FixedGamma(_Endpoints):

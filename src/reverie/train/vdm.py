@@ -50,13 +50,14 @@ class VDMSection:
     gamma_max: float = GAMMA_REF[1]     # initial gamma(1) = -log SNR_min
     learn_endpoints: bool = True        # gamma_min / gamma_max trained on the ELBO (else fixed)
     hidden: int = 1024                  # features of the learned schedule's hidden layer
+    speed: float = 1.0                  # learning-rate multiplier of the learned schedule's shape
     antithetic: bool = True             # low-discrepancy t: t_i = (u + i / B) mod 1
     variance_gradient: bool = True      # learned shape: minimize the loss estimator's variance (VDM Sec. 5.2)
 
     def gamma_config(self) -> dict:
         config = {"kind": self.schedule, "gamma_min": self.gamma_min, "gamma_max": self.gamma_max,
                   "learn_endpoints": self.learn_endpoints}
-        return {**config, "hidden": self.hidden} if self.schedule == "learned" else config
+        return {**config, "hidden": self.hidden, "speed": self.speed} if self.schedule == "learned" else config
 
 
 @dataclass
@@ -72,6 +73,7 @@ class VDMTrainConfig(TrainConfig):
             (not self.model.autoencoder, "the VDM trainer works in pixel space (model.autoencoder must be empty)"),
             (self.vdm.gamma_min < self.vdm.gamma_max, "vdm.gamma_min must be below vdm.gamma_max"),
             (self.vdm.hidden >= 1, "vdm.hidden must be >= 1"),
+            (self.vdm.speed > 0, "vdm.speed must be > 0"),
             (not self.train.init_from, "train.init_from is not supported by the VDM trainer"),
         ]
 
@@ -87,7 +89,7 @@ def train_vdm(cfg: VDMTrainConfig, resume: str | bool = "auto", dataset=None) ->
 
 class VDMTrainer(DiffusionTrainer):
     name = "train-vdm"
-    network_fields = ("model.", "data.resolution", "vdm.schedule", "vdm.hidden")
+    network_fields = ("model.", "data.resolution", "vdm.schedule", "vdm.hidden", "vdm.speed")
 
     def build(self, run: Run, resuming: bool) -> torch.nn.Module:
         cfg = self.cfg
