@@ -6,9 +6,12 @@ directories (see ``helpers.py`` for the overrides they are usually built from).
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses some tests start
+# signing certificates and the watermark key are made on first use: in a fresh folder, not the user's
+os.environ.setdefault("REVERIE_HOME", tempfile.mkdtemp(prefix="reverie-home-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

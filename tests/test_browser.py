@@ -1,7 +1,8 @@
 """The page in a real browser: headless Debian chromium driven by Playwright, against `reverie serve` started
 as a user would start it. It types a prompt, clicks Generate, waits for the image, checks that the image
 decodes, that its parameters are the ones asked for and that it is the library's image for them; then a new
-seed gives a different image, "reuse parameters" fills the form, and a server error shows as a message.
+seed gives a different image, "reuse parameters" fills the form, a server error shows as a message, and a
+mask painted with the mouse over an image inpaints only there.
 
 Needs Debian's ``chromium`` (``scripts/install_chromium.sh``; ``.ci/run`` runs it) and the ``playwright``
 package; without either the test is skipped with a reason that names what is missing.
@@ -138,7 +139,8 @@ def test_page_generates_in_a_real_browser():
             assert params["sampler"] == "dpmpp_2m" and params["guidance"] == 4.0 and params["model"] == "shapes-t2i"
         assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")  # the live preview ran
         assert "123" in page.inner_text("#gallery figure.item figcaption")
-        ref = Pipeline.from_pretrained(DEFAULT_MODEL).generate(PROMPT, 1, steps=40, seed=123)[0]
+        pipe = Pipeline.from_pretrained(DEFAULT_MODEL)
+        ref = pipe.generate(PROMPT, 1, steps=40, seed=123)[0]
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(ref))
 
         page.fill("#seed", "124")
@@ -158,6 +160,25 @@ def test_page_generates_in_a_real_browser():
         message = page.inner_text("#error")
         assert "no model 'gone' is loaded" in message and "Traceback" not in message
 
+        # inpainting: "edit" on the first image, paint over its left part, generate
+        page.eval_on_selector("#model", "el => { el.value = 'shapes-t2i'; }")
+        page.click("#gallery figure.item:nth-child(2) .edit")
+        page.wait_for_selector("#edit-tools:not(.hidden)")
+        page.wait_for_function("window.scrollY === 0")  # "reuse parameters" scrolls (smoothly) to the form
+        canvas = page.query_selector("#mask-canvas")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 30, box["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 40, box["y"] + 230, steps=12)
+        page.mouse.up()
+        set_value(page, "#strength", 1)
+        third = generate(page, 2)
+        assert third["shown"]["mode"] == "inpaint" and third["shown"]["seed"] == 123
+        kept = np.asarray(third["image"].convert("RGB"), int)[:, 16:]
+        assert np.array_equal(kept, np.asarray(im.convert("RGB"), int)[:, 16:])  # the unpainted half is kept
+        assert not np.array_equal(np.asarray(third["image"].convert("RGB")), np.asarray(im.convert("RGB")))
+
 
 def screenshot(path: str) -> None:
     """The README's picture: the page after two generations, with a preview and a gallery."""
@@ -172,6 +193,16 @@ def screenshot(path: str) -> None:
             page.click("#generate")
             page.wait_for_function(f"document.querySelectorAll('#gallery figure.item').length >= {count + 4}",
                                    timeout=60_000)
+        page.click("#gallery figure.item:nth-child(5) .edit")  # the inpainting panel, with a stroke painted
+        page.wait_for_selector("#edit-tools:not(.hidden)")
+        page.wait_for_function("window.scrollY === 0")
+        box = page.query_selector("#mask-canvas").bounding_box()
+        set_value(page, "#brush", 40)
+        page.mouse.move(box["x"] + 180, box["y"] + 95)  # over the diamond
+        page.mouse.down()
+        page.mouse.move(box["x"] + 200, box["y"] + 135, steps=10)
+        page.mouse.up()
+        page.fill("#prompt", "a white ring to the left of a green diamond")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=path, full_page=True)
     print(f"wrote {path}")

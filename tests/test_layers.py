@@ -21,7 +21,7 @@ LAYERS = {  # module or package prefix -> layer; the longest matching prefix dec
     "reverie.sde": 1, "reverie.heat": 1, "reverie.pfgm": 1,
     "reverie.data": 2, "reverie.latent": 2, "reverie.layout": 2, "reverie.conditioning": 2,
     "reverie.modeldir": 3, "reverie.build": 3, "reverie.sd": 3,
-    "reverie.sampling": 4, "reverie.train": 4, "reverie.editing": 4,
+    "reverie.sampling": 4, "reverie.train": 4, "reverie.provenance": 4, "reverie.editing": 4,
     "reverie": 5, "reverie.pipeline": 5, "reverie.eval": 5, "reverie.cli": 5, "reverie.demo": 5, "reverie.serve": 5,
     "reverie.__main__": 5,
 }

@@ -59,6 +59,14 @@ def png_of_size(w: int, h: int) -> str:
     return base64.b64encode(raw).decode()
 
 
+def library_image(pipe, prompt: str, seed: int, **settings) -> Image.Image:
+    """The library's one image of ``seed``, as ``reverie generate --seed S --num-images 1`` makes it."""
+    from reverie.images import to_pil
+    from reverie.sampling import SamplingOptions, sample_images
+
+    return to_pil(sample_images(pipe, 1, SamplingOptions(seed=seed, **settings), prompts=[prompt]))[0]
+
+
 def png_b64(im: Image.Image) -> str:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
@@ -81,7 +89,7 @@ def test_txt2img_reply_matches_the_library(client, pipe):
         meta = json.loads(im.text["reverie"])
         assert meta["seed"] == 11 + i and meta["num_images"] == 1 and meta["model_hash"] == pipe.weights_hash
         assert meta == info["reverie"][i]
-        ref = pipe.generate(PROMPT, 1, steps=6, guidance_scale=3.0, sampler="dpmpp_2m", seed=11 + i)[0]
+        ref = library_image(pipe, PROMPT, 11 + i, steps=6, guidance_scale=3.0, sampler="dpmpp_2m")
         assert np.array_equal(pixels(im), pixels(ref))
     assert not np.array_equal(pixels(decode(body["images"][0])), pixels(decode(body["images"][1])))
 
@@ -119,7 +127,7 @@ def test_requests_with_the_same_settings_share_a_batch(pipe):
         assert [j.state for j in jobs] == ["done"] * 3
         assert worker.batches == 1
         for k, (job, p) in enumerate(zip(jobs, prompts)):
-            ref = pipe.generate(p, 1, steps=4, seed=100 + k)[0]
+            ref = library_image(pipe, p, 100 + k, steps=4)
             assert np.abs(pixels(job.result["pil"][0]) - pixels(ref)).max() <= 1  # float rounding of a batch
     finally:
         worker.close()
@@ -140,7 +148,7 @@ def test_stochastic_samplers_run_alone_and_match_the_library(pipe):
             time.sleep(0.02)
         assert worker.batches == 2
         for k, job in enumerate(jobs):
-            ref = pipe.generate("a red circle", 1, sampler="euler_ancestral", steps=4, seed=7 + k)[0]
+            ref = library_image(pipe, "a red circle", 7 + k, sampler="euler_ancestral", steps=4)
             assert np.array_equal(pixels(job.result["pil"][0]), pixels(ref))
     finally:
         worker.close()
@@ -282,12 +290,41 @@ def test_api_key(pipe):
         assert c.get("/v1/models", headers={"Authorization": f"Basic {basic}"}).status_code == 200
 
 
-def test_img2img_is_a_clear_501_until_editing_is_wired(client):
-    img = png_b64(Image.new("RGB", (32, 32), (200, 10, 10)))
-    r = client.post("/sdapi/v1/img2img", json={"init_images": [img], "prompt": "a red circle", "steps": 3})
-    assert r.status_code in (200, 501), r.text
-    if r.status_code == 501:
-        assert r.json()["error"] == "NotImplemented"
+def test_img2img_and_inpainting_match_the_library(client, pipe):
+    """img2img image i is reverie.editing.img2img of seed + i; inpainting keeps the black part of the mask
+    exactly and repaints the white part; a strength that runs no step and an empty mask are 422s."""
+    from reverie import editing
+    from reverie.images import to_pil
+    from reverie.sampling import SamplingOptions
+    from reverie.serve.edits import to_tensor
+
+    start = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1, "steps": 6}).json()["images"][0]
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [start], "prompt": "a blue circle", "seed": 3,
+                                               "denoising_strength": 0.6, "steps": 10, "batch_size": 2})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert [p["mode"] for p in info["reverie"]] == ["img2img"] * 2 and info["all_seeds"] == [3, 4]
+    init = to_tensor(decode(start), 3, (32, 32))
+    for i, b64 in enumerate(r.json()["images"]):
+        ref = to_pil(editing.img2img(pipe, init, "a blue circle", 0.6, options=SamplingOptions(steps=10, seed=3 + i)))
+        assert np.array_equal(pixels(decode(b64)), pixels(ref[0]))
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # repaint the left half
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [start], "mask": png_b64(mask), "steps": 8,
+                                               "prompt": "a blue square", "denoising_strength": 1.0, "seed": 2})
+    assert r.status_code == 200, r.text
+    before, after = pixels(decode(start)), pixels(decode(r.json()["images"][0]))
+    assert np.array_equal(before[:, 16:], after[:, 16:])
+    assert np.abs(before[:, :16] - after[:, :16]).mean() > 5
+    assert json.loads(r.json()["info"])["reverie"][0]["mode"] == "inpaint"
+
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [start], "denoising_strength": 0.01, "steps": 10})
+    assert r.status_code == 422 and "runs no step" in r.json()["detail"]
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [start], "mask": png_b64(Image.new("L", (32, 32), 0))})
+    assert r.status_code == 422 and "empty" in r.json()["detail"]
+    job = client.post("/v1/jobs/img2img", json={"init_images": [start], "steps": 4})
+    assert job.status_code == 202
 
 
 def _wait(predicate, timeout=30.0):
@@ -405,3 +442,28 @@ def test_png_info_reads_a_returned_image(client):
     image = r.json()["images"][0]
     info = client.post("/sdapi/v1/png-info", json={"image": image}).json()["info"]
     assert "prompt: a yellow star" in info and "seed: 9" in info
+
+
+def test_a_stable_diffusion_model_samples_at_the_size_asked_for(pipe, tmp_path):
+    """Two models in one server; a (tiny, random) Stable Diffusion model makes width x height itself, the same
+    image as the library's, and the shipped model is unaffected by the other's size."""
+    pytest.importorskip("diffusers")
+    from reverie.sd import set_image_size
+    from sd_models import save_sd_pipeline
+
+    sd = Pipeline.from_pretrained(save_sd_pipeline("tiny-sd1", tmp_path / "tiny-sd1"))
+    with TestClient(create_app([pipe, sd], ServeConfig())) as c:
+        names = [m["name"] for m in c.get("/v1/models").json()]
+        assert names == [pipe.name, sd.name]
+        r = c.post("/sdapi/v1/txt2img", json={"model": sd.name, "prompt": "a red cat", "seed": 5, "steps": 3,
+                                              "width": 64, "height": 64})
+        assert r.status_code == 200, r.text
+        im = decode(r.json()["images"][0])
+        meta = json.loads(im.text["reverie"])
+        assert im.size == (64, 64) and (meta["width"], meta["height"]) == (64, 64) and "resized_to" not in meta
+        bad = c.post("/sdapi/v1/txt2img", json={"model": sd.name, "width": 64, "height": 40})
+        assert bad.status_code == 422 and "square" in bad.json()["detail"]
+        small = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2})
+        assert decode(small.json()["images"][0]).size == (32, 32)
+    set_image_size(sd, 64)  # the worker has stopped: the model is the library's again
+    assert np.array_equal(pixels(im), pixels(library_image(sd, "a red cat", 5, steps=3)))

@@ -35,17 +35,20 @@ class Pipeline(DiffusionModel):
         self.name, self.weights_hash = name, weights_hash
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> Pipeline:
+    def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu", **sd_options) -> Pipeline:
         """Load a model directory, a checkpoint or run directory (exported on the fly), or a Stable Diffusion
-        1.x / 2.x checkpoint (a diffusers folder or one CompVis / A1111 ``.safetensors`` file, ``reverie.sd``);
-        validates names and shapes of every tensor."""
+        1.x / 2.x checkpoint (a diffusers folder or one CompVis / A1111 ``.safetensors`` file, ``reverie.sd``;
+        ``sd_options`` go to ``load_stable_diffusion``: ``dtype``, ``channels_last``, ``prediction``,
+        ``tokenizer``); validates names and shapes of every tensor."""
         path = Path(path)
         if is_stable_diffusion(path):
-            sd = load_stable_diffusion(path, device=device)
+            sd = load_stable_diffusion(path, device=device, **sd_options)
             cfg = from_dict(TrainConfig, to_dict(sd.cfg))  # a full config: every field sampling reads, defaulted
             pipe = cls(sd.net, cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
             pipe.schedule = sd.schedule
             return pipe
+        if sd_options:
+            raise ValueError(f"{', '.join(sd_options)}: options of Stable Diffusion checkpoints, and {path} is not one")
         if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 export_checkpoint(find_checkpoint(path), Path(tmp) / "model", use_ema=use_ema)
@@ -77,20 +80,24 @@ class Pipeline(DiffusionModel):
 
     def sample(self, num_images: int = 16, options: SamplingOptions | None = None, *,
                prompts: list[str] | None = None, class_labels: torch.Tensor | None = None,
-               callback=None, progress: bool = False, **settings) -> torch.Tensor:
+               callback=None, progress: bool = False, noise: torch.Tensor | None = None,
+               **settings) -> torch.Tensor:
         """``[num_images, C, H, W]`` samples in [-1, 1]. ``settings``: fields of :class:`SamplingOptions`
         (``sampler``, ``steps``, ``grid``, ``guidance_scale``, ``guidance_rescale``, ``negative_prompt``,
-        ``layouts``, ``seed``) over ``options``; what is left out is the model's own."""
+        ``layouts``, ``seed``) over ``options``; what is left out is the model's own. ``noise``: unit-variance
+        start noise to use instead of the seed's draw (``reverie.sampling.sample_images``; e.g. a watermarked
+        one from ``reverie.provenance.watermark_noise``)."""
         options = SamplingOptions.make(options, **settings)
         return sample_images(self, num_images, options, prompts=prompts, class_labels=class_labels,
-                             callback=callback, progress=progress)
+                             callback=callback, progress=progress, noise=noise)
 
     def generate(self, prompt: str = "", num_images: int = 1, options: SamplingOptions | None = None, *,
-                 progress: bool = False, **settings) -> list:
-        """Images (PIL) for a text prompt; "" gives unconditional samples. ``settings``: see :meth:`sample`."""
+                 progress: bool = False, noise: torch.Tensor | None = None, **settings) -> list:
+        """Images (PIL) for a text prompt; "" gives unconditional samples. ``noise``, ``settings``: see
+        :meth:`sample`."""
         if self.conditioning != "text" and prompt:
             raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
-        return to_pil(self.sample(num_images, options, prompts=[prompt], progress=progress, **settings))
+        return to_pil(self.sample(num_images, options, prompts=[prompt], progress=progress, noise=noise, **settings))
 
     def tune_grid(self, sampler: str = "dpmpp_2m", steps: int = 8, pilot: int = 16, seed: int = 10_000,
                   prompts: list[str] | None = None, teacher_steps: int = 100, teacher_grid: str | None = None,

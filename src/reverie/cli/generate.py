@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..provenance import watermark_enabled, watermark_noise
+from ..provenance.png import read_png_parameters, save_png  # noqa: F401  (old import names, kept)
 from .common import (
     DEFAULT_MODEL,
     UserError,
@@ -42,6 +44,9 @@ def add_commands(sub, fmt) -> None:
     gen.add_argument("--layout", default="auto",
                      help="layout models: auto (plan object boxes from the prompt), none (the prompt alone), or "
                           "a JSON list (or .json file) of [phrase, [x0, y0, x1, y1]] in image fractions, y down")
+    gen.add_argument("--no-watermark", action="store_true",
+                     help="no Tree-Ring watermark in the start noise and no pixel watermark (the PNG says so; it is "
+                          "still signed)")
     gen.set_defaults(func=generate)
 
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt,
@@ -111,39 +116,6 @@ def _request(args):
     return prompt, num, index, options
 
 
-def read_png_parameters(src: Path) -> dict:
-    from PIL import Image, UnidentifiedImageError
-
-    if not src.is_file():
-        raise FileNotFoundError(f"{src} not found")
-    try:
-        with Image.open(src) as im:
-            meta = getattr(im, "text", {}).get("reverie") if im.format == "PNG" else None
-    except (UnidentifiedImageError, OSError):
-        raise UserError(f"{src} is not a readable PNG image") from None
-    if not meta:
-        raise UserError(f"{src} carries no reverie generation parameters")
-    try:
-        params = json.loads(meta)
-    except json.JSONDecodeError:
-        raise UserError(f"{src}: its reverie parameters are not valid JSON") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{src}: its reverie parameters must be a JSON object")
-    return params
-
-
-def save_png(image, path: Path, params: dict) -> None:
-    """A PNG with the generation parameters in two text chunks: ``reverie`` (JSON, for --from-png) and
-    ``parameters`` (readable)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("reverie", json.dumps(params, sort_keys=True))
-    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in sorted(params.items())))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-
-
 def generate(args) -> int:
     from ..images import make_grid
     from ..pipeline import Pipeline
@@ -164,10 +136,13 @@ def generate(args) -> int:
     # the settings used, so that the file says what made it; a grid left out stays null (the model's own kind,
     # pinned by the model hash), as in every PNG since the first
     used = dataclasses.replace(options.resolve(pipe.cfg), grid=options.grid)
+    marked = not args.no_watermark and (not args.from_png or watermark_enabled(made_by))
+    noise, marks = watermark_noise(pipe, num_images, used.seed, enabled=marked)
+    _check_key(made_by, marks, args.from_png)
     params = {"prompt": prompt, "num_images": num_images, **used.to_metadata(), "model": pipe.name,
-              "model_hash": pipe.weights_hash, **size}
+              "model_hash": pipe.weights_hash, **size, "watermark": marks}
     start = time.perf_counter()
-    images = pipe.generate(prompt, num_images, options, progress=show_progress(args))
+    images = pipe.generate(prompt, num_images, options, progress=show_progress(args), noise=noise)
     elapsed = time.perf_counter() - start
     numbers = range(len(images))
     if index is not None:  # reproducing one file of an --out-dir batch: it keeps its index
@@ -203,6 +178,16 @@ def _image_size(pipe, args, made_by: dict) -> dict:
         set_image_size(pipe, width, height if height is not None else width)
     _, h, w = pipe.image_shape
     return {"width": w, "height": h}
+
+
+def _check_key(made_by: dict, marks, source) -> None:
+    """Warn when --from-png reproduces a file watermarked with another key (the noise, so the image, differs)."""
+    old = (made_by.get("watermark") or {}) if isinstance(made_by.get("watermark"), dict) else {}
+    old_id = (old.get("noise") or {}).get("key_id") if isinstance(old.get("noise"), dict) else None
+    new_id = marks["noise"]["key_id"] if isinstance(marks, dict) else None
+    if old_id and new_id and old_id != new_id:
+        print(f"reverie: warning: {source} was watermarked with key {old_id}, yours is {new_id}: the start noise, "
+              f"and so the image, will differ", file=sys.stderr)
 
 
 def sample(args) -> int:

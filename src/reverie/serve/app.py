@@ -31,7 +31,7 @@ from ..images import to_pil
 from ..layout import check_layout
 from ..samplers import GRIDS, SAMPLERS
 from ..sampling import SamplingOptions, resolve_layouts, sigma_grid
-from ..sd import SDSettings
+from ..sd import FAMILY as SD_FAMILY
 from .images import BadImage, b64, decode_image, png_bytes, preview_jpeg
 from .schemas import (
     MAX_BODY_BYTES,
@@ -67,6 +67,7 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 64
     batching: bool = True
+    watermark: bool = True
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -172,7 +173,7 @@ class Server:
             raise ValueError(f"two models have the same name ({', '.join(names)}); give each its own directory name")
         self.config = config
         self.pipes = {p.name: p for p in pipelines}
-        self.workers = {p.name: ModelWorker(p, config.max_batch, config.max_queue, config.batching)
+        self.workers = {p.name: ModelWorker(p, config.max_batch, config.max_queue, config.batching, config.watermark)
                         for p in pipelines}
         self.default = names[0]
         self.native = {p.name: _image_size(p) for p in pipelines}  # before any request changes an SD model's size
@@ -266,11 +267,11 @@ def make_job(server: Server, req: Txt2ImgRequest) -> Job:
     native = server.native[pipe.name]
     size = (req.width or native[0], req.height or native[1])
     sample_size = None
-    if isinstance(pipe.cfg, SDSettings):  # Stable Diffusion samples at the size asked for; reverie's models resize
+    if pipe.info.get("family") == SD_FAMILY:  # Stable Diffusion samples at the size asked for; reverie's models resize
         sample_size = _sd_size(pipe, req.width, req.height, native)
         size = (sample_size, sample_size)
     return Job(options=options, images=images, timeout=server.config.timeout, model_name=pipe.name,
-               sample_size=sample_size, render=lambda job, pil: render(pipe, req, job, pil, size, native))
+               sample_size=sample_size, render=lambda job, pil: render(server, req, job, pil, size, native))
 
 
 def _image_size(pipe) -> tuple[int, int]:
@@ -291,12 +292,15 @@ def _sd_size(pipe, width: int | None, height: int | None, native: tuple[int, int
     return width
 
 
-def image_params(pipe, job: Job, image: ImageSpec, size: tuple[int, int], native: tuple[int, int]) -> dict:
+def image_params(pipe, job: Job, image: ImageSpec, size: tuple[int, int], native: tuple[int, int],
+                 watermark) -> dict:
     """What one PNG says made it: the keys of ``reverie generate``'s PNGs (so ``--from-png`` reproduces it)."""
     options = dataclasses.replace(job.options, seed=image.seed,
                                   layouts=[image.layout] if isinstance(image.layout, list) else image.layout)
     params = {"prompt": image.prompt, "num_images": 1, **options.to_metadata(), "model": pipe.name,
-              "model_hash": pipe.weights_hash}
+              "model_hash": pipe.weights_hash, **job.extra}
+    if job.custom is None and watermark is not None:  # an edit starts from the input image, not from noise
+        params["watermark"] = watermark
     if job.sample_size is not None:  # as `reverie generate --width/--height` records it
         params.update(width=size[0], height=size[1])
     elif size != native:
@@ -311,11 +315,14 @@ def infotext(p: dict, size) -> str:
             f"Seed: {p['seed']}, Size: {size[0]}x{size[1]}, Model hash: {p['model_hash']}, Model: {p['model']}")
 
 
-def render(pipe, req: Txt2ImgRequest, job: Job, pil: list, size: tuple[int, int], native: tuple[int, int]) -> dict:
+def render(server: Server, req: Txt2ImgRequest, job: Job, pil: list, size: tuple[int, int],
+           native: tuple[int, int]) -> dict:
     """The A1111 reply: base64 PNGs (through the shared writer), the request's parameters, and ``info``."""
     from PIL import Image as PILImage
 
-    params = [image_params(pipe, job, img, size, native) for img in job.images]
+    pipe, worker = server.pipes[job.model_name], server.workers[job.model_name]
+    record = worker.noise(job.images[0].seed)[1]  # the same for every image: it names the key, not the noise
+    params = [image_params(pipe, job, img, size, native, record) for img in job.images]
     images = []
     if req.send_images:
         for im, p in zip(pil, params):
@@ -510,15 +517,15 @@ def _add_a1111_routes(app: FastAPI, server: Server) -> None:
 
 
 def _img2img_job(server: Server, req: Img2ImgRequest) -> Job:
-    for i, text in enumerate(req.init_images):
-        decode_image(text, f"init_images[{i}]")
-    if req.mask is not None:
-        decode_image(req.mask, "mask")
-    make_job(server, req)  # every other field checked as for txt2img
     if importlib.util.find_spec("reverie.editing") is None:
+        for i, text in enumerate(req.init_images):  # still a 4xx for a malformed request
+            decode_image(text, f"init_images[{i}]")
+        make_job(server, req)
         raise JobError(501, "NotImplemented", "img2img and inpainting need reverie.editing, which this version "
-                                              "does not have yet")
-    raise JobError(501, "NotImplemented", "img2img and inpainting are not wired to the server yet")
+                                              "does not have")
+    from .edits import make_edit_job
+
+    return make_edit_job(server, req, make_job)
 
 
 def _add_own_routes(app: FastAPI, server: Server) -> None:

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import SamplingOptions, available_memory, bytes_per_image, resolve_layouts, sample_images
+from ..sampling import (
+    SamplingOptions,
+    available_memory,
+    bytes_per_image,
+    noise_shape,
+    resolve_layouts,
+    sample_images,
+)
 from ..sd import set_image_size
 
 # samplers whose result is a function of the start noise alone (no noise drawn at later steps)
@@ -81,6 +88,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     sample_size: int | None = None  # a Stable Diffusion model's side for this job (reverie's models: None)
     custom: Callable | None = None  # custom(callback) -> PIL images: a job that runs alone (img2img, inpainting)
+    extra: dict = field(default_factory=dict)  # what its PNGs say beyond the sampling options (an edit's mode)
 
     @property
     def key(self):
@@ -119,8 +127,8 @@ class ModelWorker:
     """The queue and the thread of one model. ``max_batch`` bounds the images sampled at once (and is lowered
     to what half the available memory holds); ``batching=False`` runs every job alone (for comparison)."""
 
-    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, batching: bool = True):
-        self.pipe, self.batching, self.max_queue = pipe, batching, max_queue
+    def __init__(self, pipe, max_batch: int = 16, max_queue: int = 64, batching: bool = True, watermark: bool = True):
+        self.pipe, self.batching, self.max_queue, self.watermark = pipe, batching, max_queue, watermark
         guided = pipe.conditioning != "none"
         per_image = bytes_per_image(pipe, guided)
         self.max_batch = max(1, min(max_batch, available_memory() // 2 // per_image))
@@ -141,7 +149,7 @@ class ModelWorker:
             if len(self.queue) >= self.max_queue:
                 raise JobError(503, "Busy", f"the queue of model {self.pipe.name!r} is full ({self.max_queue} "
                                             f"requests); try again later")
-            job.steps = job.options.steps
+            job.steps = job.steps or job.options.steps
             self.queue.append(job)
             self._cond.notify()
 
@@ -252,7 +260,7 @@ class ModelWorker:
             set_image_size(self.pipe, job0.sample_size)
         seeds = [img.seed for _, _, img in part]
         options = dataclasses.replace(job0.options, seed=seeds[0], layouts=self._layouts(part))
-        noise = None if stochastic else torch.cat([self._noise(seed) for seed in seeds])
+        noise = torch.cat([self.noise(seed)[0] for seed in seeds])
         callback = self._callback([job for job, _, _ in part])
         out = sample_images(self.pipe, len(part), options, prompts=[img.prompt for _, _, img in part],
                             callback=callback, noise=noise)
@@ -277,11 +285,11 @@ class ModelWorker:
 
         return callback
 
-    def _noise(self, seed: int) -> torch.Tensor:
-        """Image ``seed``'s unit start noise: the first draw of its own generator, as ``sample_images`` draws it
-        for one image of that seed."""
-        shape = (1, self.pipe.info["in_channels"], self.pipe.info["resolution"], self.pipe.info["resolution"])
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    def noise(self, seed: int) -> tuple[torch.Tensor, None]:
+        """Image ``seed``'s unit start noise, the seed's own draw (as ``reverie generate --seed S --num-images 1``
+        draws it), and its metadata record (none yet). The seed still drives a stochastic sampler's later
+        noise."""
+        return torch.randn(noise_shape(self.pipe, 1), generator=torch.Generator().manual_seed(seed)), None
 
     def _layouts(self, part: list):
         """Per-image layouts for a layout model: explicit ones as given, planned ones each from its own seed (so

@@ -1,0 +1,77 @@
+"""img2img and inpainting for the server (``/sdapi/v1/img2img``, ``/v1/jobs/img2img``), on ``reverie.editing``.
+
+A1111's fields: ``init_images`` (the first is the image every output starts from), ``denoising_strength``
+(img2img's strength: how many of the steps run, diffusers' convention), ``mask`` (white = repaint, black =
+keep; ``inpainting_mask_invert=1`` swaps them). The image is resized to the model's size (the mask with
+nearest-neighbour), as A1111's ``resize_mode=0`` does. Image ``i`` uses seed ``seed + i``, like txt2img;
+an edit job runs alone (it is never batched with others). ``mask_blur`` is accepted and not used: the
+mask is binary (RePaint pastes the kept pixels back exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from ..images import to_pil
+from .images import decode_image
+from .schemas import Img2ImgRequest
+from .worker import Job, JobError
+
+
+def to_tensor(image: PILImage.Image, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A PIL image as ``[1, C, H, W]`` in [-1, 1] at ``size`` (width, height)."""
+    image = image.convert("L" if channels == 1 else "RGB").resize(size, PILImage.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1
+    return (x[None, None] if channels == 1 else x.permute(2, 0, 1)[None]).contiguous()
+
+
+def mask_tensor(mask: PILImage.Image, size: tuple[int, int], invert: bool) -> torch.Tensor:
+    """``[1, 1, H, W]`` of 0 (keep) and 1 (repaint) at ``size``."""
+    m = np.asarray(mask.convert("L").resize(size, PILImage.NEAREST)) > 127
+    m = ~m if invert else m
+    return torch.from_numpy(m.astype(np.float32))[None, None]
+
+
+def make_edit_job(server, req: Img2ImgRequest, make_job) -> Job:
+    """The job of an img2img / inpainting request; every problem (an unreadable image, a strength that runs no
+    step, an empty or full mask) is a 4xx before anything is queued."""
+    from .. import editing
+
+    images = [decode_image(text, f"init_images[{i}]") for i, text in enumerate(req.init_images)]
+    mask = decode_image(req.mask, "mask") if req.mask is not None else None
+    job = make_job(server, req)
+    pipe = server.pipes[job.model_name]
+    channels, height, width = pipe.image_shape
+    if job.sample_size is not None:
+        height = width = job.sample_size
+    init = to_tensor(images[0], channels, (width, height))
+    strength = float(req.denoising_strength)
+    try:
+        job.steps = editing.strength_steps(strength, job.options.steps)
+        m = mask_tensor(mask, (width, height), bool(req.inpainting_mask_invert)) if mask is not None else None
+        if m is not None:
+            editing.check_mask(pipe, m, 1)
+    except ValueError as e:
+        raise JobError(422, "InvalidRequest", str(e)) from None
+    job.extra = {"mode": "inpaint" if m is not None else "img2img", "strength": strength,
+                 "init_image_sha256": hashlib.sha256(init.numpy().tobytes()).hexdigest()[:16]}
+
+    def run(callback) -> list:
+        out = []
+        for spec in job.images:
+            layouts = [spec.layout] if isinstance(spec.layout, list) else spec.layout
+            options = dataclasses.replace(job.options, seed=spec.seed, layouts=layouts)
+            if m is None:
+                x = editing.img2img(pipe, init, spec.prompt, strength, options=options, callback=callback)
+            else:
+                x = editing.inpaint(pipe, init, m, spec.prompt, options=options, strength=strength, callback=callback)
+            out += to_pil(x)
+        return out
+
+    job.custom = run
+    return job
