@@ -58,10 +58,11 @@ def build_model(folder: Path) -> Path:
 
 
 def _run_reverie(folder, dtype, channels_last, steps, size, device, stamps):
+    from reverie.pipeline import Pipeline
     from reverie.sampling import SamplingOptions, sample_images
-    from reverie.sd import load_stable_diffusion, set_image_size
+    from reverie.sd import set_image_size
 
-    model = load_stable_diffusion(folder, device=device, dtype=dtype, channels_last=channels_last)
+    model = Pipeline.from_pretrained(folder, device=device, dtype=dtype, channels_last=channels_last)
     set_image_size(model, size)
     stamps["loaded"] = time.perf_counter()
     options = SamplingOptions(sampler="dpmpp_2m", steps=steps, grid="ddim-trailing", guidance_scale=7.5,

@@ -70,21 +70,23 @@ def _load(path) -> Pipeline:
     return Pipeline.from_pretrained(path)
 
 
-def _reverie(model, sampler: str, grid, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE):
+def _reverie(model, sampler: str, grid, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE,
+             steps: int = STEPS):
     """(final latents, images in [0, 1]) from reverie's sampling, as ``reverie generate`` runs it."""
     latents = []
-    options = SamplingOptions(sampler=sampler, steps=None if not isinstance(grid, str) else STEPS, grid=grid,
+    options = SamplingOptions(sampler=sampler, steps=None if not isinstance(grid, str) else steps, grid=grid,
                               guidance_scale=7.5, negative_prompt=negative, seed=seed)
     images = sample_images(model, 1, options, prompts=[prompt], callback=lambda step: latents.append(step.x))
     return latents[-1], (images + 1) / 2
 
 
-def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE):
+def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative: str = NEGATIVE,
+               steps: int = STEPS, size: int | None = None):
     """(final latents, images in [0, 1]) from diffusers' pipeline, from reverie's start noise for ``seed``
     (the pipeline scales it by the scheduler's ``init_noise_sigma``, as reverie does)."""
     name, overrides, _ = SAMPLERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
-    size = pipe.unet.config.sample_size
+    size = size or pipe.unet.config.sample_size
     noise = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(seed))
     latents = []
 
@@ -92,7 +94,7 @@ def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative
         latents.append(tensors["latents"])
         return tensors
 
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
                latents=noise, height=size * pipe.vae_scale_factor,
                width=size * pipe.vae_scale_factor, output_type="pt", callback_on_step_end=keep)
     return latents[-1], out.images
@@ -154,6 +156,20 @@ def test_pipeline_generate(folders):
     assert pipe.image_shape == (3, 16, 16) and pipe.conditioning == "text"
     again = pipe.generate(PROMPT, num_images=2, steps=3, seed=5, negative_prompt=NEGATIVE)
     assert images[1].tobytes() == again[1].tobytes()
+
+
+def test_bf16_channels_last_agrees_with_float32(folders):
+    """The fast CPU path (bf16 weights, channels_last activations) samples what float32 does, to bf16 accuracy;
+    the sampler's state stays float32."""
+    fast = Pipeline.from_pretrained(folders["tiny-sd2"], dtype=torch.bfloat16, channels_last=True)
+    assert {p.dtype for p in fast.net.parameters()} == {torch.bfloat16}
+    assert fast.net.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    latents, images = _reverie(fast, "dpmpp_2m", "ddim-trailing", steps=4)
+    ref_latents, ref_images = _reverie(_load(folders["tiny-sd2"]), "dpmpp_2m", "ddim-trailing", steps=4)
+    assert latents.dtype == torch.float32 and 0 < _rel(latents, ref_latents) < 0.05
+    assert _rel(images.float(), ref_images) < 0.05
+    with pytest.raises(ValueError, match="options of Stable Diffusion checkpoints"):
+        Pipeline.from_pretrained(folders["tiny-sd2"] / "unet", dtype=torch.bfloat16)
 
 
 def test_schedule_comes_from_the_scheduler_config(folders):
@@ -284,3 +300,32 @@ def test_vae_decodes_one_image_at_a_time_and_in_tiles(folders):
     torch.testing.assert_close(vae.decode_tiled(big, tile=12, overlap=4), vae._decode_whole(big), rtol=1e-6, atol=1e-6)
     vae.tile_latent, vae.tile_overlap = 12, 4
     assert vae.decode(big).shape == (1, 3, 37 * f, 29 * f)  # above tile_latent, decode tiles on its own
+
+
+# --------------------------------------------------------------------------- the full SD 1.5 / SD 2.1 architectures
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd15", "sd21"])
+def test_full_size_architectures_match_diffusers(tmp_path, kind):
+    """The released SD 1.5 and SD 2.1 configurations with random weights (860M / 865M-parameter U-Nets, the
+    12-layer CLIP ViT-L / 23-layer OpenCLIP ViT-H text towers): a 3-step guided DPM-Solver++ sample at 256 px
+    matches diffusers to 1e-4, and the single-file layout loads into identical weights. About 4 minutes and
+    12 GB each on 2 cores (`pytest -m slow tests/test_sd.py -k full_size`)."""
+    folder = save_sd_pipeline(kind, tmp_path / kind)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe = _load(folder)
+    set_image_size(pipe, 256)  # the architecture is the same at any size; 256 px keeps the test short
+    ours_latents, ours_images = _reverie(pipe, "dpmpp_2m", "ddim-trailing", steps=3)
+    ref_latents, ref_images = _diffusers(ref, "dpmpp_2m", steps=3, size=32)
+    assert _rel(ours_latents, ref_latents) < RTOL and _rel(ours_images, ref_images) < RTOL
+    del ref
+    meta = {"modelspec.prediction_type": "v"} if kind == "sd21" else None
+    file = to_single_file(folder, tmp_path / f"{kind}.safetensors", metadata=meta)
+    (tmp_path / "tokenizer").symlink_to(folder / "tokenizer")
+    from_file = _load(file)
+    for a, b in ((pipe.net.net, from_file.net.net), (pipe.vae, from_file.vae),
+                 (pipe.net.encoder.model, from_file.net.encoder.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert from_file.info["image_resolution"] == (512 if kind == "sd15" else 768)
+

@@ -36,7 +36,7 @@ from ..nets.sd_unet import SDUNet, SDUNetConfig
 from ..nets.sd_vae import SDAutoencoderKL
 from ..schedules import DiscreteVPSchedule
 from ..text.clip import CLIPTextEncoder, load_clip_tokenizer
-from ..weights import check_safetensors, load_weights
+from ..weights import check_safetensors
 from . import convert
 
 __all__ = ["FAMILY", "is_stable_diffusion", "load_stable_diffusion", "SDSettings", "schedule_from_config",
@@ -120,9 +120,9 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     if path.is_dir():
-        parts = _load_folder(path)
+        parts = _load_folder(path, dtype)
     else:
-        parts = load_single_file(path, prediction=prediction, tokenizer=tokenizer)
+        parts = load_single_file(path, prediction=prediction, tokenizer=tokenizer, dtype=dtype)
     unet, vae, encoder, schedule, prediction, weights_hash = parts
     cfg = SDSettings(model=SDModelSection(prediction=prediction),
                      schedule=SDScheduleSection(num_timesteps=schedule.num_timesteps,
@@ -249,12 +249,32 @@ def _check(expected: dict, found: dict, source: str) -> None:
         raise ValueError(str(e).replace("does not match its config.json", "does not match its architecture")) from None
 
 
-def _load_module(module: torch.nn.Module, state: dict, source: str) -> None:
+def _read(path: Path, dtype: torch.dtype) -> dict:
+    """A checked safetensors file's tensors, each cast to ``dtype`` as it is read (a bf16 load never holds the
+    whole float32 file in memory)."""
+    from safetensors import safe_open
+
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k).to(dtype) for k in f.keys()}
+    except Exception as e:  # SafetensorError is a bare Exception: damage the header check did not catch
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path} is damaged or not a safetensors file: {e}") from None
+
+
+def _build(cls, config, state: dict, source: str) -> torch.nn.Module:
+    """``cls(config)`` holding ``state``: built without initializing weights (on the meta device), then given
+    the checked tensors themselves."""
+    with torch.device("meta"):
+        module = cls(config)
     _check(module.state_dict(), state, source)
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=True)
+    return module
 
 
-def _load_folder(path: Path):
+def _load_folder(path: Path, dtype: torch.dtype):
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     if "text_encoder_2" in index or (path / "text_encoder_2").is_dir():
         raise ValueError(f"{path} is an SDXL pipeline: {SDXL_HINT}")
@@ -269,14 +289,13 @@ def _load_folder(path: Path):
         schedule = schedule_from_config(sched_cfg, str(sched_file))
         prediction = _prediction(sched_cfg.get("prediction_type", "epsilon"), str(sched_file))
     unet_file, vae_file = _folder_weights(unet_dir), _folder_weights(vae_dir)
-    unet = SDUNet(unet_cfg)
-    _load_module(unet, convert.unet_from_diffusers(load_weights(unet_file)), str(unet_file))
-    vae = SDAutoencoderKL(vae_cfg)
-    _load_module(vae, convert.vae_from_diffusers(load_weights(vae_file), vae_cfg.num_res_blocks), str(vae_file))
+    unet = _build(SDUNet, unet_cfg, convert.unet_from_diffusers(_read(unet_file, dtype)), str(unet_file))
+    vae = _build(SDAutoencoderKL, vae_cfg, convert.vae_from_diffusers(_read(vae_file, dtype), vae_cfg.num_res_blocks),
+                 str(vae_file))
     for part in ("text_encoder", "tokenizer"):
         if not (path / part).is_dir():
             raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: {part}/ is missing")
-    encoder = CLIPTextEncoder.from_folders(path / "text_encoder", path / "tokenizer")
+    encoder = CLIPTextEncoder.from_folders(path / "text_encoder", path / "tokenizer", dtype=dtype)
     if encoder.dim != unet_cfg.context_dim:
         raise ValueError(f"{path}: the text encoder's width {encoder.dim} is not the U-Net's context width "
                          f"{unet_cfg.context_dim}")
@@ -411,7 +430,8 @@ def vae_config_from_state(state: dict) -> AutoencoderConfig:
                              norm_groups=32, scaling_factor=0.18215)
 
 
-def load_single_file(path: Path, prediction: str | None = None, tokenizer: str | Path | None = None):
+def load_single_file(path: Path, prediction: str | None = None, tokenizer: str | Path | None = None,
+                     dtype: torch.dtype = torch.float32):
     """The parts of an SD 1.x / 2.x single-file checkpoint (CompVis / A1111 layout, safetensors only)."""
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: reverie loads only .safetensors checkpoints (a pickled {path.suffix} file can run "
@@ -424,7 +444,7 @@ def load_single_file(path: Path, prediction: str | None = None, tokenizer: str |
         raise ValueError(f"{path} is an inpainting or other variant checkpoint ({in_channels} U-Net input "
                          f"channels); only text-to-image SD 1.x / 2.x checkpoints are supported")
     is_sd2 = any(n.startswith(convert.OPEN_CLIP_PREFIX) for n in names)
-    state = load_weights(path)
+    state = _read(path, dtype)
     try:
         unet_state = convert.unet_from_compvis(_split(state, convert.UNET_PREFIX))
         vae_state = convert.vae_from_compvis(_split(state, convert.VAE_PREFIX))
@@ -439,13 +459,12 @@ def load_single_file(path: Path, prediction: str | None = None, tokenizer: str |
     prediction = _prediction_hint(path, header, is_sd2, prediction)
     pixels = 768 if is_sd2 and prediction == "v" else 512  # the size each family was trained at (the file says not)
     unet_cfg = unet_cfg.replace(sample_size=pixels // vae_cfg.downsample_factor)
-    unet = SDUNet(unet_cfg)
-    _load_module(unet, convert.unet_from_diffusers(unet_state), f"{path} (its U-Net)")
-    vae = SDAutoencoderKL(vae_cfg)
-    _load_module(vae, convert.vae_from_diffusers(vae_state, vae_cfg.num_res_blocks), f"{path} (its autoencoder)")
+    unet = _build(SDUNet, unet_cfg, convert.unet_from_diffusers(unet_state), f"{path} (its U-Net)")
+    vae = _build(SDAutoencoderKL, vae_cfg, convert.vae_from_diffusers(vae_state, vae_cfg.num_res_blocks),
+                 f"{path} (its autoencoder)")
     tokenizer = _find_tokenizer(path, tokenizer, is_sd2)
     try:
-        clip = _clip_model(clip_state, is_sd2, tokenizer)
+        clip = _clip_model(clip_state, is_sd2, tokenizer).to(dtype)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     encoder = CLIPTextEncoder(clip, tokenizer, source=str(path))

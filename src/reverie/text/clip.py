@@ -51,7 +51,8 @@ class CLIPTextEncoder(TextEncoder):
         self.max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
 
     @classmethod
-    def from_folders(cls, text_encoder: str | Path, tokenizer: str | Path) -> CLIPTextEncoder:
+    def from_folders(cls, text_encoder: str | Path, tokenizer: str | Path,
+                     dtype: torch.dtype = torch.float32) -> CLIPTextEncoder:
         """From a diffusers pipeline's ``text_encoder/`` (safetensors weights) and ``tokenizer/`` folders."""
         text_encoder = Path(text_encoder)
         if not any(text_encoder.glob("*.safetensors")):
@@ -61,7 +62,7 @@ class CLIPTextEncoder(TextEncoder):
         transformers = _transformers()
         transformers.utils.logging.disable_progress_bar()  # reverie's own progress and --quiet decide what shows
         model = transformers.CLIPTextModel.from_pretrained(str(text_encoder), local_files_only=True,
-                                                           use_safetensors=True)
+                                                           use_safetensors=True, dtype=dtype)
         return cls(model, load_clip_tokenizer(tokenizer), source=str(text_encoder.parent))
 
     def config(self) -> dict:
