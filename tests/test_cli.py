@@ -59,7 +59,7 @@ def test_settings_left_out_are_the_models_own(text_model, tmp_path):
     assert main(["generate", "a red circle", "--model", str(text_model), "--num-images", "1", "-o", str(out),
                  "--no-watermark"]) == 0  # the library's Pipeline does not watermark; the CLI does by default
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(pipe.generate("a red circle", 1)[0]))
-    assert main(["sample", str(text_model), "--n", "2", "-o", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", str(text_model), "--n", "2", "-o", str(tmp_path / "s.png"), "--no-watermark"]) == 0
     save_grid(pipe.sample(2), tmp_path / "expected.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), np.asarray(Image.open(tmp_path / "expected.png")))
 

@@ -142,7 +142,7 @@ def test_cli_tune_grid_then_sample_with_it(tiny_model, tmp_path, capsys):
     direct = pipe.sample(2, sampler="dpmpp_2m", seed=4, grid=tuned.sigmas)
     assert not torch.equal(direct, pipe.sample(2, steps=3, sampler="dpmpp_2m", seed=4, grid="karras"))
     assert main(["sample", str(tiny_model), "--grid", str(out), "--n", "2", "--seed", "4", "--sampler", "dpmpp_2m",
-                 "-o", str(tmp_path / "s.png")]) == 0
+                 "-o", str(tmp_path / "s.png"), "--no-watermark"]) == 0
     import numpy as np
     from PIL import Image
 

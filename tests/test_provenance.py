@@ -313,3 +313,17 @@ def test_verify_inverts_each_image_of_a_grid_and_tests_the_key(text_model, tmp_p
         check = verify_image(out, model=pipe).checks["tree-ring watermark"]
         assert check.ok is found and check.detail.startswith("found" if found else "not found")
         assert len(check.data["rho"]) == 3 and (min(check.data["rho"]) > 0.999 if found else True)
+
+
+def test_sample_signs_every_png_and_records_its_watermark(text_model, tmp_path):
+    from reverie.cli import main
+
+    assert main(["sample", str(text_model), "--n", "3", "--batch-size", "2", "--steps", "2",
+                 "--out-dir", str(tmp_path / "each")]) == 0
+    files = sorted((tmp_path / "each").glob("*.png"))
+    assert len(files) == 3
+    for i, f in enumerate(files):
+        params = read_png_parameters(f)
+        assert params["index"] == i and params["seed"] == i // 2  # batch k uses seed + k
+        assert params["watermark"]["noise"]["scheme"] == treering.SCHEME
+        assert credentials.read_credentials(f.read_bytes()).state == "Trusted"

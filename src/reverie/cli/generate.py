@@ -58,6 +58,8 @@ def add_commands(sub, fmt) -> None:
     s.add_argument("-o", "--output", default="samples.png", help="output PNG grid")
     s.add_argument("--out-dir", default=None,
                    help="write one PNG per image into this folder instead, batch by batch (any --n)")
+    s.add_argument("--no-watermark", action="store_true",
+                   help="no Tree-Ring watermark in the start noise and no pixel watermark (the PNGs say so)")
     s.set_defaults(func=sample)
 
     tg = sub.add_parser("tune-grid", help="tune a few-step sigma grid to a model and a sampler", formatter_class=fmt,
@@ -192,11 +194,11 @@ def _check_key(made_by: dict, marks, source) -> None:
 
 def sample(args) -> int:
     """A grid of ``--n`` images, or with ``--out-dir`` one PNG per image written batch by batch, so that memory
-    stays that of one batch whatever ``--n`` is."""
+    stays that of one batch whatever ``--n`` is. Every PNG is written by ``save_png`` (parameters, C2PA)."""
     import torch
     from tqdm.auto import tqdm
 
-    from ..images import save_grid, to_pil
+    from ..images import make_grid, to_pil
     from ..pipeline import Pipeline
     from ..sampling import check_batch
 
@@ -211,17 +213,27 @@ def sample(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
     batch = min(args.batch_size, args.n)
     check_batch(pipe, batch, guided=pipe.conditioning != "none")
+    used = options.resolve(pipe.cfg)
+    params = {"num_images": args.n, "batch_size": batch, **used.to_metadata(), "model": pipe.name,
+              "model_hash": pipe.weights_hash}
+
+    def draw(k: int, start: int):
+        noise, marks = watermark_noise(pipe, min(batch, args.n - start), options.seed + k,
+                                       enabled=not args.no_watermark)
+        params["watermark"] = marks
+        return pipe.sample(min(batch, args.n - start), options, seed=options.seed + k, noise=noise)
+
     if not args.out_dir:
-        images = torch.cat([pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
-                            for k, start in enumerate(range(0, args.n, batch))])
-        print(f"wrote {args.n} samples to {save_grid(images, args.output)}")
+        images = to_pil(torch.cat([draw(k, start) for k, start in enumerate(range(0, args.n, batch))]))
+        save_png(make_grid(images, scale=max(1, 64 // images[0].size[0])), Path(args.output), params)
+        print(f"wrote {args.n} samples to {args.output}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=args.n, desc="sample", unit="img", disable=not show_progress(args)) as bar:
         for k, start in enumerate(range(0, args.n, batch)):
-            images = pipe.sample(min(batch, args.n - start), options, seed=options.seed + k)
+            images = draw(k, start)
             for i, image in enumerate(to_pil(images)):
-                image.save(out / f"{start + i:06d}.png")
+                save_png(image, out / f"{start + i:06d}.png", {**params, "seed": options.seed + k, "index": start + i})
             bar.update(len(images))
     print(f"wrote {args.n} samples to {out}/ (batches of {batch}, seeds {options.seed} + batch index)")
     return 0
