@@ -17,11 +17,11 @@ LAYERS = {  # module or package prefix -> layer; the longest matching prefix dec
     "reverie.losses": 1, "reverie.guidance": 1, "reverie.likelihood": 1, "reverie.likelihood_ode": 1,
     "reverie.gmm": 1, "reverie.images": 1, "reverie.optional": 1, "reverie.weights": 1, "reverie.limits": 1,
     "reverie.vdm": 1,
-    "reverie.samplers": 1, "reverie.nets": 1, "reverie.text": 1,
+    "reverie.samplers": 1, "reverie.nets": 1, "reverie.text": 1, "reverie.discrete": 1,
     "reverie.sde": 1, "reverie.heat": 1, "reverie.pfgm": 1,
     "reverie.data": 2, "reverie.latent": 2, "reverie.layout": 2, "reverie.conditioning": 2,
     "reverie.modeldir": 3, "reverie.build": 3, "reverie.sd": 3,
-    "reverie.sampling": 4, "reverie.train": 4, "reverie.provenance": 4, "reverie.editing": 4,
+    "reverie.sampling": 4, "reverie.train": 4, "reverie.language": 4, "reverie.provenance": 4, "reverie.editing": 4,
     "reverie": 5, "reverie.pipeline": 5, "reverie.eval": 5, "reverie.cli": 5, "reverie.demo": 5, "reverie.serve": 5,
     "reverie.__main__": 5,
 }

@@ -30,7 +30,7 @@ from .weights import load_weights
 
 FORMAT = "reverie-model"
 VERSION = 1
-KINDS = ("diffusion", "vae", "classifier")
+KINDS = ("diffusion", "vae", "classifier", "text")
 AUTOENCODER_DIR = "autoencoder"
 # The shapes classifier was stored under its own format name before model kinds existed.
 _LEGACY_FORMATS = {"reverie-shapes-classifier": "classifier"}

@@ -42,12 +42,26 @@ def _resume(args):
 
 
 def train(args) -> int:
+    from ..configs import read_config_file
     from ..train import TrainConfig
     from ..train import train as run_training
 
+    if read_config_file(args.config).get("kind") == "text":  # a text model (reverie.train.text)
+        return train_text(args)
     cfg = _config(TrainConfig, args)
     if cfg is not None:
         print(f"model written to {run_training(cfg, resume=_resume(args)).export_dir}")
+    return 0
+
+
+def train_text(args) -> int:
+    from ..train.text import TextTrainConfig, train_text
+
+    cfg = _config(TextTrainConfig, args)
+    if cfg is not None:
+        result = train_text(cfg, resume=_resume(args))
+        bpc = f" (validation {result.validation_bpc:.3f} bits/char)" if result.validation_bpc is not None else ""
+        print(f"text model written to {result.export_dir}{bpc}")
     return 0
 
 

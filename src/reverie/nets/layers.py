@@ -261,7 +261,9 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        """``is_causal``: token i attends to tokens <= i only (autoregressive text models; self-attention)."""
         B, N, C = x.shape
         H = self.num_heads
         if self.is_cross:
@@ -272,7 +274,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
         attn_mask, keep = key_padding_mask(mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, N, d)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return out if keep is None else out * keep
 

@@ -1,0 +1,203 @@
+"""Training text models on the shared skeleton: a masked diffusion LM (MDLM) or an autoregressive (AR)
+transformer of the same shape, over character tokens of a text corpus (``shakespeare``).
+
+- ``objective: mdlm``: per sequence, t ~ U(t_min, 1] (low-discrepancy over the batch), z_t masks each
+  token with probability 1 - alpha_t (log-linear schedule), and the loss is the continuous-time NELBO
+  (MDLM eq. 11) divided by the sequence length: nats per token, an upper bound on the model's -log p.
+- ``objective: ar``: the exact -log p(x) per token, predicting x_l from [BOS], x_1..x_{l-1}.
+
+Both are trained on the same windows of the same tokens (``reverie.data.shakespeare``), so their
+logged losses are comparable (divide by ln 2 for bits per character). The run ends by writing a model
+directory of kind ``text``::
+
+    out_dir/model/config.json        {"kind": "text", "objective", "network", "tokenizer", "schedule",
+                                      "sample", "train_config", "metrics": {"steps", "validation_bpc"}}
+    out_dir/model/model.safetensors
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .. import modeldir
+from ..configs import to_dict
+from ..data.shakespeare import ShakespeareChunks, split_text
+from ..discrete import LogLinearSchedule, mask_tokens, nelbo_terms, sample_times
+from ..discrete.sampling import MASKED_SAMPLERS
+from ..nets.text_transformer import TextTransformer, TextTransformerConfig
+from ..text.chars import CharTokenizer
+from .config import RunConfig, RunSection
+from .run import Run, Trainer, fit
+
+__all__ = ["TextTrainConfig", "TextTrainResult", "TextTrainer", "train_text", "text_loss", "TEXT_DATASETS"]
+
+TEXT_DATASETS = ("shakespeare",)
+
+
+@dataclass
+class TextModelSection:
+    objective: Literal["mdlm", "ar"] = "mdlm"
+    seq_len: int = 256
+    hidden_size: int = 192
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    time_conditioning: bool = False     # MDLM only; without it the caching sampler applies
+    schedule_eps: float = 1e-3          # alpha_1 = eps in training (MDLM); likelihoods use eps = 0
+    t_min: float = 1e-3                 # smallest training time (the weight 1/t is bounded by 1/t_min)
+
+
+@dataclass
+class TextSampleSection:
+    """Defaults of ``reverie generate-text`` for the model (stored in its config.json)."""
+
+    sampler: str = "caching"            # ancestral | caching | edlm
+    steps: int = 128
+    length: int = 256
+    k: int = 4                          # edlm: candidates per step
+    window: list[float] = field(default_factory=lambda: [0.4, 1.0])   # edlm: t range of importance sampling
+    energy: str = ""                    # edlm: AR model directory (relative paths: to the model directory)
+
+
+@dataclass
+class TextDataSection:
+    name: str = "shakespeare"
+    batch_size: int = 32
+    num_workers: int = 0
+    shuffle: bool = True
+    resolution: int = 32                # unused by text models (the shared checks read it)
+    min_char_count: int = 1             # characters seen fewer times go through the byte fallback
+
+
+@dataclass
+class TextTrainSection(RunSection):
+    out_dir: str = "runs/text"
+    eval_windows: int = 64              # validation windows for the final bits per character (0: skip)
+
+
+@dataclass
+class TextTrainConfig(RunConfig):
+    kind: Literal["text"] = "text"
+    model: TextModelSection = field(default_factory=TextModelSection)
+    data: TextDataSection = field(default_factory=TextDataSection)
+    sample: TextSampleSection = field(default_factory=TextSampleSection)
+    train: TextTrainSection = field(default_factory=TextTrainSection)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        m = self.model
+        return [
+            (self.data.name in TEXT_DATASETS, f"data.name {self.data.name!r} is not a text dataset; "
+                                              f"choose one of {', '.join(TEXT_DATASETS)}"),
+            (m.seq_len >= 2, "model.seq_len must be >= 2"),
+            (m.hidden_size % m.num_heads == 0, "model.hidden_size must be divisible by model.num_heads"),
+            (not (m.objective == "ar" and m.time_conditioning), "an AR model takes no time conditioning"),
+            (0 <= m.schedule_eps < 1, "model.schedule_eps must be in [0, 1)"),
+            (0 < m.t_min < 1, "model.t_min must be in (0, 1)"),
+            (self.sample.sampler in MASKED_SAMPLERS, f"sample.sampler must be one of {', '.join(MASKED_SAMPLERS)}"),
+            (self.sample.steps >= 1 and self.sample.k >= 1, "sample.steps and sample.k must be >= 1"),
+            (len(self.sample.window) == 2, "sample.window must be [t_low, t_high]"),
+            (self.train.eval_windows >= 0, "train.eval_windows must be >= 0"),
+        ]
+
+
+@dataclass
+class TextTrainResult:
+    export_dir: Path
+    model: TextTransformer
+    step: int
+    validation_bpc: float | None        # MDLM: the NELBO bound; AR: exact
+
+
+def network_config(cfg: TextTrainConfig, vocab_size: int) -> TextTransformerConfig:
+    m = cfg.model
+    return TextTransformerConfig(vocab_size=vocab_size, max_len=m.seq_len, hidden_size=m.hidden_size,
+                                 depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                                 causal=m.objective == "ar", time_conditioning=m.time_conditioning)
+
+
+def ar_inputs(x: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[BOS], x_1..x_{L-1}: the AR model's input for predicting x (B, L)."""
+    return torch.cat([torch.full_like(x[:, :1], bos_id), x[:, :-1]], dim=1)
+
+
+def text_loss(net, x: torch.Tensor, objective: str, g: torch.Generator, schedule: LogLinearSchedule,
+              t_min: float = 1e-3) -> torch.Tensor:
+    """Per-sequence loss in nats per token [B]: MDLM's NELBO estimate (one t, z_t per row) or AR's -log p."""
+    cfg = net.config
+    if objective == "ar":
+        logits = net(ar_inputs(x, cfg.bos_id))
+        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), x, reduction="none").mean(1)
+    t = sample_times(x.shape[0], g, low=t_min)
+    z, masked = mask_tokens(x, schedule.alpha(t), cfg.mask_id, g)
+    c_noise = schedule.sigma(t).float().to(x.device) if cfg.time_conditioning else None
+    logits = net(z, c_noise)
+    return (nelbo_terms(logits, x, masked.to(x.device), t, schedule) / x.shape[1]).float()
+
+
+class TextTrainer(Trainer):
+    name = "train-text"
+    network_fields = ("model.", "data.min_char_count")
+
+    def setup(self, run: Run):
+        self.tokenizer = CharTokenizer.fit(split_text("train"), self.cfg.data.min_char_count)
+        self.dataset = ShakespeareChunks(self.tokenizer, "train", self.cfg.model.seq_len)
+        run.info = {"dataset": self.cfg.data.name, "vocab_size": len(self.tokenizer),
+                    "train_tokens": len(self.dataset.ids)}
+        self.schedule = LogLinearSchedule(self.cfg.model.schedule_eps)
+        return self.dataset
+
+    def build(self, run: Run, resuming: bool) -> torch.nn.Module:
+        return TextTransformer(network_config(self.cfg, len(self.tokenizer)))
+
+    def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        x = batch["tokens"].to(next(model.parameters()).device)
+        per_seq = text_loss(model, x, self.cfg.model.objective, g, self.schedule, self.cfg.model.t_min)
+        loss = per_seq.mean()
+        return loss, {"bits_per_token": float(loss.detach()) / math.log(2)}
+
+    def finish(self, model, step: int, run: Run) -> TextTrainResult:
+        net = run.acc.unwrap_model(model)
+        bpc, export = None, run.out / "model"
+        if run.main:
+            if self.cfg.train.eval_windows > 0:
+                bpc = validation_bpc(net, self.tokenizer, self.cfg, self.cfg.train.eval_windows)
+                what = "NELBO bound" if self.cfg.model.objective == "mdlm" else "exact"
+                print(f"validation bits per character ({what}): {bpc:.3f}")
+            save_text_model(export, net, self.tokenizer, self.cfg, {"steps": step, "validation_bpc": bpc,
+                                                                     **run.info})
+        return TextTrainResult(export, net, step, bpc)
+
+
+@torch.no_grad()
+def validation_bpc(net, tokenizer, cfg: TextTrainConfig, windows: int) -> float:
+    """Bits per token over the first ``windows`` validation windows: AR exact, MDLM's NELBO with 4 draws."""
+    was = net.training
+    net.eval()
+    data = ShakespeareChunks(tokenizer, "validation", cfg.model.seq_len)
+    x = torch.stack([data[i]["tokens"] for i in range(min(windows, len(data)))])
+    g = torch.Generator().manual_seed(0)
+    schedule = LogLinearSchedule(0.0)
+    draws = 1 if cfg.model.objective == "ar" else 4
+    total = sum(float(text_loss(net, x, cfg.model.objective, g, schedule, cfg.model.t_min).mean())
+                for _ in range(draws)) / draws
+    net.train(was)
+    return total / math.log(2)
+
+
+def save_text_model(path: Path, net: TextTransformer, tokenizer: CharTokenizer, cfg: TextTrainConfig,
+                    metrics: dict, dtype: torch.dtype = torch.float32) -> Path:
+    config = {"objective": cfg.model.objective, "network": net.config.to_dict(), "tokenizer": tokenizer.to_dict(),
+              "schedule": {"name": "loglinear", "eps": cfg.model.schedule_eps},
+              "sample": to_dict(cfg.sample), "train_config": to_dict(cfg), "metrics": metrics}
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    return modeldir.write(path, "text", config, {"model": weights})
+
+
+def train_text(cfg: TextTrainConfig, resume: str | bool = "auto") -> TextTrainResult:
+    """Train per ``cfg`` (see :func:`reverie.train.run.fit` for ``resume``)."""
+    return fit(TextTrainer(cfg), resume)
