@@ -6,6 +6,7 @@ on a fixed cosine schedule, and VDM's learned schedule (issue 27).
     reverie train configs/mnist-cosine.yaml ; reverie train configs/mnist-loss-aware.yaml
     python -m reverie.train.vdm configs/mnist-vdm-cosine.yaml ; python -m reverie.train.vdm configs/mnist-vdm.yaml
     python benchmarks/adaptive_schedules.py --fid-n 1000 --elbo-n 512 --ode-n 16
+    # or one process per model (--out benchmarks/results/tmp/NAME.json), then --plot-only --merge FILES
 
 Per model (``--models name=MODEL_DIR ...``, defaults: runs/mnist-*/model):
 
@@ -198,11 +199,14 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "adaptive_schedules.json"))
     p.add_argument("--force", action="store_true")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--merge", nargs="*", default=[], help="result files of parallel runs to add to --out first")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("models", {})
+    for part in args.merge:
+        results["models"].update(json.loads(Path(part).read_text())["models"])
     results.update(machine=platform.machine(), torch=torch.__version__, reference="mnist test (10k)",
                    sampler="dpmpp_2m, 20 steps, karras grid, seed 0")
     if not args.plot_only:
