@@ -60,11 +60,13 @@ def png_of_size(w: int, h: int) -> str:
 
 
 def library_image(pipe, prompt: str, seed: int, **settings) -> Image.Image:
-    """The library's one image of ``seed``, as ``reverie generate --seed S --num-images 1`` makes it."""
+    """The library's one image of ``seed``: its start noise watermarked as ``reverie generate`` draws it."""
     from reverie.images import to_pil
+    from reverie.provenance import watermark_noise
     from reverie.sampling import SamplingOptions, sample_images
 
-    return to_pil(sample_images(pipe, 1, SamplingOptions(seed=seed, **settings), prompts=[prompt]))[0]
+    noise = watermark_noise(pipe, 1, seed)[0]
+    return to_pil(sample_images(pipe, 1, SamplingOptions(seed=seed, **settings), prompts=[prompt], noise=noise))[0]
 
 
 def png_b64(im: Image.Image) -> str:
@@ -74,7 +76,10 @@ def png_b64(im: Image.Image) -> str:
 
 
 def test_txt2img_reply_matches_the_library(client, pipe):
-    """Image i of a request is the library's one image of seed + i: the same pixels, and the PNG says so."""
+    """Image i of a request is the library's one image of seed + i: the same pixels, and the PNG says so, with
+    Content Credentials that validate and the noise watermark's record."""
+    from reverie.provenance.credentials import read_credentials
+
     r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 11, "batch_size": 2, "steps": 6,
                                                "sampler_name": "DPM++ 2M", "cfg_scale": 3.0})
     assert r.status_code == 200, r.text
@@ -88,9 +93,10 @@ def test_txt2img_reply_matches_the_library(client, pipe):
         assert im.format == "PNG" and im.size == (32, 32)
         meta = json.loads(im.text["reverie"])
         assert meta["seed"] == 11 + i and meta["num_images"] == 1 and meta["model_hash"] == pipe.weights_hash
-        assert meta == info["reverie"][i]
+        assert meta == info["reverie"][i] and meta["watermark"]["noise"]["scheme"] == "tree-ring-v1"
         ref = library_image(pipe, PROMPT, 11 + i, steps=6, guidance_scale=3.0, sampler="dpmpp_2m")
         assert np.array_equal(pixels(im), pixels(ref))
+        assert read_credentials(base64.b64decode(b64)).state in ("Valid", "Trusted")
     assert not np.array_equal(pixels(decode(body["images"][0])), pixels(decode(body["images"][1])))
 
 
@@ -165,6 +171,15 @@ def test_batched_samplers_draw_no_noise_after_the_start(pipe, name):
                           prompts=["a red circle"],
                           noise=noise) for s in (1, 2)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_no_watermark_server(pipe):
+    """--no-watermark: the seed's plain noise (the library's unmarked image), and every PNG says "off"."""
+    with TestClient(create_app([pipe], ServeConfig(watermark=False))) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 4, "steps": 3})
+        im = decode(r.json()["images"][0])
+        assert json.loads(im.text["reverie"])["watermark"] == "off"
+        assert np.array_equal(pixels(im), pixels(pipe.generate("a red circle", 1, steps=3, seed=4)[0]))
 
 
 def test_width_and_height_resize_the_reply(client):

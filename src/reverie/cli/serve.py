@@ -30,6 +30,9 @@ def add_commands(sub, fmt) -> None:
     s.add_argument("--max-batch", type=at_least(1), default=16, help="images sampled at once per model")
     s.add_argument("--max-queue", type=at_least(1), default=64, help="requests waiting per model before 503")
     s.add_argument("--no-batching", action="store_true", help="run each request alone (for comparison)")
+    s.add_argument("--no-watermark", action="store_true",
+                   help="no Tree-Ring watermark in the start noise and no pixel watermark (each PNG says so; it is "
+                        "still signed)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.set_defaults(func=serve)
 
@@ -87,7 +90,7 @@ def serve(args) -> int:
     pipes = [Pipeline.from_pretrained(p, device=args.device) for p in paths]
     config = ServeConfig(api_key=api_key, allowed_hosts=LOOPBACK_NAMES if loopback else None,
                          timeout=args.timeout, max_batch=args.max_batch, max_queue=args.max_queue,
-                         batching=not args.no_batching)
+                         batching=not args.no_batching, watermark=not args.no_watermark)
     app = create_app(pipes, config)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"reverie serve: {', '.join(p.name for p in pipes)} at http://{shown}:{port}/ "

@@ -299,7 +299,7 @@ def image_params(pipe, job: Job, image: ImageSpec, size: tuple[int, int], native
                                   layouts=[image.layout] if isinstance(image.layout, list) else image.layout)
     params = {"prompt": image.prompt, "num_images": 1, **options.to_metadata(), "model": pipe.name,
               "model_hash": pipe.weights_hash, **job.extra}
-    if job.custom is None and watermark is not None:  # an edit starts from the input image, not from noise
+    if job.custom is None:  # an edit starts from the input image, not from (watermarked) noise
         params["watermark"] = watermark
     if job.sample_size is not None:  # as `reverie generate --width/--height` records it
         params.update(width=size[0], height=size[1])
@@ -328,7 +328,7 @@ def render(server: Server, req: Txt2ImgRequest, job: Job, pil: list, size: tuple
         for im, p in zip(pil, params):
             if im.size != size:
                 im = im.resize(size, PILImage.LANCZOS)
-            images.append(b64(png_bytes(im, p)))
+            images.append(b64(png_bytes(im, p, watermark=server.config.watermark)))
     o = job.options
     info = {"prompt": req.prompt, "all_prompts": [req.prompt] * len(params), "negative_prompt": o.negative_prompt,
             "all_negative_prompts": [o.negative_prompt] * len(params), "seed": params[0]["seed"],

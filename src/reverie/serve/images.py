@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import tempfile
-from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -51,14 +49,12 @@ def decode_image(text: str, field: str) -> Image.Image:
     return im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
 
 
-def png_bytes(image: Image.Image, params: dict) -> bytes:
-    """The PNG that ``reverie generate`` would write for ``image`` with ``params``, as bytes."""
-    from ..cli.generate import save_png  # the shared writer (metadata, provenance)
+def png_bytes(image: Image.Image, params: dict, watermark: bool = True) -> bytes:
+    """The PNG that ``reverie generate`` would write for ``image`` with ``params``, as bytes: the parameters,
+    a signed C2PA manifest and, at 256 px and up, the pixel watermark (``reverie.provenance``)."""
+    from ..provenance import encode_png
 
-    with tempfile.TemporaryDirectory(prefix="reverie-serve-") as tmp:
-        path = Path(tmp) / "image.png"
-        save_png(image, path, params)
-        return path.read_bytes()
+    return encode_png(image, params, watermark=watermark)
 
 
 def b64(data: bytes) -> str:

@@ -9,7 +9,8 @@ batched or alone (up to float rounding; ``tests/test_serve.py`` checks the bytes
 ``reverie generate --seed S --num-images 1``. Only samplers known to draw no noise after the start
 (:data:`DETERMINISTIC_SAMPLERS`, checked by a test) are batched; the others (ddpm, euler_ancestral,
 dpmpp_2m_sde, the SDE samplers, and any sampler added later until it is listed) would tie an image to
-its batch-mates' draws, so they run one image at a time, each from its own generator.
+its batch-mates' draws, so they run one image at a time, each from its own generator. Every image's start
+noise carries the Tree-Ring watermark (``reverie.provenance``) unless the server runs with ``--no-watermark``.
 
 Batching is worth it on a CPU: one 32x32 image of the shipped model takes about as long as four
 (``benchmarks/serve_load.py`` measures it with ``--max-batch 1`` against the default).
@@ -285,11 +286,17 @@ class ModelWorker:
 
         return callback
 
-    def noise(self, seed: int) -> tuple[torch.Tensor, None]:
-        """Image ``seed``'s unit start noise, the seed's own draw (as ``reverie generate --seed S --num-images 1``
-        draws it), and its metadata record (none yet). The seed still drives a stochastic sampler's later
-        noise."""
-        return torch.randn(noise_shape(self.pipe, 1), generator=torch.Generator().manual_seed(seed)), None
+    def noise(self, seed: int) -> tuple[torch.Tensor, dict | str]:
+        """Image ``seed``'s unit start noise and its metadata record: the seed's own draw with the Tree-Ring key
+        in it (``reverie.provenance.watermark_noise``, as ``reverie generate --seed S --num-images 1`` draws
+        it), or the plain draw and "off" without the watermark. The seed still drives a stochastic sampler's
+        later noise."""
+        from ..provenance import watermark_noise
+
+        noise, record = watermark_noise(self.pipe, 1, seed, enabled=self.watermark)
+        if noise is None:
+            noise = torch.randn(noise_shape(self.pipe, 1), generator=torch.Generator().manual_seed(seed))
+        return noise, record
 
     def _layouts(self, part: list):
         """Per-image layouts for a layout model: explicit ones as given, planned ones each from its own seed (so
