@@ -227,3 +227,22 @@ def test_target_layouts_keep_the_boxes():
     source = SamplingOptions(layouts=[[("red circle", box_a), ("blue square", box_b)]]).resolve(pipe.cfg)
     target = target_layouts(pipe, source, ["a green circle above a blue square"])
     assert target.layouts == [[("green circle", box_a), ("blue square", box_b)]]
+
+
+def test_pipeline_methods_take_pil_images(make_model_dir):
+    from reverie.images import to_pil
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(make_model_dir("tiny", TEXT_MODEL, RGB16))
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pil = to_pil(images)[0]
+    as_read = pipe._images(pil)
+    assert (as_read - images).abs().max() <= 1 / 127.5
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 2:9, 3:7] = 1
+    out = pipe.inpaint(pil, to_pil(mask * 2 - 1)[0], "a red circle", steps=2, seed=1)
+    assert torch.equal(out, inpaint(pipe, as_read, mask, "a red circle", steps=2, seed=1))
+    inv = pipe.invert(pil, "a red circle", steps=3, method="exact")
+    assert torch.equal(pipe.edit(pil, "a red circle", "a red circle", steps=3), pipe.sample(
+        1, inv.options, prompts=inv.prompts, noise=inv.noise, callback=inv.callback()))
+    assert pipe.img2img(pil, "a star", strength=0.5, steps=4).shape == (1, 3, 16, 16)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import modeldir
+from . import editing, modeldir
 from .build import DiffusionModel, check_info, load_autoencoder, network_from_config, save_autoencoder, save_diffusion
 from .configs import from_dict, to_dict
 from .images import to_pil
@@ -114,3 +114,38 @@ class Pipeline(DiffusionModel):
             prompts = list(self.cfg.sample.prompts) or [""]
         return tune_grid(self, options, pilot=pilot, prompts=prompts, teacher_steps=teacher_steps,
                          teacher_grid=teacher_grid, progress=progress, **tuning)
+
+    # --- editing (reverie.editing): images are [B, C, H, W] tensors in [-1, 1] or PIL images; results are tensors
+
+    def _images(self, image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image if image.ndim == 4 else image[None]
+        import numpy as np
+
+        images = image if isinstance(image, (list, tuple)) else [image]
+        mode = "L" if self.image_shape[0] == 1 else "RGB"
+        arrays = [torch.from_numpy(np.asarray(im.convert(mode), dtype=np.float32).copy()) for im in images]
+        return torch.stack([a[None] if a.ndim == 2 else a.permute(2, 0, 1) for a in arrays]) / 127.5 - 1
+
+    def img2img(self, image, prompt: str | list[str] = "", strength: float = 0.8,
+                options: SamplingOptions | None = None, **settings) -> torch.Tensor:
+        """SDEdit (``reverie.editing.img2img``): diffusers' ``strength``; ``settings``: see :meth:`sample`."""
+        return editing.img2img(self, self._images(image), prompt, strength, options, **settings)
+
+    def inpaint(self, image, mask_image, prompt: str | list[str] = "", options: SamplingOptions | None = None,
+                **settings) -> torch.Tensor:
+        """Training-free inpainting (``reverie.editing.inpaint``; white = repaint): ``strength``,
+        ``jump_length``, ``resample``, ``eta`` and :class:`SamplingOptions` fields as keywords."""
+        mask = mask_image if isinstance(mask_image, torch.Tensor) else (self._images(mask_image)[:, :1] + 1) / 2
+        return editing.inpaint(self, self._images(image), mask, prompt, options, **settings)
+
+    def invert(self, image, prompt: str | list[str] = "", options: SamplingOptions | None = None,
+               method: str = "ddim", **settings) -> editing.Inversion:
+        """Start noise of ``image`` (``reverie.editing.invert``); ``sample(noise=inv.noise, ...)`` regenerates."""
+        return editing.invert(self, self._images(image), prompt, options, method=method, **settings)
+
+    def edit(self, image, source_prompt: str | list[str], target_prompt: str | list[str],
+             options: SamplingOptions | None = None, method: str = "exact", **settings) -> torch.Tensor:
+        """A prompt edit (``reverie.editing.edit``): invert under ``source_prompt``, regenerate under the target."""
+        return editing.edit(self, self._images(image), source_prompt, target_prompt, options, method=method,
+                            **settings)
