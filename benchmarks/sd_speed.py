@@ -15,7 +15,14 @@ configuration takes long, so ``--timed-steps N`` runs N steps and reports
 (each step is the same U-Net call, so the extrapolation adds only identical work). ``--timed-steps 20`` measures
 the whole run. The ratio is diffusers' fastest configuration over reverie's fastest.
 
-    python benchmarks/sd_speed.py --timed-steps 4             # CPU, ~15-30 min on 2 cores
+On a machine shared with other jobs, whose load drifts over minutes, separate runs compare poorly.
+``--interleaved DTYPE`` loads both libraries in one process and times their guided denoiser steps and VAE decodes
+alternately (``--rounds`` of each), which is the fair speed comparison there; the separate runs still give each
+configuration's own peak memory.
+
+    python benchmarks/sd_speed.py --interleaved bfloat16 --out benchmarks/results/sd_speed_bf16.json
+    python benchmarks/sd_speed.py --interleaved float32 --rounds 2 --out benchmarks/results/sd_speed_fp32.json
+    python benchmarks/sd_speed.py --timed-steps 3             # separate processes: peak memory, end to end
     python benchmarks/sd_speed.py --device cuda --timed-steps 20 --configs reverie-fp16,diffusers-fp16
 """
 
@@ -131,6 +138,65 @@ def child(name: str, folder: Path, steps: int, size: int, device: str, threads: 
             "peak_gb": peak, "peak_kind": "GPU max allocated" if device.startswith("cuda") else "process max RSS"}
 
 
+def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int) -> dict:
+    """Both libraries in one process, their guided denoiser steps (one U-Net call on a batch of 2, as each
+    pipeline runs it) and VAE decodes timed alternately, so that a machine whose load drifts slows both alike.
+    seconds / image = text encoding + ``steps`` x median step + median decode."""
+    import diffusers
+    import torch
+
+    from reverie.guidance import CFGDenoiser
+    from reverie.pipeline import Pipeline
+    from reverie.sampling import SamplingOptions, conditions
+    from reverie.sd import set_image_size
+
+    dtype = getattr(torch, dtype_name)
+    fast = dtype != torch.float32  # bf16 / fp16: channels_last, the fast CPU path, for both libraries
+    ours = Pipeline.from_pretrained(folder, dtype=dtype, channels_last=fast)
+    set_image_size(ours, size)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None)
+    if fast:
+        ref.unet.to(memory_format=torch.channels_last)
+        ref.vae.to(memory_format=torch.channels_last)
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([float(ours.schedule.sigmas[500])])
+    times = {k: [] for k in ("reverie_encode", "diffusers_encode", "reverie_step", "diffusers_step",
+                             "reverie_decode", "diffusers_decode")}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - start)
+        return out
+
+    options = SamplingOptions(guidance_scale=7.5, negative_prompt=NEGATIVE)
+    with torch.inference_mode():
+        cond, uncond = timed("reverie_encode", lambda: conditions(ours, 1, options, [PROMPT]))
+        embeds = timed("diffusers_encode", lambda: ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE))
+        guided = CFGDenoiser(ours.denoiser, uncond, guidance_scale=7.5)
+        context = torch.cat([embeds[1], embeds[0]])  # diffusers' order: unconditional first
+
+        def diffusers_step():  # StableDiffusionPipeline.__call__'s loop body
+            model_input = torch.cat([latents.to(dtype)] * 2)
+            eps = ref.unet(model_input, 500, encoder_hidden_states=context).sample
+            eps_uncond, eps_text = eps.chunk(2)
+            return eps_uncond + 7.5 * (eps_text - eps_uncond)
+
+        for r in range(rounds + 1):  # round 0 warms both up (oneDNN primitives) and is not counted
+            timed("reverie_step", lambda: guided(latents, sigma, **cond))
+            timed("diffusers_step", diffusers_step)
+            if r % 2 == 0:
+                timed("reverie_decode", lambda: ours.vae.from_latent(latents))
+                timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
+    med = {k: statistics.median(v[1:] if k.endswith(("step", "decode")) and len(v) > 1 else v)
+           for k, v in times.items()}
+    per_image = {lib: med[f"{lib}_encode"] + steps * med[f"{lib}_step"] + med[f"{lib}_decode"]
+                 for lib in ("reverie", "diffusers")}
+    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "times_s": times, "median_s": med,
+            "seconds_per_image": per_image, "speedup": per_image["diffusers"] / per_image["reverie"],
+            "step_speedup": med["diffusers_step"] / med["reverie_step"]}
+
+
 def summarize(result: dict, steps: int) -> dict:
     """Seconds per image at ``steps`` steps from a run of ``len(step_s)`` steps (module docstring)."""
     timed = result["step_s"]
@@ -150,9 +216,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--model-dir", default=str(ROOT / "out" / "sd15-random"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sd_speed.json"))
+    parser.add_argument("--interleaved", default=None, metavar="DTYPE",
+                        help="float32 or bfloat16: time both libraries alternately in one process (see interleaved)")
+    parser.add_argument("--rounds", type=int, default=4, help="--interleaved: timed rounds")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.model_dir)
+    if args.interleaved:
+        build_model(folder)
+        torch_module().set_num_threads(args.threads or torch_module().get_num_threads())
+        result = {"model": "SD 1.5 architecture, random weights", "size": args.size, "steps": args.steps,
+                  "guidance_scale": 7.5, "machine": _machine(args.device),
+                  **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        med, per = result["median_s"], result["seconds_per_image"]
+        for lib in ("reverie", "diffusers"):
+            print(f"{lib:10s} {args.interleaved}: step {med[lib + '_step']:6.2f} s  "
+                  f"decode {med[lib + '_decode']:6.2f} s  encode {med[lib + '_encode']:5.2f} s  "
+                  f"-> {per[lib]:7.1f} s/image")
+        print(f"reverie is {result['speedup']:.2f}x diffusers per image ({result['step_speedup']:.2f}x per step) "
+              f"-> {args.out}")
+        return
     if args.child:
         print(json.dumps(child(args.child, folder, args.timed_steps, args.size, args.device, args.threads)))
         return
