@@ -34,6 +34,9 @@ def add_commands(sub, fmt) -> None:
     ev.add_argument("--nll-n", type=at_least(1), default=64, help="reference images for nll")
     ev.add_argument("--probe-n", type=at_least(1), default=256,
                     help="real shapes images per caption probe (probe metric)")
+    ev.add_argument("--judge", default=None,
+                    help="text models' genppl: the AR judge model (default: the model's energy model)")
+    ev.add_argument("--text-samples", type=at_least(1), default=64, help="text models' genppl: samples")
     ev.add_argument("--json", default=None, help="also write the results as JSON here")
     ev.set_defaults(func=run_eval)
 
@@ -44,7 +47,10 @@ def run_eval(args) -> int:
     from ..eval.evaluate import EvalSettings, evaluate, parse_metrics, result_rows
     from ..pipeline import Pipeline
     from ..sampling import check_batch
+    from .text import is_text_model, run_text_eval
 
+    if is_text_model(args.model):  # nelbo, genppl (reverie.eval.text)
+        return run_text_eval(args)
     metrics = parse_metrics(args.metrics)
     for option, value in (("--n", args.n), ("--ref-n", args.ref_n)):
         if value > MAX_EVAL:

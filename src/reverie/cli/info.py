@@ -23,7 +23,7 @@ def add_commands(sub, fmt) -> None:
     d = sub.add_parser("data", help="dataset tools", formatter_class=fmt)
     dsub = d.add_subparsers(dest="data_command", required=True)
     pv = dsub.add_parser("preview", help="write a PNG grid of a dataset with captions", formatter_class=fmt)
-    pv.add_argument("name", help="shapes, mnist, digits or imagefolder")
+    pv.add_argument("name", help="shapes, mnist, digits, imagefolder, or shakespeare (text: samples and statistics)")
     pv.add_argument("--n", type=at_least(1), default=16, help="number of images")
     pv.add_argument("--resolution", type=at_least(8), default=64, help="image size")
     pv.add_argument("--seed", type=at_least(0), default=0, help="which images")
@@ -84,12 +84,32 @@ def data_preview(args) -> int:
     from ..data import get_dataset
     from ..data.preview import preview_grid
 
+    if args.name == "shakespeare":
+        return text_preview(args)
     output_file(args.output, (".png",))
     options = {"resolution": args.resolution}
     if args.root:
         options["root"] = args.root
     preview_grid(get_dataset(args.name, **options), n=args.n, path=args.output, seed=args.seed)
     print(f"wrote a preview of {args.n} {args.name} images to {args.output}")
+    return 0
+
+
+def text_preview(args) -> int:
+    """Statistics of each split and ``--n`` passages of the training plays (``--seed`` picks which)."""
+    import random
+
+    from ..data.shakespeare import corpus_stats, split_plays, split_text
+
+    for split, s in corpus_stats().items():
+        print(f"{split:10s} {s['plays']:2d} plays  {s['characters']:>9,} characters  {s['lines']:>7,} lines  "
+              f"{s['speeches']:>6,} speeches  {s['distinct_characters']} distinct characters")
+    print(f"test plays: {', '.join(split_plays('test'))}; validation: {', '.join(split_plays('validation'))}")
+    text, rng = split_text("train"), random.Random(args.seed)
+    for _ in range(args.n):
+        start = text.find("\n\n", rng.randrange(len(text) - 400)) + 2
+        print("---")
+        print(text[start:start + 300].rstrip())
     return 0
 
 

@@ -1,0 +1,174 @@
+"""Masked diffusion LM vs AR on Shakespeare (issue 19): likelihood, samples, infilling.
+
+1. Test-split bits per character: the MDLM NELBO (an upper bound) beside the AR model's exact value (same
+   width, depth, tokens and steps), and the T-step discrete-time bound for several T.
+2. Generative perplexity under a separately trained, larger AR judge, with the samples' unigram entropy
+   and distinct word 4-grams, against sampling steps, for ancestral, caching and EDLM (k = 2, 4, 8), with
+   wall-clock seconds per sample; the test text's entropy as the reference. One plot.
+3. Infilling: on held-out lines, a masked span filled by the MDLM from both sides vs the AR model's
+   left-to-right continuation of the prefix, scored by the judge on span + right side given the left.
+
+    python benchmarks/diffusion_lm.py --mdlm M --ar A --judge J [--samples 64] [--quick]
+
+Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from reverie.discrete import sample_masked
+from reverie.eval.text import bits_per_char, generative_metrics, test_windows, unigram_entropy
+from reverie.language import TextLM, ar_sample
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def likelihoods(mdlm: TextLM, ar: TextLM, windows: int, bound_steps: list[int]) -> dict:
+    x = test_windows(mdlm, windows)
+    out = {"windows": len(x), "window_len": mdlm.max_len,
+           "ar_exact_bpc": bits_per_char(ar, x), "mdlm_nelbo_bpc": bits_per_char(mdlm, x, draws=4)}
+    out["ratio"] = out["mdlm_nelbo_bpc"] / out["ar_exact_bpc"]
+    out["mdlm_bound_by_steps"] = {str(T): bits_per_char(mdlm, x, draws=2, steps=T) for T in bound_steps}
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int, k: int, n: int, seed: int) -> dict:
+    z = torch.full((n, mdlm.max_len), mdlm.mask_id)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    tokens, stats = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler,
+                                  energy_model=ar.log_likelihood if sampler == "edlm" else None, k=k)
+    wall = time.perf_counter() - t0
+    row = {"sampler": sampler, "steps": steps, "k": k if sampler == "edlm" else None,
+           "seconds_per_sample": wall / n, "denoiser_rows_per_sample": stats.denoiser_rows / n,
+           "energy_rows_per_sample": stats.energy_rows / n, **generative_metrics(tokens, judge, mdlm)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int) -> dict:
+    """Windows of the test plays whose masked span starts at a line start after a left context of half the
+    window; score -log p_judge(span, right | left) per character for both methods."""
+    x = test_windows(mdlm, None)
+    nl = mdlm.tokenizer.encode("\n")[0]
+    half, L = mdlm.max_len // 2, mdlm.max_len
+    rows = []
+    for w in x:
+        starts = [i + 1 for i in range(half - 16, half + 16) if w[i] == nl and i + 1 + span < L - 8]
+        if starts:
+            rows.append((w, starts[0]))
+        if len(rows) == lines:
+            break
+    g = torch.Generator().manual_seed(seed)
+    z = torch.stack([w.clone() for w, _ in rows])
+    for i, (_, s) in enumerate(rows):
+        z[i, s:s + span] = mdlm.mask_id
+    t0 = time.perf_counter()
+    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler="caching")
+    t_mdlm = time.perf_counter() - t0
+    continued = torch.stack([w.clone() for w, _ in rows])
+    t0 = time.perf_counter()
+    for i, (w, s) in enumerate(rows):  # the AR model sees only the left side
+        continued[i, s:s + span] = ar_sample(ar, w[None, :s], span, g)[0, s:]
+    t_ar = time.perf_counter() - t0
+
+    def score(seqs):
+        nats, chars = 0.0, 0
+        full = judge.log_likelihood(seqs)
+        for i, (_, s) in enumerate(rows):
+            left = judge.log_likelihood(seqs[i:i + 1, :s])[0]
+            nats += float(left - full[i])
+            chars += L - s
+        return math.exp(nats / chars)
+
+    out = {"lines": len(rows), "span": span, "steps": steps, "mdlm_infill_ppl": score(filled),
+           "ar_continuation_ppl": score(continued), "original_ppl": score(torch.stack([w for w, _ in rows])),
+           "mdlm_seconds": t_mdlm, "ar_seconds": t_ar,
+           "examples": [{"left": mdlm.decode(w[:s].tolist())[-60:], "original": mdlm.decode(w[s:s + span].tolist()),
+                         "mdlm": mdlm.decode(filled[i, s:s + span].tolist()),
+                         "ar": mdlm.decode(continued[i, s:s + span].tolist()),
+                         "right": mdlm.decode(w[s + span:].tolist())[:40]}
+                        for i, (w, s) in enumerate(rows[:4])]}
+    print(json.dumps({k: v for k, v in out.items() if k != "examples"}), flush=True)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series = {}
+    for r in result["samples"]:
+        label = r["sampler"] + (f" k={r['k']}" if r["k"] else "")
+        series.setdefault(label, []).append(r)
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rs]
+        axes[0].plot(steps, [r["gen_ppl"] for r in rs], "o-", label=label)
+        axes[1].plot(steps, [r["entropy_bits"] for r in rs], "o-", label=label)
+        axes[2].plot(steps, [r["seconds_per_sample"] for r in rs], "o-", label=label)
+    axes[1].axhline(result["test_entropy_bits"], color="k", ls="--", lw=1, label="test text")
+    titles = ("gen-ppl per char under the judge", "unigram entropy (bits)", "wall seconds per sample")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mdlm", default="shakespeare-mdlm")
+    p.add_argument("--ar", default="shakespeare-ar")
+    p.add_argument("--judge", required=True)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--windows", type=int, default=256, help="test windows for bits per character")
+    p.add_argument("--steps", default="8,32,128,1024", help="ancestral/caching step counts")
+    p.add_argument("--edlm-steps", default="8,32")
+    p.add_argument("--ks", default="2,4,8")
+    p.add_argument("--lines", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "diffusion_lm.json"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    mdlm, ar, judge = TextLM.load(a.mdlm), TextLM.load(a.ar), TextLM.load(a.judge)
+    result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path),
+              "mdlm_metrics": mdlm.config.get("metrics"), "ar_metrics": ar.config.get("metrics"),
+              "judge_metrics": judge.config.get("metrics"), "threads": a.threads}
+    result["likelihood"] = likelihoods(mdlm, ar, a.windows, [1, 4, 16, 64, 256])
+    test_texts = [mdlm.decode(w.tolist()) for w in test_windows(mdlm, a.samples)]
+    result["test_entropy_bits"] = unigram_entropy(test_texts)
+    result["test_reference"] = generative_metrics(test_windows(mdlm, a.samples), judge, mdlm)
+    result["samples"] = []
+    steps = [int(s) for s in a.steps.split(",")]
+    for s in steps:
+        for sampler in ("ancestral", "caching"):
+            if sampler == "ancestral" and s > 128:
+                continue  # same samples as caching (same draws), 1 network call per step: too slow here
+            result["samples"].append(sample_run(mdlm, ar, judge, sampler, s, 0, a.samples, seed=1))
+    for k in [int(x) for x in a.ks.split(",")]:
+        for s in [int(x) for x in a.edlm_steps.split(",")]:
+            result["samples"].append(sample_run(mdlm, ar, judge, "edlm", s, k, a.samples, seed=1))
+    result["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
