@@ -12,8 +12,8 @@ dpmpp_2m_sde, the SDE samplers, and any sampler added later until it is listed) 
 its batch-mates' draws, so they run one image at a time, each from its own generator. Every image's start
 noise carries the Tree-Ring watermark (``reverie.provenance``) unless the server runs with ``--no-watermark``.
 
-Batching is worth it on a CPU: one 32x32 image of the shipped model takes about as long as four
-(``benchmarks/serve_load.py`` measures it with ``--max-batch 1`` against the default).
+Batching is worth it on a CPU: a batch of eight 32x32 images of the shipped model costs little more than one
+image (``benchmarks/serve_load.py`` measures it in process, and end to end against ``--no-batching``).
 """
 
 from __future__ import annotations
