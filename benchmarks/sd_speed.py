@@ -188,13 +188,27 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
             if r % 2 == 0:
                 timed("reverie_decode", lambda: ours.vae.from_latent(latents))
                 timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
-    med = {k: statistics.median(v[1:] if k.endswith(("step", "decode")) and len(v) > 1 else v)
-           for k, v in times.items()}
+    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, **paired_summary(times, steps)}
+
+
+def paired_summary(times: dict, steps: int) -> dict:
+    """Medians, seconds per image, and speedups as the median of the per-round ratios (each round's two
+    measurements ran back to back, under the same load; round 0, the warm-up, is left out)."""
+    def counted(values):  # without the warm-up round, unless it is all there is
+        return values[1:] if len(values) > 1 else values
+
+    med = {k: statistics.median(counted(v)) for k, v in times.items()}
     per_image = {lib: med[f"{lib}_encode"] + steps * med[f"{lib}_step"] + med[f"{lib}_decode"]
                  for lib in ("reverie", "diffusers")}
-    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "times_s": times, "median_s": med,
-            "seconds_per_image": per_image, "speedup": per_image["diffusers"] / per_image["reverie"],
-            "step_speedup": med["diffusers_step"] / med["reverie_step"]}
+    ratios = {part: [d / r for r, d in zip(counted(times[f"reverie_{part}"]), counted(times[f"diffusers_{part}"]))]
+              for part in ("step", "decode")}
+    step, decode = (statistics.median(ratios[p]) for p in ("step", "decode"))
+    encode = med["diffusers_encode"] / med["reverie_encode"]
+    # per image: the diffusers time of each part, over the reverie time that part takes at its paired ratio
+    ours = med["diffusers_encode"] / encode + steps * med["diffusers_step"] / step + med["diffusers_decode"] / decode
+    return {"times_s": times, "median_s": med, "seconds_per_image": per_image, "paired_ratios": ratios,
+            "step_speedup": step, "decode_speedup": decode,
+            "speedup": (med["diffusers_encode"] + steps * med["diffusers_step"] + med["diffusers_decode"]) / ours}
 
 
 def summarize(result: dict, steps: int) -> dict:
