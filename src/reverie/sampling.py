@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .build import DiffusionModel
+from .build import DiffusionModel, build_dataset
 from .guidance import CFGDenoiser
+from .heat import IHDM, BlurringSchedule, blurring_sample, ihdm_sample
 from .images import save_grid
 from .layout import check_layout, get_planner, plan_layouts
 from .limits import MAX_GUIDANCE, MAX_STEPS
+from .pfgm import pfgm_noise
 from .samplers import GRIDS, SIGMA_GRIDS, TunedGrid, check_grid, check_sampler, get_sigmas, sample, tune_sigmas
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range (Karras et al. 2022)
@@ -45,6 +47,8 @@ class SamplingOptions:
     negative_prompt: str = ""
     layouts: str | list = "auto"
     seed: int = 0
+    corrector_steps: int | None = None  # pc sampler: Langevin steps per level (None: the sampler's 1)
+    snr: float | None = None            # pc sampler: the corrector's signal-to-noise ratio (None: 0.16)
 
     def __post_init__(self):
         self.validate()
@@ -67,6 +71,10 @@ class SamplingOptions:
         _check_number("guidance_scale", self.guidance_scale, float, 0, MAX_GUIDANCE, optional=True)
         _check_number("guidance_rescale", self.guidance_rescale, float, 0, 1)
         _check_number("seed", self.seed, int, 0, 2**63 - 1)
+        _check_number("corrector_steps", self.corrector_steps, int, 0, MAX_STEPS, optional=True)
+        _check_number("snr", self.snr, float, 1e-6, 10.0, optional=True)
+        if (self.corrector_steps is not None or self.snr is not None) and self.sampler not in (None, "pc"):
+            raise ValueError(f"corrector_steps and snr are options of the pc sampler, not {self.sampler}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if isinstance(self.grid, str):
@@ -89,6 +97,11 @@ class SamplingOptions:
             self, sampler=self.sampler or sample.sampler, grid=grid, steps=steps,
             guidance_scale=sample.guidance_scale if self.guidance_scale is None else self.guidance_scale)
 
+    def sampler_options(self) -> dict:
+        """Keyword options for the sampler function (the pc sampler's corrector settings, where given)."""
+        opts = {"corrector_steps": self.corrector_steps, "snr": self.snr}
+        return {k: v for k, v in opts.items() if v is not None} if self.sampler == "pc" else {}
+
     def to_metadata(self) -> dict:
         """The settings as PNG metadata (JSON). The PNG format's key names predate this class and are kept,
         so that files made by earlier versions reproduce: ``guidance`` and ``layout`` (one layout for every
@@ -102,6 +115,7 @@ class SamplingOptions:
             meta["layout"] = _layout_json(self.layouts[0])
         else:
             meta["layouts"] = [_layout_json(lay) for lay in self.layouts]
+        meta.update({k: v for k, v in (("corrector_steps", self.corrector_steps), ("snr", self.snr)) if v is not None})
         return meta
 
     @classmethod
@@ -117,6 +131,7 @@ class SamplingOptions:
             return cls(sampler=meta["sampler"], steps=meta["steps"], guidance_scale=meta["guidance"],
                        guidance_rescale=meta.get("guidance_rescale", 0.0), seed=meta.get("seed", 0),
                        negative_prompt=meta.get("negative_prompt", ""), layouts=layouts,
+                       corrector_steps=meta.get("corrector_steps"), snr=meta.get("snr"),
                        grid=torch.tensor(grid, dtype=torch.float64) if isinstance(grid, list) else grid)
         except KeyError as e:
             raise ValueError(f"{source} lacks the generation parameter {e.args[0]!r}") from None
@@ -217,7 +232,10 @@ def noise_scale(model: DiffusionModel, sigma_top: float) -> float:
 def start_noise(model: DiffusionModel, num_images: int, sigma_top: float, generator: torch.Generator) -> torch.Tensor:
     """Pure noise at the top of the grid, in the sampler's (VE) coordinates, drawn on the CPU (see
     :func:`noise_scale`)."""
-    noise = torch.randn(noise_shape(model, num_images), generator=generator, dtype=torch.float32)
+    if model.cfg.model.pfgm_d:  # PFGM++: the prior is the perturbation kernel at sigma_top (reverie.pfgm)
+        noise = pfgm_noise(noise_shape(model, num_images), model.cfg.model.pfgm_d, generator=generator)
+    else:
+        noise = torch.randn(noise_shape(model, num_images), generator=generator, dtype=torch.float32)
     return noise * noise_scale(model, sigma_top)
 
 
@@ -254,6 +272,8 @@ def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptio
     :func:`noise_scale`, exactly as a drawn one; e.g. ``reverie.editing.invert``'s ``Inversion.noise``).
     The seed still drives the per-step noise of ancestral samplers, as it would after drawing the noise."""
     options = (options or SamplingOptions()).resolve(model.cfg)
+    if model.cfg.model.process != "gaussian":
+        return heat_images(model, num_images, options, callback=callback)
     sigmas = sigma_grid(model, options.steps, options.grid)
     device = next(model.net.parameters()).device
     g = torch.Generator().manual_seed(options.seed)
@@ -278,7 +298,7 @@ def run_sampler(model: DiffusionModel, x: torch.Tensor, sigmas: torch.Tensor, op
     model.net.eval()
     try:
         return sample(options.sampler, denoiser, x, sigmas.to(x.device), generator=generator, cond=cond,
-                      callback=callback, progress=progress)
+                      callback=callback, progress=progress, **options.sampler_options())
     finally:
         model.net.train(was_training)
 
@@ -288,6 +308,30 @@ def decode(model: DiffusionModel, out: torch.Tensor) -> torch.Tensor:
     if model.vae is not None:
         out = model.vae.from_latent(out.to(next(model.vae.parameters()).device))
     return out.clamp(-1, 1)
+
+
+@torch.no_grad()
+def heat_images(model: DiffusionModel, num_images: int, options: SamplingOptions, callback=None) -> torch.Tensor:
+    """Samples of a heat-equation model (``model.process``; ``reverie.heat``): blurring diffusion's ancestral
+    sampler over ``options.steps`` steps, or IHDM's K-step noisy sampler from training images blurred to the
+    top level plus noise (``options.steps`` and the grid do not apply). The sampler's name is not used."""
+    h, net = model.cfg.heat, model.net
+    device = next(net.parameters()).device
+    g = torch.Generator().manual_seed(options.seed)
+    was_training = net.training
+    net.eval()
+    try:
+        if model.cfg.model.process == "blurring":
+            schedule = BlurringSchedule(blur_max=h.blur_max, d_min=h.d_min)
+            noise = torch.randn(noise_shape(model, num_images), generator=g).to(device)
+            return blurring_sample(net, noise, schedule, options.steps, generator=g, callback=callback).clamp(-1, 1)
+        process = IHDM(h.num_levels, h.blur_min, h.blur_max, h.noise)
+        data = build_dataset(model.cfg)
+        idx = torch.randint(0, len(data), (num_images,), generator=g)
+        images = torch.stack([data[int(i)]["image"] for i in idx]).to(device)
+        return ihdm_sample(net, process.prior(images, g), process, generator=g, callback=callback).clamp(-1, 1)
+    finally:
+        net.train(was_training)
 
 
 @torch.no_grad()
