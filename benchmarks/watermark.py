@@ -19,7 +19,9 @@ detector's own analytic threshold (p < 0.01, what ``reverie verify`` uses). Qual
 plain and watermarked images (same prompts, same seeds: paired), the pixel mark's PSNR, and the correlation
 between the true start noise and the inverted one per frequency radius (why Tree-Ring is weak on this model).
 
-    python benchmarks/watermark.py   # 144 generated vs 144 real (Tree-Ring: 48 vs 48 per edit), ~40 min on 2 cores
+    python benchmarks/watermark.py   # 144 generated vs 144 real (Tree-Ring: 48 vs 48 per edit)
+    # benchmarks/results/watermark.json: --prompts 48 --per-prompt 1 --real 96 --tree-ring-n 24 (36 min on the
+    # 2-core VM at load 30, where it got a fraction of a core)
     python benchmarks/watermark.py --prompts 8 --per-prompt 1 --real 8 --quick -o out/wm.json   # a smoke run
 """
 
