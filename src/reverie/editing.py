@@ -144,7 +144,8 @@ def fixed_layouts(model: DiffusionModel, options: SamplingOptions, prompts: list
     return dataclasses.replace(options, layouts=layouts if layouts is not None else "none")
 
 
-def _model_kind(model: DiffusionModel, prompts: list[str]) -> list[str] | None:
+def _text_prompts(model: DiffusionModel, prompts: list[str]) -> list[str] | None:
+    """The prompts for a text model; None for another (which refuses a non-empty prompt)."""
     if model.conditioning == "text":
         return prompts
     if any(prompts):
@@ -201,7 +202,7 @@ def invert(model: DiffusionModel, images: Tensor, prompt: str | list[str] = "", 
     prompts = prompt_list(prompt, n)
     options = fixed_layouts(model, options.resolve(model.cfg), prompts)
     sigmas = sigma_grid(model, options.steps, options.grid)
-    text = _model_kind(model, prompts)
+    text = _text_prompts(model, prompts)
     cond, uncond = conditions(model, n, options, text, class_labels)
     was_training = model.net.training
     model.net.eval()
@@ -229,7 +230,7 @@ def _residuals(model: DiffusionModel, inversion: Inversion, class_labels, progre
         residuals.append(target - step.x)
         return step.x + residuals[-1]  # what reconstruction computes, bit for bit
 
-    sample_images(model, len(inversion.prompts), inversion.options, prompts=_model_kind(model, inversion.prompts),
+    sample_images(model, len(inversion.prompts), inversion.options, prompts=_text_prompts(model, inversion.prompts),
                   class_labels=class_labels, callback=record, progress=progress, noise=inversion.noise)
     return residuals
 
@@ -241,7 +242,7 @@ def _prepare(model: DiffusionModel, images: Tensor, prompt, options, settings) -
     images = check_images(model, images)
     prompts = prompt_list(prompt, images.shape[0])
     options = fixed_layouts(model, options.resolve(model.cfg), prompts)
-    return images, _model_kind(model, prompts), options, sigma_grid(model, options.steps, options.grid)
+    return images, _text_prompts(model, prompts), options, sigma_grid(model, options.steps, options.grid)
 
 
 def strength_steps(strength: float, steps: int) -> int:
@@ -397,5 +398,5 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
                  progress=progress, **settings)
     targets = prompt_list(target_prompt, len(inv.prompts))
     options = target_layouts(model, inv.options, targets)
-    return sample_images(model, len(targets), options, prompts=_model_kind(model, targets), class_labels=class_labels,
+    return sample_images(model, len(targets), options, prompts=_text_prompts(model, targets), class_labels=class_labels,
                          callback=inv.callback(), progress=progress, noise=inv.noise)
