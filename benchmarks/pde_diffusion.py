@@ -130,11 +130,15 @@ def draw_fn(pipe, settings: dict, timing: dict):
 
 def stage_fid(args, results: dict) -> None:
     from reverie.eval.fid import dataset_reference, evaluate_samples, get_inception, sample_features
+    from reverie.gmm import sliced_w2
     from reverie.pipeline import Pipeline
 
-    extractor = get_inception()
-    table = results.setdefault("fid", {})
+    extractor = get_inception() if args.metric == "fid" else None
+    table = results.setdefault(args.metric, {})
     pending = {}
+    if args.metric == "sw2":
+        test = test_images(args, 2 * args.n)
+        test = (test[: args.n], test[args.n:])
     for name in selected(args):
         path = run_dir(args.out, name) / "model"
         if not path.is_dir():
@@ -146,6 +150,18 @@ def stage_fid(args, results: dict) -> None:
             if key in table and table[key]["n"] >= args.n:
                 continue
             timing = {"seconds": 0.0, "calls": 0, "images": 0}
+            if args.metric == "sw2":  # pixel-space sliced W2 to test images: no Inception (see --metric)
+                draw = draw_fn(pipe, settings, timing)
+                starts = range(0, args.n, args.eval_batch)
+                images = torch.cat([draw(min(args.eval_batch, args.n - i), i) for i in starts])
+                row = {"model": name, "sampler": label, "nfe": timing["calls"] / math.ceil(args.n / args.eval_batch),
+                       "s_per_image": timing["seconds"] / timing["images"], "n": args.n,
+                       "sw2": sliced_w2(images, test[0]), "sw2_floor": sliced_w2(test[1], test[0])}
+                table[key] = row
+                print(f"{key}: sliced W2 {row['sw2']:.4f} (floor {row['sw2_floor']:.4f})  NFE {row['nfe']:.0f}  "
+                      f"{row['s_per_image'] * 1000:.0f} ms/image", flush=True)
+                save(results)
+                continue
             feats = sample_features(draw_fn(pipe, settings, timing), args.n, batch_size=args.eval_batch, seed=0,
                                     extractor=extractor, progress=False)
             batches = math.ceil(args.n / args.eval_batch)
@@ -153,6 +169,8 @@ def stage_fid(args, results: dict) -> None:
                                     "s_per_image": timing["seconds"] / timing["images"]})
             print(f"{key}: NFE {pending[key][1]['nfe']:.0f}  {pending[key][1]['s_per_image'] * 1000:.0f} ms/image",
                   flush=True)
+    if args.metric == "sw2":
+        return
     # the reference last: sampling needs none (another process may be computing the cached statistics)
     options = {} if args.resolution == 32 else {"mode": "resize"}
     ref = dataset_reference("mnist", resolution=args.resolution, n=args.ref_n, split="test", progress=False,
@@ -162,6 +180,16 @@ def stage_fid(args, results: dict) -> None:
         table[key] = {**row, "fid": res["fid"], "n": res["n"], "n_ref": res["n_ref"]}
         print(f"{key}: FID {res['fid']:.1f}", flush=True)
     save(results)
+
+
+def test_images(args, n: int) -> torch.Tensor:
+    """``n`` MNIST test images at the run's resolution, a fixed-seed subset."""
+    from reverie.data import get_dataset
+
+    options = {} if args.resolution == 32 else {"mode": "resize"}
+    data = get_dataset("mnist", resolution=args.resolution, split="test", **options)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return torch.stack([data[i]["image"] for i in idx])
 
 
 def stage_nll(args, results: dict) -> None:
@@ -294,6 +322,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n", type=int, default=200, help="generated images per FID (the issue asks 5000)")
+    p.add_argument("--metric", choices=("fid", "sw2"), default="fid",
+                   help="sw2: sliced W2 in pixel space to as many test images (when Inception is too slow)")
     p.add_argument("--ref-n", type=int, default=2000, help="MNIST test images of the FID reference")
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--levels", type=int, default=20, help="PC levels (NFE 2x); the other samplers get 2x steps")
