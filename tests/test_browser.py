@@ -2,7 +2,7 @@
 as a user would start it. It types a prompt, clicks Generate, waits for the image, checks that the image
 decodes, that its parameters are the ones asked for and that it is the library's image for them; then a new
 seed gives a different image, "reuse parameters" fills the form, a server error shows as a message, and a
-mask painted with the mouse over an image inpaints only there.
+mask painted with the mouse over an image inpaints only there; the Text tab generates the library's text.
 
 Needs Debian's ``chromium`` (``scripts/install_chromium.sh``; ``.ci/run`` runs it) and the ``playwright``
 package; without either the test is skipped with a reason that names what is missing.
@@ -179,6 +179,23 @@ def test_page_generates_in_a_real_browser():
         kept = np.asarray(third["image"].convert("RGB"), int)[:, 16:]
         assert np.array_equal(kept, np.asarray(im.convert("RGB"), int)[:, 16:])  # the unpainted half is kept
         assert not np.array_equal(np.asarray(third["image"].convert("RGB")), np.asarray(im.convert("RGB")))
+
+        page.click("#tab-text")  # the Text tab: the shipped text model, loaded by default, generates once
+        page.wait_for_function("document.querySelectorAll('#text-sampler option').length > 0")
+        assert page.input_value("#text-model") == "shakespeare-mdlm" and page.is_hidden("#images-panel")
+        page.fill("#text-prompt", "ROMEO:")
+        page.fill("#text-length", "40")
+        page.fill("#text-steps", "8")
+        page.fill("#text-seed", "7")
+        page.select_option("#text-sampler", "caching")
+        page.click("#text-generate")
+        page.wait_for_selector("#texts figure.text-item", timeout=60_000)
+        shown = json.loads(page.get_attribute("#texts figure.text-item", "data-params"))
+        assert shown["seed"] == 7 and shown["steps"] == 8 and shown["sampler"] == "caching" and shown["length"] == 40
+        from reverie.language import TextLM, generate_text
+
+        (expected,), _ = generate_text(TextLM.load("shakespeare-mdlm"), "ROMEO:", 40, 8, "caching", seed=7)
+        assert page.inner_text("#texts figure.text-item pre") == expected
 
 
 def screenshot(path: str) -> None:

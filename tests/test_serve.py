@@ -482,3 +482,98 @@ def test_a_stable_diffusion_model_samples_at_the_size_asked_for(pipe, tmp_path):
         assert decode(small.json()["images"][0]).size == (32, 32)
     set_image_size(sd, 64)  # the worker has stopped: the model is the library's again
     assert np.array_equal(pixels(im), pixels(library_image(sd, "a red cat", 5, steps=3)))
+
+
+# -- text: POST /v1/text on the shipped masked diffusion text model ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_client(pipe):
+    with TestClient(create_app([pipe], ServeConfig(), ["shakespeare-mdlm"])) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def text_lms():
+    from reverie.language import TextLM
+
+    return TextLM.load("shakespeare-mdlm"), TextLM.load("shakespeare-ar")
+
+
+def test_text_equals_the_library_and_loads_lazily(text_client, text_lms):
+    """A reply is reverie.language.generate_text's text for the same settings and seed (prompt, infill, and the
+    edlm sampler with the model's own AR energy); the weights load on the first request, not at start-up."""
+    from reverie.language import generate_text
+
+    lm, energy = text_lms
+    (listed,) = text_client.get("/v1/text/models").json()
+    assert listed["name"] == "shakespeare-mdlm" and listed["context"] == 128 and not listed["loaded"]
+    assert listed["samplers"] == ["ancestral", "caching", "edlm"] and listed["defaults"]["sampler"] == "edlm"
+    cases = [({"prompt": "ROMEO:", "length": 48, "steps": 12, "sampler": "caching", "seed": 5},
+              dict(prompt="ROMEO:", length=48, steps=12, sampler="caching", seed=5)),
+             ({"prompt": "JULIET:", "length": 40, "steps": 10, "sampler": "edlm", "k": 3, "seed": 11},
+              dict(prompt="JULIET:", length=40, steps=10, sampler="edlm", energy=energy, k=3, seed=11)),
+             ({"infill": "To be, or [MASK*12] the question", "steps": 8, "sampler": "ancestral", "seed": 2},
+              dict(infill="To be, or [MASK*12] the question", steps=8, sampler="ancestral", seed=2))]
+    for body, settings in cases:
+        r = text_client.post("/v1/text", json=body)
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        (expected,), _ = generate_text(lm, **settings)
+        assert reply["text"] == expected
+        assert text_client.post("/v1/text", json=body).json()["text"] == expected  # same seed, same text
+        assert reply["parameters"]["seed"] == body["seed"] and reply["parameters"]["sampler"] == body["sampler"]
+    assert reply["text"].startswith("To be, or ") and reply["text"].endswith(" the question")
+    assert len(reply["text"]) == len("To be, or ") + 12 + len(" the question")
+    other = text_client.post("/v1/text", json={**cases[0][0], "seed": 6}).json()["text"]
+    assert other.startswith("ROMEO:") and other != text_client.post("/v1/text", json=cases[0][0]).json()["text"]
+    assert text_client.get("/v1/text/models").json()[0]["loaded"]
+    drawn = text_client.post("/v1/text", json={"prompt": "A", "length": 8, "steps": 2, "seed": -1}).json()
+    assert 0 <= drawn["parameters"]["seed"] < 2**32 and drawn["parameters"]["sampler"] == "edlm"  # model's own
+
+
+def test_text_job_route_polls_to_the_same_text(text_client):
+    body = {"prompt": "KING:", "length": 32, "steps": 6, "sampler": "caching", "seed": 9}
+    job = text_client.post("/v1/jobs/text", json=body)
+    assert job.status_code == 202
+    for _ in range(200):
+        status = text_client.get(f"/v1/jobs/{job.json()['id']}").json()
+        if status["state"] == "done":
+            break
+        time.sleep(0.05)
+    assert status["state"] == "done" and status["steps"] == 6
+    assert status["result"]["text"] == text_client.post("/v1/text", json=body).json()["text"]
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"sampler": "euler"}, "unknown text sampler 'euler'"),
+    ({"sampler": "EDLM"}, "choose one of ancestral, caching, edlm"),
+    ({"length": 129}, "at most the model's context, 128"),
+    ({"length": 5000}, "less than or equal to 4096"),
+    ({"length": 0}, "greater than or equal to 1"),
+    ({"steps": 0}, "greater than or equal to 1"),
+    ({"steps": 1001}, "less than or equal to 1000"),
+    ({"steps": "20"}, "valid integer"),
+    ({"k": 17}, "less than or equal to 16"),
+    ({"seed": -2}, "greater than or equal to -1"),
+    ({"prompt": "x" * 40, "length": 40}, "not shorter than length 40"),
+    ({"prompt": "x" * 2001}, "at most 2000 characters"),
+    ({"infill": "no span here"}, "needs masked spans"),
+    ({"infill": "a [MASK*0] b"}, "needs masked spans"),
+    ({"infill": "[MASK*" + "9" * 1900 + "]"}, "more than the model's context of 128"),
+    ({"infill": "a [MASK*120] " + "b" * 10}, "more than the model's context of 128"),
+    ({"infill": "a [MASK]", "prompt": "b"}, "give no prompt"),
+    ({"infill": "a [MASK]", "length": 20}, "give no length"),
+    ({"model": "shapes-t2i"}, "no text model 'shapes-t2i' is loaded"),
+    ({"model": "../../etc"}, "no text model"),
+    ({"temperature": 2}, "extra inputs are not permitted"),
+])
+def test_text_bounds_are_4xx_json(text_client, body, words):
+    r = text_client.post("/v1/text", json=body)
+    assert r.status_code == 422 and r.json()["error"] in ("InvalidRequest", "UnknownModel"), r.text
+    assert words.lower() in r.json()["detail"].lower(), r.json()["detail"]
+
+
+def test_text_without_a_text_model_is_404(client):
+    r = client.post("/v1/text", json={"prompt": "a"})
+    assert r.status_code == 404 and r.json()["error"] == "NoTextModel"
+    assert client.get("/v1/text/models").json() == []

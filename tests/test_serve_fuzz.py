@@ -1,6 +1,6 @@
 """A fuzz test of the server: 300 malformed requests (wrong types, out-of-range numbers, broken JSON, wrong
-content types and methods, junk images, odd paths), each answered with a 4xx JSON error naming the problem,
-never a 500; afterwards the server still generates."""
+content types and methods, junk images, odd paths, bad text requests), each answered with a 4xx JSON error
+naming the problem, never a 500; afterwards the server still generates."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ RAW_BODIES = [b"", b"{", b"[", b"null", b"42", b'"text"', b"[1, 2, 3]", b"{'sing
 JUNK_IMAGES = ["", "!!", "aGVsbG8=", "data:image/png;base64,AAAA", "http://127.0.0.1/x.png", "file:///etc/passwd",
                base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40).decode(), "data:text/plain,hello", 5, None, [],
                "A" * 1001]
+# POST /v1/text bodies, each wrong in one way (the model is the shipped shakespeare-mdlm, context 128)
+BAD_TEXT = [{"sampler": "nope"}, {"sampler": 3}, {"length": 0}, {"length": 129}, {"length": 10**9}, {"steps": 0},
+            {"steps": 10**6}, {"k": 0}, {"seed": "1"}, {"prompt": "x" * 200}, {"prompt": ["a"]}, {"model": "../x"},
+            {"infill": "[MASK*" + "9" * 1500 + "]"}, {"infill": "[MASK*99999999999]"}, {"infill": "none"},
+            {"infill": "[MASK*0]"}, {"infill": "a [MASK]", "prompt": "b"}, {"infill": None, "extra": 1},
+            {"length": 2.5}, {"steps": float("nan")}]
 
 
 def malformed(rng: random.Random):
@@ -88,7 +94,8 @@ def malformed(rng: random.Random):
                                  ("/v1/layout", {"prompt": "a", "seed": -1}),
                                  ("/v1/layout", {"prompt": "a", "extra": 1}),
                                  ("/sdapi/v1/png-info", {"image": rng.choice(JUNK_IMAGES)}),
-                                 ("/sdapi/v1/progress?skip_current_image=maybe", None)])
+                                 ("/sdapi/v1/progress?skip_current_image=maybe", None),
+                                 ("/v1/text", rng.choice(BAD_TEXT)), ("/v1/jobs/text", rng.choice(BAD_TEXT))])
         return ("GET" if body is None else "POST"), path, None, body, {}
     # kind 6: valid JSON of the wrong shape
     return "POST", route, None, rng.choice([[], [1], "s", 3, None, {"prompt": {"nested": [1]}}, {"steps": {}}]), {}
@@ -97,7 +104,7 @@ def malformed(rng: random.Random):
 @pytest.fixture(scope="module")
 def client():
     pipe = Pipeline.from_pretrained(DEFAULT_MODEL)
-    with TestClient(create_app([pipe], ServeConfig(max_body_bytes=1_000_000)),
+    with TestClient(create_app([pipe], ServeConfig(max_body_bytes=1_000_000), ["shakespeare-mdlm"]),
                     raise_server_exceptions=False) as c:
         yield c
 
@@ -122,3 +129,5 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_serving(client):
     assert sum(statuses.values()) == N and len(statuses) >= 5  # 400, 404, 405, 413/415, 422, ... all exercised
     ok = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2})
     assert ok.status_code == 200 and len(ok.json()["images"]) == 1
+    text = client.post("/v1/text", json={"prompt": "A", "length": 16, "steps": 2, "sampler": "caching"})
+    assert text.status_code == 200 and text.json()["text"].startswith("A")

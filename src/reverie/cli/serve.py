@@ -19,8 +19,8 @@ def add_commands(sub, fmt) -> None:
                                    "(/sdapi/v1/txt2img, ...; described at /docs). Binds to 127.0.0.1: only this "
                                    "machine can connect. To serve a network, pass --host 0.0.0.0 with --api-key.")
     s.add_argument("--model", action="append", default=None,
-                   help="model directory to serve (repeatable; the first is the default; default: the shipped "
-                        "shapes model)")
+                   help="image or text model directory to serve (repeatable; the first of each kind is its "
+                        "default; a kind left out gets its shipped model: shapes-t2i, shakespeare-mdlm)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     s.add_argument("--port", type=at_least(0), default=7860, help="port (0: any free one)")
     s.add_argument("--api-key", default=None,  # not the environment's value here: --help would print it
@@ -80,20 +80,26 @@ def serve(args) -> int:
     require("fastapi", "reverie serve")
     from ..pipeline import Pipeline
     from ..serve import ServeConfig, create_app
+    from ..serve.text import TextModel
+    from .text import DEFAULT_TEXT_MODEL, is_text_model
 
     port = check_port(args.host, args.port)
     api_key = args.api_key or os.environ.get("REVERIE_API_KEY") or None
     loopback = is_loopback(args.host)
     if not loopback:
         warn_public(args.host, bool(api_key))
-    paths = [Path(m) for m in args.model] if args.model else [DEFAULT_MODEL]
+    given = args.model or []
+    texts = [TextModel(m, device=args.device)  # its config now, its weights on first use
+             for m in [m for m in given if is_text_model(m)] or [DEFAULT_TEXT_MODEL]]
+    paths = [Path(m) for m in given if not is_text_model(m)] or [DEFAULT_MODEL]
     pipes = [Pipeline.from_pretrained(p, device=args.device) for p in paths]
     config = ServeConfig(api_key=api_key, allowed_hosts=LOOPBACK_NAMES if loopback else None,
                          timeout=args.timeout, max_batch=args.max_batch, max_queue=args.max_queue,
                          batching=not args.no_batching, watermark=not args.no_watermark)
-    app = create_app(pipes, config)
+    app = create_app(pipes, config, texts)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"reverie serve: {', '.join(p.name for p in pipes)} at http://{shown}:{port}/ "
+    names = [p.name for p in pipes] + [t.name for t in texts]
+    print(f"reverie serve: {', '.join(names)} at http://{shown}:{port}/ "
           f"(API at /sdapi/v1 and /v1, described at /docs); Ctrl+C stops it", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=port, log_level="warning", limit_concurrency=512,
                 timeout_graceful_shutdown=5)

@@ -4,6 +4,8 @@
   (Host header, body size, JSON-only bodies, API key).
 - ``worker.py``: one queue and one worker thread per model; batching of requests with the same
   settings, progress and previews, cancel, per-request timeouts.
+- ``text.py``: ``POST /v1/text`` on a masked diffusion text model (``reverie.language``): its own queue
+  and thread, the weights loaded on the first request.
 - ``schemas.py``: request bodies and their bounds. ``images.py``: bounded image decoding; PNGs through
   the shared writer.
 - ``static/``: the one page (HTML, JS, CSS; no build step, nothing from a CDN) and an offline API page.

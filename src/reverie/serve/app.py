@@ -40,8 +40,10 @@ from .schemas import (
     LayoutRequest,
     OptionsRequest,
     PngInfoRequest,
+    TextRequest,
     Txt2ImgRequest,
 )
+from .text import TextModel, TextWorker, make_text_job
 from .worker import ImageSpec, Job, JobError, ModelWorker
 
 STATIC = importlib.resources.files("reverie.serve") / "static"
@@ -165,10 +167,10 @@ def _host_name(host: str) -> str:
 class Server:
     """The loaded models, their workers, the default model and the jobs the page polls."""
 
-    def __init__(self, pipelines: list, config: ServeConfig):
+    def __init__(self, pipelines: list, config: ServeConfig, text_models: list[TextModel] = ()):
         if not pipelines:
             raise ValueError("reverie serve needs at least one model")
-        names = [p.name for p in pipelines]
+        names = [p.name for p in pipelines] + [m.name for m in text_models]
         if len(set(names)) != len(names):
             raise ValueError(f"two models have the same name ({', '.join(names)}); give each its own directory name")
         self.config = config
@@ -176,6 +178,9 @@ class Server:
         self.workers = {p.name: ModelWorker(p, config.max_batch, config.max_queue, config.batching, config.watermark)
                         for p in pipelines}
         self.default = names[0]
+        self.text = {m.name: m for m in text_models}  # text models: weights load on their first request
+        self.text_default = text_models[0].name if text_models else None
+        self.workers.update({m.name: TextWorker(m, config.max_queue) for m in text_models})
         self.native = {p.name: _image_size(p) for p in pipelines}  # before any request changes an SD model's size
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.started = time.time()
@@ -359,10 +364,12 @@ def job_status(job: Job, server: Server, with_result: bool = True) -> dict:
 
 # -- the application -----------------------------------------------------------------------------------------
 
-def create_app(pipelines: list, config: ServeConfig | None = None) -> FastAPI:
-    """The app around already loaded ``pipelines`` (the first is the default model)."""
+def create_app(pipelines: list, config: ServeConfig | None = None, text_models: list | None = None) -> FastAPI:
+    """The app around already loaded ``pipelines`` (the first is the default model) and ``text_models``
+    (:class:`~reverie.serve.text.TextModel` or their directories / shipped names; the first is the default)."""
     config = config or ServeConfig()
-    server = Server(pipelines, config)
+    text = [m if isinstance(m, TextModel) else TextModel(m) for m in (text_models or [])]
+    server = Server(pipelines, config, text)
     app = FastAPI(title="reverie", version=_version(), docs_url=None, redoc_url=None,
                   description="reverie's image generation API: AUTOMATIC1111's /sdapi/v1 routes and reverie's "
                               "own /v1 routes. The page is at /, this API described at /docs.")
@@ -531,7 +538,7 @@ def _img2img_job(server: Server, req: Img2ImgRequest) -> Job:
 def _add_own_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/health", tags=["reverie"])
     async def health() -> dict:
-        return {"status": "ok", "models": list(server.pipes),
+        return {"status": "ok", "models": list(server.pipes), "text_models": list(server.text),
                 "queued": {n: len(w.queue) for n, w in server.workers.items()},
                 "batches": {n: w.batches for n, w in server.workers.items()}}
 
@@ -574,6 +581,24 @@ def _add_own_routes(app: FastAPI, server: Server) -> None:
         """Queue a txt2img request and return at once; poll ``GET /v1/jobs/{id}`` for progress, previews and
         the result (the page does this)."""
         return queue(make_job(server, req))
+
+    @app.get("/v1/text/models", tags=["reverie"])
+    async def text_models() -> list:
+        """The text models, their context, samplers and own defaults (what a text request's missing fields
+        become); ``loaded`` says whether the weights are in memory yet (they load on the first request)."""
+        return [m.describe(name == server.text_default) for name, m in server.text.items()]
+
+    @app.post("/v1/text", tags=["reverie"])
+    async def text(req: TextRequest, request: Request) -> dict:
+        """Text from a masked diffusion text model: ``prompt`` + ``length``, or an ``infill`` passage with
+        ``[MASK*N]`` spans. The same seed and settings give ``reverie generate-text``'s text."""
+        return await wait_for(server, make_text_job(server.text, server.text_default, req, server.config.timeout),
+                              request)
+
+    @app.post("/v1/jobs/text", tags=["reverie"], status_code=202)
+    async def submit_text(req: TextRequest) -> dict:
+        """Queue a text request and return at once; poll ``GET /v1/jobs/{id}`` (its result is /v1/text's)."""
+        return queue(make_text_job(server.text, server.text_default, req, server.config.timeout))
 
     @app.post("/v1/jobs/img2img", tags=["reverie"], status_code=202)
     async def submit_img2img(req: Img2ImgRequest) -> dict:

@@ -23,6 +23,8 @@ MAX_PIXELS = 2048 * 2048     # an uploaded image, checked from its header before
 MAX_BODY_BYTES = 16 * 2**20  # a request body (two base64 images of the largest size fit)
 MAX_GRID_POINTS = MAX_STEPS + 1
 MAX_LAYOUT_OBJECTS = 16
+MAX_TEXT_LENGTH = 4096       # tokens of a generated text (a model's own context bounds it further)
+MAX_TEXT_K = 16              # edlm candidates per step
 
 Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
 Name = Annotated[StrictStr, Field(max_length=200)]
@@ -96,3 +98,20 @@ class PngInfoRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     image: Base64Image
+
+
+class TextRequest(BaseModel):
+    """``POST /v1/text``: text from a masked diffusion text model. ``prompt``: the fixed start of ``length``
+    tokens; or ``infill``: a whole passage whose ``[MASK]`` / ``[MASK*N]`` spans are written. Missing fields are
+    the model's own (``GET /v1/text/models``); ``seed`` -1 draws one (the reply says which)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt = ""
+    infill: Prompt | None = None
+    length: Annotated[StrictInt, Field(ge=1, le=MAX_TEXT_LENGTH)] | None = None
+    steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = None
+    sampler: Annotated[StrictStr, Field(max_length=20)] | None = None
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_TEXT_K)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-1, le=2**63 - 1)] = -1
+    model: Name | None = None

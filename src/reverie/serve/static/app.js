@@ -285,6 +285,111 @@ function reuseParameters(p) {
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
 
+// -- text: reverie.language's masked diffusion models through /v1/jobs/text --------------------------------
+const text = { models: [], job: null };
+
+function showTab(name) {
+  for (const [tab, panel] of [["tab-images", "images-panel"], ["tab-text", "text-panel"]]) {
+    const on = tab === "tab-" + name;
+    $(tab).classList.toggle("active", on);
+    $(tab).setAttribute("aria-selected", String(on));
+    $(panel).classList.toggle("hidden", !on);
+  }
+  if (name === "text" && !text.models.length) loadTextModels();
+}
+
+async function loadTextModels() {
+  try {
+    text.models = await api("GET", "/v1/text/models");
+    if (!text.models.length) throw new Error("this server has no text model (reverie serve --model TEXT_MODEL)");
+    $("text-model").replaceChildren(...text.models.map((m) => option(m.name, m.name)));
+    const own = text.models.find((m) => m.default);
+    if (own) $("text-model").value = own.name;
+    applyTextDefaults();
+    textError("");
+  } catch (e) {
+    textError(e.message);
+  }
+}
+
+function applyTextDefaults() {
+  const m = text.models.find((x) => x.name === $("text-model").value);
+  if (!m) return;
+  $("text-sampler").replaceChildren(...m.samplers.map((s) => option(s, s)));
+  $("text-sampler").value = m.defaults.sampler;
+  $("text-steps").value = m.defaults.steps;
+  $("text-length").value = m.defaults.length;
+  $("text-length").max = m.context;
+}
+
+function textError(message) {
+  $("text-error").textContent = message;
+  $("text-error").classList.toggle("hidden", !message);
+}
+
+function textStatus(message, fraction) {
+  $("text-status").textContent = message;
+  $("text-bar").style.width = Math.round(100 * (fraction || 0)) + "%";
+}
+
+async function generateText(event) {
+  event.preventDefault();
+  textError("");
+  const seed = parseInt($("text-seed").value, 10);
+  const body = { model: $("text-model").value, sampler: $("text-sampler").value,
+                 steps: parseInt($("text-steps").value, 10), seed: Number.isFinite(seed) ? seed : -1 };
+  if ($("text-infill").value) body.infill = $("text-infill").value;
+  else { body.prompt = $("text-prompt").value; body.length = parseInt($("text-length").value, 10); }
+  $("text-generate").disabled = true;
+  try {
+    const job = await api("POST", "/v1/jobs/text", body);
+    text.job = job.id;
+    textStatus("queued", 0);
+    await pollText(job.id);
+  } catch (e) {
+    textError(e.message);
+  }
+  $("text-generate").disabled = false;
+}
+
+async function pollText(id) {
+  const wait = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  for (;;) {
+    const job = await api("GET", "/v1/jobs/" + id);
+    if (job.state === "running") textStatus("step " + job.step + " of " + job.steps, job.step / job.steps);
+    if (job.state === "done") {
+      $("texts").prepend(textFigure(job.result));
+      textStatus("done in " + job.elapsed.toFixed(2) + " s", 1);
+      return;
+    }
+    if (job.state === "failed" || job.state === "cancelled") {
+      textStatus(job.state, 0);
+      throw new Error(job.error ? job.error.detail : job.state);
+    }
+    await wait(150);
+  }
+}
+
+function textFigure(result) {
+  const p = result.parameters;
+  const fig = document.createElement("figure");
+  fig.className = "text-item";
+  fig.dataset.params = JSON.stringify(p);
+  const pre = document.createElement("pre");
+  pre.textContent = result.text;
+  const cap = document.createElement("figcaption");
+  const what = p.infill !== null ? "infill " + JSON.stringify(p.infill) : "prompt " + JSON.stringify(p.prompt) +
+    ", " + p.length + " characters";
+  cap.textContent = what + " | " + p.sampler + (p.sampler === "edlm" ? " (k " + p.k + ")" : "") + ", " +
+    p.steps + " steps | seed " + p.seed + " | " + p.model;
+  fig.append(pre, cap);
+  return fig;
+}
+
+$("tab-images").addEventListener("click", () => showTab("images"));
+$("tab-text").addEventListener("click", () => showTab("text"));
+$("text-form").addEventListener("submit", generateText);
+$("text-model").addEventListener("change", applyTextDefaults);
 $("form").addEventListener("submit", generate);
 $("cancel").addEventListener("click", cancel);
 $("dice").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 4294967296); });
