@@ -577,3 +577,40 @@ def test_text_without_a_text_model_is_404(client):
     r = client.post("/v1/text", json={"prompt": "a"})
     assert r.status_code == 404 and r.json()["error"] == "NoTextModel"
     assert client.get("/v1/text/models").json() == []
+
+
+def test_text_runs_on_its_worker_with_timeout_and_cancel(pipe):
+    """A long text request times out at its step callback (504) while the event loop keeps answering, a queued
+    one can be cancelled, and the worker is free again afterwards."""
+    with TestClient(create_app([pipe], ServeConfig(timeout=1.5), ["shakespeare-mdlm"])) as c:
+        long = {"prompt": "A", "length": 128, "steps": 1000, "sampler": "ancestral", "seed": 0}
+        running = c.post("/v1/jobs/text", json=long).json()
+        assert _wait(lambda: c.get(f"/v1/jobs/{running['id']}").json()["state"] == "running")
+        assert c.get("/v1/health").status_code == 200  # the loop answers while the text job samples:
+        assert c.get(f"/v1/jobs/{running['id']}").json()["state"] == "running"
+        queued = c.post("/v1/jobs/text", json=long).json()
+        assert c.delete(f"/v1/jobs/{queued['id']}").json()["state"] == "cancelled"
+        t = time.monotonic()
+        r = c.post("/v1/text", json=long)
+        assert r.status_code == 504 and r.json()["error"] == "Timeout" and time.monotonic() - t < 10
+        assert c.get(f"/v1/jobs/{running['id']}").json()["state"] in ("cancelled", "done")
+        ok = c.post("/v1/text", json={"prompt": "A", "length": 8, "steps": 2, "sampler": "caching"})
+        assert ok.status_code == 200 and ok.json()["text"].startswith("A")
+
+
+def test_cli_serve_takes_text_model_directories(monkeypatch, capsys):
+    """`reverie serve --model TEXT_DIR` serves it beside the shipped image model; an AR model is one line."""
+    import uvicorn
+
+    from reverie.cli import main
+    from reverie.language import ASSETS
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--port", "0", "--model", str(ASSETS / "shakespeare-mdlm")]) == 0
+    server = apps[0].state.server
+    assert list(server.pipes) == ["shapes-t2i"] and list(server.text) == ["shakespeare-mdlm"]
+    assert not server.text["shakespeare-mdlm"].describe(True)["loaded"]  # weights wait for the first request
+    server.close()
+    assert main(["serve", "--port", "0", "--model", "shakespeare-ar"]) == 2
+    assert "is an AR text model" in capsys.readouterr().err
