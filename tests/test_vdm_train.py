@@ -81,3 +81,16 @@ def test_config_mistakes_are_one_line():
         load_config(VDMTrainConfig, None, ["--model.prediction=v"])
     with pytest.raises(ValueError, match="gamma_min must be below"):
         load_config(VDMTrainConfig, None, ["--vdm.gamma_min=6"])
+
+
+def test_reverie_train_sends_a_vdm_config_to_the_vdm_trainer(tmp_path):
+    from helpers import cli
+
+    config = tmp_path / "vdm.yaml"
+    config.write_text("vdm: {hidden: 16}\ndata: {name: shapes, resolution: 16, batch_size: 4}\n")
+    out = tmp_path / "run"
+    args = ["train", str(config), "--quiet", f"--model.network_overrides={NET}", "--sample.every=0",
+            "--train.steps=2", f"--train.out_dir={out}", "--resume", "no"]
+    assert cli(args) == 0
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["vdm"]["kind"] == "learned" and saved["vdm"]["hidden"] == 16

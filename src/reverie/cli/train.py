@@ -46,11 +46,23 @@ def train(args) -> int:
     from ..train import TrainConfig
     from ..train import train as run_training
 
-    if read_config_file(args.config).get("kind") == "text":  # a text model (reverie.train.text)
+    raw = read_config_file(args.config)
+    if raw.get("kind") == "text":  # a text model (reverie.train.text)
         return train_text(args)
+    if "vdm" in raw:  # a learned log-SNR schedule trained with the network (reverie.train.vdm)
+        return train_vdm(args)
     cfg = _config(TrainConfig, args)
     if cfg is not None:
         print(f"model written to {run_training(cfg, resume=_resume(args)).export_dir}")
+    return 0
+
+
+def train_vdm(args) -> int:
+    from ..train.vdm import VDMTrainConfig, train_vdm
+
+    cfg = _config(VDMTrainConfig, args)
+    if cfg is not None:
+        print(f"model written to {train_vdm(cfg, resume=_resume(args)).export_dir}")
     return 0
 
 
