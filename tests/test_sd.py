@@ -52,8 +52,11 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(folders):
-    return {kind: diffusers.StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
-            for kind, path in folders.items()}
+    pipes = {kind: diffusers.StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+             for kind, path in folders.items()}
+    for pipe in pipes.values():  # each test's scheduler starts from the saved config, not the last test's
+        pipe.saved_scheduler_config = dict(pipe.scheduler.config)
+    return pipes
 
 
 def _rel(a, b) -> float:
@@ -85,7 +88,7 @@ def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative
     """(final latents, images in [0, 1]) from diffusers' pipeline, from reverie's start noise for ``seed``
     (the pipeline scales it by the scheduler's ``init_noise_sigma``, as reverie does)."""
     name, overrides, _ = SAMPLERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.saved_scheduler_config, **overrides)
     size = size or pipe.unet.config.sample_size
     noise = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(seed))
     latents = []
@@ -276,9 +279,29 @@ def test_cli_generate_writes_size_and_settings(folders, tmp_path, capsys):
     assert main(["generate", "--from-png", str(out), "--model", str(folders["tiny-sd1"]), "-o", str(again)]) == 0
     with Image.open(out) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()
-    assert main(["generate", "x", "--model", str(folders["tiny-sd1"]), "--width", "24", "--height", "32",
-                 "-o", str(tmp_path / "x.png")]) == 2
-    assert "only square images for now" in capsys.readouterr().err
+    wide = tmp_path / "wide.png"
+    assert main(["generate", "x", "--model", str(folders["tiny-sd1"]), "--width", "32", "--height", "16",
+                 "--steps", "2", "--num-images", "1", "-o", str(wide), "--quiet"]) == 0
+    with Image.open(wide) as im:
+        assert im.size == (32, 16) and json.loads(im.text["reverie"])["height"] == 16
+
+
+def test_non_square_images_match_diffusers(folders, reference):
+    """A wide image: the start noise, U-Net and VAE run at the requested height and width."""
+    from reverie.sd import set_image_size
+
+    model = _load(folders["tiny-sd1"])
+    set_image_size(model, 32, 16)
+    ours_latents, ours_images = _reverie(model, "ddim", _grid(model, SAMPLERS["ddim"][2]))
+    pipe = reference["tiny-sd1"]
+    name, overrides, _ = SAMPLERS["ddim"]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.saved_scheduler_config, **overrides)
+    f = pipe.vae_scale_factor
+    noise = torch.randn((1, 4, 16 // f, 32 // f), generator=torch.Generator().manual_seed(0))
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, latents=noise,
+               height=16, width=32, output_type="pt")
+    assert ours_images.shape == out.images.shape == (1, 3, 16, 32)
+    assert _rel(ours_images, out.images) < RTOL
 
 
 # --------------------------------------------------------------------------- large images: sliced and tiled decoding

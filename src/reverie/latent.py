@@ -45,7 +45,7 @@ def image_shape(info: dict) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images a model with dataset ``info`` produces (decoded, for latent models)."""
     channels = info.get("image_channels", info["in_channels"])
     resolution = info.get("image_resolution", info["resolution"])
-    return (channels, resolution, resolution)
+    return (channels, info.get("image_height", resolution), info.get("image_width", resolution))
 
 
 class LatentCache(Dataset):

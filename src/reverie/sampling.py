@@ -218,8 +218,12 @@ def conditions(model: DiffusionModel, num_images: int, options: SamplingOptions,
 
 
 def noise_shape(model: DiffusionModel, num_images: int) -> tuple[int, int, int, int]:
-    """Shape of the start noise: the network's input (the latent shape for a latent model)."""
-    return (num_images, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
+    """Shape of the start noise: the network's input (the latent shape for a latent model). Square at
+    ``info["resolution"]`` unless ``info`` names ``latent_height``/``latent_width`` (a Stable Diffusion model
+    after ``reverie.sd.set_image_size``)."""
+    size = model.info["resolution"]
+    return (num_images, model.info["in_channels"], model.info.get("latent_height", size),
+            model.info.get("latent_width", size))
 
 
 def noise_scale(model: DiffusionModel, sigma_top: float) -> float:

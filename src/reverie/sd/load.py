@@ -146,15 +146,15 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
 
 def set_image_size(model: DiffusionModel, width: int, height: int | None = None) -> None:
     """Generate ``width`` x ``height`` images (multiples of the autoencoder's factor, 8 for SD) from now on:
-    the latent size in ``model.info``. Square only for now: sampling draws square start noise."""
+    the latent size in ``model.info`` (``latent_height``/``latent_width``; ``resolution`` is the larger side)."""
     height = width if height is None else height
     factor = model.vae.config.downsample_factor
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or isinstance(value, bool) or value < factor or value % factor:
             raise ValueError(f"{name} must be a positive multiple of {factor}, got {value!r}")
-    if width != height:
-        raise ValueError(f"only square images for now (got {width}x{height}); use --width and --height alike")
-    model.info.update(resolution=width // factor, image_resolution=width)
+    model.info.update(resolution=max(width, height) // factor, image_resolution=max(width, height),
+                      latent_height=height // factor, latent_width=width // factor, image_height=height,
+                      image_width=width)
 
 
 def schedule_from_config(config: dict, source: str = "the scheduler config") -> DiscreteVPSchedule:

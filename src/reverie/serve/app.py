@@ -273,8 +273,7 @@ def make_job(server: Server, req: Txt2ImgRequest) -> Job:
     size = (req.width or native[0], req.height or native[1])
     sample_size = None
     if pipe.info.get("family") == SD_FAMILY:  # Stable Diffusion samples at the size asked for; reverie's models resize
-        sample_size = _sd_size(pipe, req.width, req.height, native)
-        size = (sample_size, sample_size)
+        sample_size = size = _sd_size(pipe, req.width, req.height, native)
     return Job(options=options, images=images, timeout=server.config.timeout, model_name=pipe.name,
                sample_size=sample_size, render=lambda job, pil: render(server, req, job, pil, size, native))
 
@@ -285,16 +284,16 @@ def _image_size(pipe) -> tuple[int, int]:
     return w, h
 
 
-def _sd_size(pipe, width: int | None, height: int | None, native: tuple[int, int]) -> int:
-    """The side a Stable Diffusion model samples at: width / height as asked (square, a multiple of the
-    autoencoder's factor), else the model's own."""
+def _sd_size(pipe, width: int | None, height: int | None, native: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) a Stable Diffusion model samples at: as asked (multiples of the autoencoder's factor; one
+    side given: square), else the model's own."""
     width = width or height or native[0]
     height = height or width
     factor = pipe.vae.config.downsample_factor
-    if width != height or width % factor:
-        raise JobError(422, "InvalidRequest", f"this Stable Diffusion model makes square images whose side is a "
-                                              f"multiple of {factor}; got {width}x{height}")
-    return width
+    if width % factor or height % factor:
+        raise JobError(422, "InvalidRequest", f"a Stable Diffusion model makes images whose sides are multiples "
+                                              f"of {factor}; got {width}x{height}")
+    return width, height
 
 
 def image_params(pipe, job: Job, image: ImageSpec, size: tuple[int, int], native: tuple[int, int],

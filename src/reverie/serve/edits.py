@@ -48,7 +48,7 @@ def make_edit_job(server, req: Img2ImgRequest, make_job) -> Job:
     pipe = server.pipes[job.model_name]
     channels, height, width = pipe.image_shape
     if job.sample_size is not None:
-        height = width = job.sample_size
+        width, height = job.sample_size
     init = to_tensor(images[0], channels, (width, height))
     strength = float(req.denoising_strength)
     try:

@@ -87,7 +87,7 @@ class Job:
     finished: float | None = None
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
-    sample_size: int | None = None  # a Stable Diffusion model's side for this job (reverie's models: None)
+    sample_size: tuple[int, int] | None = None  # a Stable Diffusion model's (width, height) for this job
     custom: Callable | None = None  # custom(callback) -> PIL images: a job that runs alone (img2img, inpainting)
     extra: dict = field(default_factory=dict)  # what its PNGs say beyond the sampling options (an edit's mode)
 
@@ -240,7 +240,8 @@ class ModelWorker:
         stochastic = batch[0].options.sampler not in DETERMINISTIC_SAMPLERS
         chunk = 1 if stochastic else self.max_batch
         if batch[0].sample_size is not None:  # memory grows with the area over the size max_batch was set for
-            chunk = max(1, int(chunk * (self.native_side / batch[0].sample_size) ** 2))
+            width, height = batch[0].sample_size
+            chunk = max(1, int(chunk * self.native_side**2 / (width * height)))
         outputs: dict[Job, list] = {job: [None] * len(job.images) for job in batch}
         for start in range(0, len(units), chunk):
             part = units[start:start + chunk]
@@ -258,7 +259,7 @@ class ModelWorker:
 
         job0 = part[0][0]
         if job0.sample_size is not None:  # only this thread samples the model, so setting its size is safe
-            set_image_size(self.pipe, job0.sample_size)
+            set_image_size(self.pipe, *job0.sample_size)
         seeds = [img.seed for _, _, img in part]
         options = dataclasses.replace(job0.options, seed=seeds[0], layouts=self._layouts(part))
         noise = torch.cat([self.noise(seed)[0] for seed in seeds])
