@@ -352,3 +352,9 @@ def test_full_size_architectures_match_diffusers(tmp_path, kind):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert from_file.info["image_resolution"] == (512 if kind == "sd15" else 768)
 
+
+
+def test_save_pretrained_refuses_a_stable_diffusion_model(folders, tmp_path):
+    with pytest.raises(ValueError, match="is a Stable Diffusion checkpoint: copy its folder or file"):
+        _load(folders["tiny-sd1"]).save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

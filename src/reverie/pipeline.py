@@ -21,6 +21,7 @@ from .configs import from_dict, to_dict
 from .images import to_pil
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
+from .sd import FAMILY as SD_FAMILY
 from .sd import is_stable_diffusion, load_stable_diffusion
 from .train.checkpoint import find_checkpoint
 from .train.config import TrainConfig
@@ -73,6 +74,9 @@ class Pipeline(DiffusionModel):
         return cls(net.to(device), cfg, info, name=path.name, weights_hash=modeldir.file_hash(weights), vae=vae)
 
     def save_pretrained(self, path: str | Path) -> Path:
+        if self.info.get("family") == SD_FAMILY:  # its U-Net/CLIP are not reverie's model-directory networks
+            raise ValueError(f"{self.name} is a Stable Diffusion checkpoint: copy its folder or file; reverie's "
+                             "model directory format does not hold it")
         if self.vae is not None:
             save_autoencoder(Path(path) / modeldir.AUTOENCODER_DIR, self.vae)
         own_vae = Path(path) / modeldir.AUTOENCODER_DIR if self.vae is not None else ""
