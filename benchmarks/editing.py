@@ -225,11 +225,12 @@ def measure_img2img(pipe, classifier, data: dict, steps: int, batch: int) -> dic
     return {"curve": curve, "outputs": outputs, "targets": targets}
 
 
-def measure_inversion(pipe, data: dict, batch: int, num: int, step_counts=(10, 20, 50)) -> list[dict]:
+def measure_inversion(pipe, data: dict, batch: int, num: int, step_counts=(10, 20, 50), guidances=(1.0, 4.0)
+                      ) -> list[dict]:
     images, prompts = data["images"][:num], data["prompts"][:num]
     layouts = [s["layout"] for s in data["scenes"][:num]]
     rows = []
-    for guidance in (1.0, 4.0):
+    for guidance in guidances:
         for steps in step_counts:
             inv = [invert(pipe, images[s:s + batch], prompts[s:s + batch], steps=steps, guidance_scale=guidance,
                           method="exact", layouts=layouts[s:s + batch]) for s in range(0, num, batch)]
@@ -356,7 +357,7 @@ def run_part(part: str, pipe, classifier, data: dict, args) -> tuple[object, dic
             outputs[f"edit_{guidance}"] = e["output"]
         return rows, outputs
     return measure_inversion(pipe, data, args.batch, min(args.inversion_scenes, data["correct"]),
-                             args.inversion_steps), {}
+                             args.inversion_steps, args.inversion_guidance), {}
 
 
 def main() -> None:
@@ -368,10 +369,12 @@ def main() -> None:
     ap.add_argument("--inversion-scenes", type=int, default=32)
     ap.add_argument("--resample", type=int, default=2, help="RePaint passes per block of 5 steps (against 1)")
     ap.add_argument("--inversion-steps", type=int, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--inversion-guidance", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--edit-guidance", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--part", choices=("scenes", *PARTS, "collect", "all"), default="all",
                     help="run one part (after --part scenes; the parts may run in parallel), then --part collect")
     ap.add_argument("--work", default="out/editing-benchmark", help="folder for the scenes and part results")
+    ap.add_argument("--limit", type=int, default=0, help="measure on the first N cached scenes only")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "editing.json"))
@@ -390,6 +393,9 @@ def main() -> None:
         print(f"{data['correct']} scenes with both objects detected (of {data['generated']} generated) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     data = load_scenes(work / "scenes")
+    if args.limit:  # the first scenes only (a shorter run)
+        data.update(scenes=data["scenes"][:args.limit], images=data["images"][:args.limit],
+                    prompts=data["prompts"][:args.limit], correct=min(data["correct"], args.limit))
     for part in PARTS if args.part == "all" else (args.part,) if args.part in PARTS else ():
         start = time.perf_counter()
         result, outputs = run_part(part, pipe, classifier, data, args)
