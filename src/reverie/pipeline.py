@@ -42,6 +42,8 @@ class Pipeline(DiffusionModel):
         ``sd_options`` go to ``load_stable_diffusion``: ``dtype``, ``channels_last``, ``prediction``,
         ``tokenizer``); validates names and shapes of every tensor."""
         path = Path(path)
+        if path.is_file() and (path.parent / "config.json").is_file() and not is_stable_diffusion(path.parent):
+            raise ValueError(f"{path} is a file of the model directory {path.parent}: pass the directory")
         if is_stable_diffusion(path):
             sd = load_stable_diffusion(path, device=device, **sd_options)
             cfg = from_dict(TrainConfig, to_dict(sd.cfg))  # a full config: every field sampling reads, defaulted
