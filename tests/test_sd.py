@@ -88,7 +88,8 @@ def _diffusers(pipe, sampler: str, seed: int = 0, prompt: str = PROMPT, negative
     """(final latents, images in [0, 1]) from diffusers' pipeline, from reverie's start noise for ``seed``
     (the pipeline scales it by the scheduler's ``init_noise_sigma``, as reverie does)."""
     name, overrides, _ = SAMPLERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.saved_scheduler_config, **overrides)
+    base = getattr(pipe, "saved_scheduler_config", pipe.scheduler.config)  # as saved (the fixture keeps it)
+    pipe.scheduler = getattr(diffusers, name).from_config(base, **overrides)
     size = size or pipe.unet.config.sample_size
     noise = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(seed))
     latents = []
@@ -295,7 +296,8 @@ def test_non_square_images_match_diffusers(folders, reference):
     ours_latents, ours_images = _reverie(model, "ddim", _grid(model, SAMPLERS["ddim"][2]))
     pipe = reference["tiny-sd1"]
     name, overrides, _ = SAMPLERS["ddim"]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.saved_scheduler_config, **overrides)
+    base = getattr(pipe, "saved_scheduler_config", pipe.scheduler.config)  # as saved (the fixture keeps it)
+    pipe.scheduler = getattr(diffusers, name).from_config(base, **overrides)
     f = pipe.vae_scale_factor
     noise = torch.randn((1, 4, 16 // f, 32 // f), generator=torch.Generator().manual_seed(0))
     out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, latents=noise,
