@@ -41,52 +41,37 @@ def _resume(args):
     return {"auto": "auto", "no": False}.get(args.resume, args.resume)
 
 
+def _run(args, cls, run, what: str, figure=lambda result: "") -> int:
+    """Load ``cls`` from the config (or print it with --dry-run), train with ``run`` and say where the model went."""
+    cfg = _config(cls, args)
+    if cfg is not None:
+        result = run(cfg, resume=_resume(args))
+        print(f"{what} written to {result.export_dir}{figure(result)}")
+    return 0
+
+
 def train(args) -> int:
     from ..configs import read_config_file
-    from ..train import TrainConfig
-    from ..train import train as run_training
 
     raw = read_config_file(args.config)
     if raw.get("kind") == "text":  # a text model (reverie.train.text)
-        return train_text(args)
+        from ..train.text import TextTrainConfig, train_text
+        return _run(args, TextTrainConfig, train_text, "text model", lambda r: "" if r.validation_bpc is None
+                    else f" (validation {r.validation_bpc:.3f} bits/char)")
     if "vdm" in raw:  # a learned log-SNR schedule trained with the network (reverie.train.vdm)
-        return train_vdm(args)
-    cfg = _config(TrainConfig, args)
-    if cfg is not None:
-        print(f"model written to {run_training(cfg, resume=_resume(args)).export_dir}")
-    return 0
-
-
-def train_vdm(args) -> int:
-    from ..train.vdm import VDMTrainConfig, train_vdm
-
-    cfg = _config(VDMTrainConfig, args)
-    if cfg is not None:
-        print(f"model written to {train_vdm(cfg, resume=_resume(args)).export_dir}")
-    return 0
-
-
-def train_text(args) -> int:
-    from ..train.text import TextTrainConfig, train_text
-
-    cfg = _config(TextTrainConfig, args)
-    if cfg is not None:
-        result = train_text(cfg, resume=_resume(args))
-        bpc = f" (validation {result.validation_bpc:.3f} bits/char)" if result.validation_bpc is not None else ""
-        print(f"text model written to {result.export_dir}{bpc}")
-    return 0
+        from ..train.vdm import VDMTrainConfig, train_vdm
+        return _run(args, VDMTrainConfig, train_vdm, "model")
+    from ..train import TrainConfig
+    from ..train import train as run_training
+    return _run(args, TrainConfig, run_training, "model")
 
 
 def train_vae(args) -> int:
     from ..train import VAETrainConfig
     from ..train import train_vae as run_training
 
-    cfg = _config(VAETrainConfig, args)
-    if cfg is not None:
-        result = run_training(cfg, resume=_resume(args))
-        psnr = f" (held-out PSNR {result.psnr_db:.2f} dB)" if result.psnr_db is not None else ""
-        print(f"autoencoder written to {result.export_dir}{psnr}")
-    return 0
+    return _run(args, VAETrainConfig, run_training, "autoencoder",
+                lambda r: "" if r.psnr_db is None else f" (held-out PSNR {r.psnr_db:.2f} dB)")
 
 
 def export(args) -> int:
