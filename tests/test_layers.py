@@ -19,6 +19,7 @@ LAYERS = {  # module or package prefix -> layer; the longest matching prefix dec
     "reverie.vdm": 1,
     "reverie.samplers": 1, "reverie.nets": 1, "reverie.text": 1, "reverie.discrete": 1,
     "reverie.sde": 1, "reverie.heat": 1, "reverie.pfgm": 1,
+    "reverie.audio": 1, "reverie.sound": 4,
     "reverie.data": 2, "reverie.latent": 2, "reverie.layout": 2, "reverie.conditioning": 2,
     "reverie.modeldir": 3, "reverie.build": 3, "reverie.sd": 3,
     "reverie.sampling": 4, "reverie.train": 4, "reverie.language": 4, "reverie.provenance": 4, "reverie.editing": 4,

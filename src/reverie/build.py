@@ -60,8 +60,11 @@ def dataset_info(dataset) -> dict:
     """Channels, resolution and number of classes of a dataset (from its first item)."""
     first = dataset[0]
     num_classes = int(getattr(dataset, "num_classes", 0) or 0)
-    return {"in_channels": int(first["image"].shape[0]), "resolution": int(first["image"].shape[-1]),
+    info = {"in_channels": int(first["image"].shape[0]), "resolution": int(first["image"].shape[-1]),
             "num_classes": num_classes}
+    if hasattr(dataset, "audio_info"):  # spectrogram images: what turns them back into sound (reverie.audio)
+        info["audio"] = dataset.audio_info()
+    return info
 
 
 def check_info(info: dict) -> dict:

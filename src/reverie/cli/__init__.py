@@ -15,7 +15,7 @@ import sys
 
 from ..configs import ConfigError
 from ..optional import MissingExtra
-from . import edit, evaluate, generate, info, serve, text, train, verify
+from . import audio, edit, evaluate, generate, info, serve, text, train, verify
 from .common import Parser, UserError
 
 __all__ = ["main", "build_parser", "UserError"]
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="reverie", description="Diffusion models: train, sample, evaluate, inspect.", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"reverie {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (train, generate, edit, evaluate, info, serve, verify, text):
+    for group in (train, generate, edit, evaluate, info, serve, verify, text, audio):
         group.add_commands(sub, fmt)
     for command in _leaf_parsers(sub):
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -8,6 +8,7 @@ import os
 import platform
 from pathlib import Path
 
+from .audio import add_data_command
 from .common import at_least, output_file
 
 
@@ -30,6 +31,7 @@ def add_commands(sub, fmt) -> None:
     pv.add_argument("--root", default=None, help="image folder (for imagefolder)")
     pv.add_argument("-o", "--output", default="preview.png", help="output PNG")
     pv.set_defaults(func=data_preview)
+    add_data_command(dsub, fmt)
 
 
 def _describe_model(found) -> None:

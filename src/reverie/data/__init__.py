@@ -26,12 +26,16 @@ from .imagefolder import ImageFolder
 from .mnist import MNIST
 from .preview import preview_grid
 from .shapes import ShapesDataset, parse_caption
+from .sounds import SoundsDataset
+from .speech import SpeechDataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "shapes": ShapesDataset,
     "mnist": MNIST,
     "digits": Digits,
     "imagefolder": ImageFolder,
+    "sounds": SoundsDataset,
+    "speech": SpeechDataset,
 }
 
 

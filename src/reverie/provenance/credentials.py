@@ -149,20 +149,22 @@ def _signer(identity: Identity):
         raise ValueError(f"cannot sign with the certificate from {identity.source}: {e}") from None
 
 
-def manifest_for(params: dict, pixel_sha256: str, title: str) -> dict:
-    """The C2PA manifest of a generated image (see the module docstring)."""
+def manifest_for(params: dict, pixel_sha256: str, title: str, fmt: str = "image/png",
+                 content_key: str = "pixels_sha256") -> dict:
+    """The C2PA manifest of a generated image (see the module docstring); ``fmt`` / ``content_key``: another
+    media type and the name of its content hash (a WAV's ``audio_sha256``, ``reverie.provenance.wav``)."""
     __version__ = _version()
     model = {"model": params.get("model"), "model_hash": params.get("model_hash")}
     return {
         "claim_generator_info": [{"name": "reverie", "version": __version__}],
         "title": title,
-        "format": "image/png",
+        "format": fmt,
         "assertions": [
             {"label": "c2pa.actions", "data": {"actions": [{
                 "action": "c2pa.created", "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
                 "softwareAgent": {"name": "reverie", "version": __version__},
                 "parameters": {**model, "generation": params}}]}},
-            {"label": GENERATION_LABEL, "data": {**model, "parameters": params, "pixels_sha256": pixel_sha256}},
+            {"label": GENERATION_LABEL, "data": {**model, "parameters": params, content_key: pixel_sha256}},
         ],
     }
 
@@ -176,13 +178,14 @@ def _version() -> str:
         return "unknown"
 
 
-def sign_png(data: bytes, manifest: dict) -> bytes:
-    """``data`` (a PNG file's bytes) with ``manifest`` signed and embedded; its other chunks are kept."""
+def sign_png(data: bytes, manifest: dict, mime: str = "image/png") -> bytes:
+    """``data`` (a PNG file's bytes, or a file of another ``mime`` type c2pa reads, e.g. ``audio/wav``) with
+    ``manifest`` signed and embedded; its other chunks are kept."""
     c2pa = c2pa_module()
     identity = signing_identity()
     context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
     out = io.BytesIO()
-    c2pa.Builder(manifest, context=context).sign(_signer(identity), "image/png", io.BytesIO(data), out)
+    c2pa.Builder(manifest, context=context).sign(_signer(identity), mime, io.BytesIO(data), out)
     return out.getvalue()
 
 
@@ -204,7 +207,7 @@ class Credentials:
         return None
 
 
-def read_credentials(data: bytes, anchors: bytes | None = None) -> Credentials:
+def read_credentials(data: bytes, anchors: bytes | None = None, mime: str = "image/png") -> Credentials:
     """Validate the C2PA manifest embedded in PNG ``data`` against ``anchors`` (PEM trust anchors; default:
     the signing identity's own CA, so files signed here read as Trusted)."""
     c2pa = c2pa_module()
@@ -215,7 +218,7 @@ def read_credentials(data: bytes, anchors: bytes | None = None) -> Credentials:
         anchors = signing_identity().anchor
     settings = {"trust": {"trust_anchors": anchors.decode()}, "verify": {"verify_trust": True}}
     try:
-        reader = c2pa.Reader("image/png", io.BytesIO(data), context=c2pa.Context(c2pa.Settings.from_dict(settings)))
+        reader = c2pa.Reader(mime, io.BytesIO(data), context=c2pa.Context(c2pa.Settings.from_dict(settings)))
     except c2pa.C2paError as e:
         text = str(e)
         if "ManifestNotFound" in type(e).__name__ or "ManifestNotFound" in text:
