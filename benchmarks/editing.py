@@ -10,7 +10,10 @@ and planned boxes are the truth). Then:
   new color and shape within the box and the other object unchanged. Unmasked pixels are compared for
   equality; the seam is the gradient energy in the 2-px band along the mask edge (one pixel either side),
   relative to the same band on real renders of the training data with the same masks.
-  RePaint without resampling (resample 1) against RePaint's resampling (jump 5, resample 2).
+  Two methods, side by side: (a) training-free RePaint on the text-to-image model, without resampling
+  (resample 1) and with RePaint's resampling (jump 5, resample 2); (b) the mask-aware model
+  (``reverie/assets/shapes-inpaint``, the same model fine-tuned with the masked image and the mask as extra
+  input channels), sampled with the default sampler at the same number of steps.
 * **img2img** at strengths 0.3 / 0.5 / 0.7 under the prompt with the first object's color changed:
   the change rate (new color, same shape, at the same place) and the position kept (centroid within 2 px).
 * **Inversion**: reconstruction PSNR at 10 / 20 / 50 steps, guidance 1 and 4, plain DDIM and exact.
@@ -20,7 +23,7 @@ and planned boxes are the truth). Then:
 
     python benchmarks/editing.py                 # everything in one process
     python benchmarks/editing.py --part scenes   # or: the scenes first, then the parts in parallel processes,
-    python benchmarks/editing.py --part inpainting &   # img2img, prompt_edit, inversion likewise
+    python benchmarks/editing.py --part inpainting &   # inpainting_model, img2img, prompt_edit, inversion likewise
     python benchmarks/editing.py --part collect  # -> benchmarks/results/editing.json, editing.png, editing_img2img.png
     python benchmarks/editing.py --quick         # 24 scenes, a smoke run
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from reverie.data.masks import box_pixels
 from reverie.data.shapes import COLOR_NAMES, SHAPES, ShapesDataset
 from reverie.editing import edit, fixed_layouts, img2img, inpaint, invert
 from reverie.eval.attributes import load_classifier
@@ -94,10 +98,7 @@ def nearest(pred: dict, n: int, point: torch.Tensor):
 
 def box_mask(box, margin: float = 2.0) -> torch.Tensor:
     """A [32, 32] 0/1 mask of a layout box (image fractions) grown by ``margin`` pixels."""
-    x0, y0, x1, y1 = (v * SIDE for v in box)
-    ys, xs = torch.meshgrid(torch.arange(SIDE) + 0.5, torch.arange(SIDE) + 0.5, indexing="ij")
-    inside = (xs > x0 - margin) & (xs < x1 + margin) & (ys > y0 - margin) & (ys < y1 + margin)
-    return inside.float()
+    return box_pixels(box, SIDE, margin)
 
 
 def band(mask: torch.Tensor) -> torch.Tensor:
@@ -155,21 +156,30 @@ def relabel(layout, first: tuple[int, int]):
     return [(phrase(*first), layout[0][1])] + list(layout[1:])
 
 
+def inpainting_task(data: dict) -> dict:
+    """Masks (the first object's box grown by 2 px), prompts naming the new object, relabelled layouts."""
+    scenes = data["scenes"]
+    return {"masks": torch.stack([box_mask(s["layout"][0][1]) for s in scenes])[:, None],
+            "prompts": [prompt(s["new"], s) for s in scenes],
+            "layouts": [relabel(s["layout"], s["new"]) for s in scenes]}
+
+
 def measure_inpainting(pipe, classifier, data: dict, steps: int, batch: int, real: torch.Tensor,
-                       resample: int = 2) -> dict:
+                       methods: dict) -> dict:
+    """``methods``: name -> (method, jump_length, resample) of ``reverie.editing.inpaint``, all on ``pipe``."""
     scenes, images = data["scenes"], data["images"]
-    masks = torch.stack([box_mask(s["layout"][0][1]) for s in scenes])[:, None]
-    prompts = [prompt(s["new"], s) for s in scenes]
-    layouts = [relabel(s["layout"], s["new"]) for s in scenes]
+    task = inpainting_task(data)
+    masks = task["masks"]
     edge = band(masks)
     real_energy = gradient_energy(real[:len(scenes)], edge)
     results, outputs = {}, {}
-    for name, jump, passes in (("repaint_r1", 1, 1), (f"repaint_j5_r{resample}", 5, resample)):
+    for name, (method, jump, passes) in methods.items():
         start = time.perf_counter()
-        def run(im, m, p, lay, j=jump, r=passes):
-            return inpaint(pipe, im, m, p, steps=steps, jump_length=j, resample=r, layouts=lay, seed=1)
 
-        out = batched(run, len(scenes), batch, images, masks, prompts, layouts)
+        def run(im, m, p, lay, method=method, j=jump, r=passes):
+            return inpaint(pipe, im, m, p, steps=steps, jump_length=j, resample=r, layouts=lay, seed=1, method=method)
+
+        out = batched(run, len(scenes), batch, images, masks, task["prompts"], task["layouts"])
         seconds = time.perf_counter() - start
         out = quantize(out)
         pred = detect(classifier, out)
@@ -182,13 +192,16 @@ def measure_inpainting(pipe, classifier, data: dict, steps: int, batch: int, rea
             other_ok += cb is not None and float((cb - s["center_b"]).norm()) <= 2
         keep = masks.expand_as(out) == 0
         results[name] = {
-            "jump_length": jump, "resample": passes, "nfe_per_image": steps * passes,
+            "model": pipe.name, "model_hash": pipe.weights_hash, "method": method,
+            "jump_length": jump if method == "repaint" else None, "resample": passes if method == "repaint" else None,
+            "nfe_per_image": steps * passes,
             "new_object_correct": ok / len(scenes), "other_object_kept": other_ok / len(scenes),
             "unmasked_identical": bool(torch.equal(out[keep], quantize(images)[keep])),
             "seam_energy": gradient_energy(out, edge), "seam_energy_input": gradient_energy(quantize(images), edge),
             "seam_energy_real": real_energy, "seam_ratio_to_real": gradient_energy(out, edge) / real_energy,
             "seconds": round(seconds, 1)}
         outputs[name] = out
+        print(name, json.dumps(results[name]), flush=True)
     return {"results": results, "outputs": outputs, "masks": masks}
 
 
@@ -284,11 +297,13 @@ def measure_prompt_edit(pipe, classifier, data: dict, steps: int, batch: int, gu
 
 
 def picture(data: dict, outputs: dict, path: Path, rows: int = 6) -> None:
-    """Columns: input, inpainting mask, inpainted (RePaint with resampling), img2img 0.3 / 0.5 / 0.7, prompt edit."""
+    """Columns: input, inpainting mask, inpainted by (a) RePaint with resampling and (b) the mask-aware model (if
+    measured), img2img 0.3 / 0.5 / 0.7, prompt edit."""
     images = quantize(data["images"][:rows])
     mask = outputs["masks"][:rows].expand(-1, 3, -1, -1) * 2 - 1
     edit_key = sorted(k for k in outputs if k.startswith("edit_"))[0]
-    cols = [images, mask, outputs["inpainted"][:rows], *(outputs[f"img2img_{s}"][:rows] for s in (0.3, 0.5, 0.7)),
+    inpainted = [outputs[k][:rows] for k in ("inpainted", "inpainted_model") if k in outputs]
+    cols = [images, mask, *inpainted, *(outputs[f"img2img_{s}"][:rows] for s in (0.3, 0.5, 0.7)),
             outputs[edit_key][:rows]]
     tiles = to_pil(torch.stack(cols, 1).flatten(0, 1))
     make_grid(tiles, ncols=len(cols), scale=3).save(path)
@@ -314,7 +329,8 @@ def img2img_plot(curve: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-PARTS = ("inpainting", "img2img", "prompt_edit", "inversion")
+PARTS = ("inpainting", "inpainting_model", "img2img", "prompt_edit", "inversion")
+INPAINT_MODEL = Path(__file__).resolve().parent.parent / "src/reverie/assets/shapes-inpaint"
 
 
 def save_scenes(data: dict, path: Path) -> None:
@@ -341,11 +357,16 @@ def load_scenes(path: Path) -> dict:
 
 def run_part(part: str, pipe, classifier, data: dict, args) -> tuple[object, dict]:
     """(the JSON result, the outputs the picture needs) of one part."""
-    if part == "inpainting":
+    if part in ("inpainting", "inpainting_model"):
         real = torch.stack([ShapesDataset(resolution=SIDE, max_objects=2, min_objects=2, seed=7)[i]["image"]
                             for i in range(len(data["scenes"]))])
-        inp = measure_inpainting(pipe, classifier, data, args.steps, args.batch, real, args.resample)
-        return inp["results"], {"inpainted": inp["outputs"][f"repaint_j5_r{args.resample}"], "masks": inp["masks"]}
+        if part == "inpainting":  # (a): training-free, on the text-to-image model
+            methods = {"repaint_r1": ("repaint", 1, 1), f"repaint_j5_r{args.resample}": ("repaint", 5, args.resample)}
+            inp = measure_inpainting(pipe, classifier, data, args.steps, args.batch, real, methods)
+            return inp["results"], {"inpainted": inp["outputs"][f"repaint_j5_r{args.resample}"], "masks": inp["masks"]}
+        model = Pipeline.from_pretrained(args.inpaint_model)  # (b): the mask-aware model
+        inp = measure_inpainting(model, classifier, data, args.steps, args.batch, real, {"model": ("model", 1, 1)})
+        return inp["results"], {"inpainted_model": inp["outputs"]["model"]}
     if part == "img2img":
         i2i = measure_img2img(pipe, classifier, data, args.steps, args.batch)
         return i2i["curve"], {f"img2img_{s}": out for s, out in i2i["outputs"].items()}
@@ -368,6 +389,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--inversion-scenes", type=int, default=32)
     ap.add_argument("--resample", type=int, default=2, help="RePaint passes per block of 5 steps (against 1)")
+    ap.add_argument("--inpaint-model", default=str(INPAINT_MODEL), help="(b): a mask-aware model directory")
     ap.add_argument("--inversion-steps", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--inversion-guidance", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--edit-guidance", type=float, nargs="+", default=[1.0, 4.0])
@@ -396,7 +418,8 @@ def main() -> None:
     if args.limit:  # the first scenes only (a shorter run)
         data.update(scenes=data["scenes"][:args.limit], images=data["images"][:args.limit],
                     prompts=data["prompts"][:args.limit], correct=min(data["correct"], args.limit))
-    for part in PARTS if args.part == "all" else (args.part,) if args.part in PARTS else ():
+    parts = [p for p in PARTS if p != "inpainting_model" or Path(args.inpaint_model).is_dir()]
+    for part in parts if args.part == "all" else (args.part,) if args.part in PARTS else ():
         start = time.perf_counter()
         result, outputs = run_part(part, pipe, classifier, data, args)
         from safetensors.torch import save_file
@@ -418,10 +441,15 @@ def collect(pipe, data: dict, work: Path, args) -> None:
               "machine": "2-core Xeon (AMX), torch 2.13 CPU, shared with other jobs (times are not comparable)"}
     outputs = {}
     for part in PARTS:
+        if part == "inpainting_model" and not (work / f"{part}.json").is_file():
+            continue  # (b) not measured
         found = json.loads((work / f"{part}.json").read_text())
         report[part], report[f"{part}_seconds"] = found["result"], found["seconds"]
         if (work / f"{part}.safetensors").is_file():
             outputs.update(load_file(str(work / f"{part}.safetensors")))
+    if "inpainting_model" in report:  # (a) against (b), one table
+        report["inpainting"].update(report.pop("inpainting_model"))
+        report["inpainting_seconds"] += report.pop("inpainting_model_seconds")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -87,6 +87,8 @@ def build_network(cfg, info: dict) -> torch.nn.Module:
     overrides.setdefault("out_channels", info["in_channels"])
     size_field = "input_size" if PRESETS[cfg.model.network].arch == "dit" else "sample_size"
     overrides.setdefault(size_field, info["resolution"])
+    if cfg.model.inpainting:  # the masked image and the mask (reverie.conditioning.inpaint_condition)
+        overrides["inpaint_channels"] = info["in_channels"] + 1
     encoder = None
     if cfg.model.conditioning == "class":
         if not info["num_classes"]:
@@ -195,6 +197,11 @@ class DiffusionModel:
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images this model generates (decoded, for a latent model)."""
         return image_shape(self.info)
+
+    @property
+    def takes_masks(self) -> bool:
+        """Whether the model is a mask-aware inpainting model (the masked image and the mask as extra inputs)."""
+        return bool(getattr(self.net.config, "inpaint_channels", 0))
 
     @property
     def takes_layouts(self) -> bool:

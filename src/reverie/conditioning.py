@@ -11,6 +11,9 @@ With ``layout_channels`` the wrapper also takes per-image layouts (``reverie.lay
 phrase is encoded by the same text encoder (its pooled embedding), and the painted map goes to the
 network as ``spatial``. ``encode`` then always returns the layout tensors (an image without a layout
 has an all-False ``layout_mask``), so conditional and unconditional batches concatenate for guidance.
+
+A mask-aware inpainting model (``UNetConfig.inpaint_channels``) takes ``inpaint``: the masked image and the
+mask (:func:`inpaint_condition`), passed through to the network unchanged, on both sides of guidance.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from torch import Tensor, nn
 
 from .layout import LayoutEncoder, pad_layouts
 from .text import CachedTextEncoder
+
+
+def inpaint_condition(images: Tensor, mask: Tensor) -> Tensor:
+    """The extra input of a mask-aware inpainting model: ``[images * (1 - mask), mask]`` along channels.
+    ``images`` (B, C, H, W) in the network's space, ``mask`` (B, 1, H, W) with 1 (white) = repaint and 0 = keep,
+    as in diffusers; the masked image is zero under the mask (as diffusers' Stable Diffusion inpainting
+    pipeline builds it). An all-ones mask (nothing known) asks for a plain text-to-image sample."""
+    mask = mask.to(images.dtype)
+    return torch.cat([images * (1 - mask), mask], dim=1)
 
 
 class TextConditionedNet(nn.Module):

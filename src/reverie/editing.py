@@ -37,6 +37,14 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   (a latent cell is kept only where all its pixels are) and decodes. The known pixels are pasted back
   exactly at the end, for every model.
 
+  A mask-aware model (``DiffusionModel.takes_masks``: fine-tuned with the masked image and the mask as extra
+  input channels, ``model.inpainting``; the shipped ``shapes-inpaint``) needs none of this: any sampler runs
+  under its condition (``reverie.conditioning.inpaint_condition``, on both sides of guidance), and the known
+  pixels are pasted back at the end as well. ``inpaint(..., method="auto")`` uses it when the model has the
+  channels; ``method="repaint"`` forces RePaint on any model. Plain generation with a mask-aware model works
+  (``reverie.sampling.conditions`` gives it an all-ones mask: nothing known), as training kept 10 % of such
+  masks.
+
 * **Prompt edits** (:func:`edit`): invert under the source prompt, then regenerate from that noise under the
   target prompt (with the exact method's residuals, which carry the image's structure). A layout model
   keeps the source layout's boxes, relabelled with the target's phrases.
@@ -52,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .build import DiffusionModel
+from .conditioning import inpaint_condition
 from .samplers.base import SamplerStep, ancestral_step, denoise
 from .sampling import (
     SamplingOptions,
@@ -350,12 +359,33 @@ def repaint(denoiser, x: Tensor, sigmas: Tensor, known: Tensor, mask: Tensor, pa
     return x
 
 
+INPAINT_METHODS = ("auto", "repaint", "model")
+
+
+def inpaint_method(model: DiffusionModel, method: str = "auto") -> str:
+    """The inpainting method ``method`` resolves to for ``model``: ``"model"`` (the mask-aware model's own mask
+    channels) or ``"repaint"`` (training-free, any model); ``"auto"`` picks the model's channels when it has
+    them. A ValueError for an unknown method, or ``"model"`` on a model without mask channels."""
+    if method not in INPAINT_METHODS:
+        raise ValueError(f"unknown inpainting method {method!r}; choose one of {', '.join(INPAINT_METHODS)}")
+    if method == "model" and not model.takes_masks:
+        raise ValueError("method 'model' needs a mask-aware inpainting model (trained with model.inpainting); "
+                         "this one takes no mask: use 'repaint'")
+    if method == "auto":
+        return "model" if model.takes_masks else "repaint"
+    return method
+
+
 def inpaint(model: DiffusionModel, image: Tensor, mask_image: Tensor, prompt: str | list[str] = "",
             options: SamplingOptions | None = None, strength: float = 1.0, jump_length: int = 1, resample: int = 1,
-            eta: float = 1.0, class_labels: Tensor | None = None, callback=None, **settings) -> Tensor:
-    """Training-free inpainting (RePaint): repaint where ``mask_image`` is white under ``prompt``; images in
-    [-1, 1] whose black-masked pixels equal the input's exactly. ``strength`` < 1 starts from the input noised
-    partway (img2img's convention); ``options.sampler`` is not used (RePaint's ancestral steps, ``eta``)."""
+            eta: float = 1.0, class_labels: Tensor | None = None, callback=None, method: str = "auto",
+            progress: bool = False, **settings) -> Tensor:
+    """Inpainting: repaint where ``mask_image`` is white under ``prompt``; images in [-1, 1] whose black-masked
+    pixels equal the input's exactly. ``strength`` < 1 starts from the input noised partway (img2img's
+    convention). ``method`` (:func:`inpaint_method`): ``"repaint"`` is training-free RePaint (``jump_length``,
+    ``resample``, ``eta``; ``options.sampler`` is not used); ``"model"`` runs ``options.sampler`` on a mask-aware
+    model given the masked image and the mask (RePaint's options are not used)."""
+    method = inpaint_method(model, method)
     images, prompts, options, sigmas = _prepare(model, image, prompt, options, settings)
     n = images.shape[0]
     mask = check_mask(model, mask_image, n)
@@ -363,14 +393,19 @@ def inpaint(model: DiffusionModel, image: Tensor, mask_image: Tensor, prompt: st
     g, noise = _noise(model, n, options.seed)
     known = encode(model, images)
     x = known + float(sigmas[0]) * noise.to(known.device)
-    cond, uncond = conditions(model, n, options, prompts, class_labels)
-    was_training = model.net.training
-    model.net.eval()
-    try:
-        out = repaint(guided_denoiser(model, options, uncond), x, sigmas, known, latent_mask(model, mask).to(x.device),
-                      repaint_path(len(sigmas) - 1, jump_length, resample), cond, g, eta, callback)
-    finally:
-        model.net.train(was_training)
+    net_mask = latent_mask(model, mask).to(x.device)
+    if method == "model":
+        out = run_sampler(model, x, sigmas, options, prompts, class_labels, g if x.device.type == "cpu" else None,
+                          callback, progress, inpaint=inpaint_condition(known, net_mask))
+    else:
+        cond, uncond = conditions(model, n, options, prompts, class_labels)
+        was_training = model.net.training
+        model.net.eval()
+        try:
+            out = repaint(guided_denoiser(model, options, uncond), x, sigmas, known, net_mask,
+                          repaint_path(len(sigmas) - 1, jump_length, resample), cond, g, eta, callback)
+        finally:
+            model.net.train(was_training)
     out = decode(model, out).to(images.device)
     return mask.to(out.device) * out + (1 - mask.to(out.device)) * images
 

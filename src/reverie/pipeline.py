@@ -140,8 +140,10 @@ class Pipeline(DiffusionModel):
 
     def inpaint(self, image, mask_image, prompt: str | list[str] = "", options: SamplingOptions | None = None,
                 **settings) -> torch.Tensor:
-        """Training-free inpainting (``reverie.editing.inpaint``; white = repaint): ``strength``,
-        ``jump_length``, ``resample``, ``eta`` and :class:`SamplingOptions` fields as keywords."""
+        """Inpainting (``reverie.editing.inpaint``; white = repaint): a mask-aware model (``takes_masks``, e.g.
+        the shipped ``shapes-inpaint``) uses its mask channels, any other model training-free RePaint
+        (``method="repaint"`` forces it). Keywords: ``method``, ``strength``, ``jump_length``, ``resample``,
+        ``eta`` and :class:`SamplingOptions` fields."""
         mask = mask_image if isinstance(mask_image, torch.Tensor) else (self._images(mask_image)[:, :1] + 1) / 2
         return editing.inpaint(self, self._images(image), mask, prompt, options, **settings)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .build import DiffusionModel, build_dataset
+from .conditioning import inpaint_condition
 from .guidance import CFGDenoiser
 from .heat import IHDM, BlurringSchedule, blurring_sample, ihdm_sample
 from .images import save_grid
@@ -196,9 +197,24 @@ def resolve_layouts(model: DiffusionModel, prompts: list[str], layouts="auto", s
 
 
 def conditions(model: DiffusionModel, num_images: int, options: SamplingOptions, prompts: list[str] | None = None,
-               class_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+               class_labels: torch.Tensor | None = None, inpaint: torch.Tensor | None = None) -> tuple[dict, dict]:
     """``(cond, uncond)`` keyword arguments for the network; empty dicts for unconditional models.
-    Layouts (layout models): see :func:`resolve_layouts`; the unconditional side has none."""
+    Layouts (layout models): see :func:`resolve_layouts`; the unconditional side has none. A mask-aware
+    inpainting model gets ``inpaint`` (``reverie.conditioning.inpaint_condition``) on both sides of guidance
+    (guidance contrasts the prompts, not what is known); without it, an all-ones mask: plain generation."""
+    cond, uncond = _prompt_conditions(model, num_images, options, prompts, class_labels)
+    if model.takes_masks:
+        if inpaint is None:
+            size = noise_shape(model, num_images)
+            inpaint = inpaint_condition(torch.zeros(size), torch.ones(size[0], 1, *size[2:]))
+        inpaint = inpaint.to(next(model.net.parameters()).device)
+        cond = {**cond, "inpaint": inpaint}
+        uncond = {**uncond, "inpaint": inpaint} if uncond else uncond
+    return cond, uncond
+
+
+def _prompt_conditions(model: DiffusionModel, num_images: int, options: SamplingOptions, prompts, class_labels
+                       ) -> tuple[dict, dict]:
     net = model.net
     device = next(net.parameters()).device
     if model.conditioning == "class":
@@ -293,10 +309,12 @@ def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptio
 @torch.no_grad()
 def run_sampler(model: DiffusionModel, x: torch.Tensor, sigmas: torch.Tensor, options: SamplingOptions,
                 prompts: list[str] | None = None, class_labels: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator | None = None, callback=None, progress: bool = False,
+                inpaint: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``options.sampler`` (resolved options) from ``x`` at ``sigmas[0]`` down ``sigmas`` under the prompts'
-    conditioning and guidance, the network in eval mode; the result in the network's space."""
-    cond, uncond = conditions(model, x.shape[0], options, prompts, class_labels)
+    conditioning and guidance, the network in eval mode; the result in the network's space. ``inpaint``: a
+    mask-aware model's masked image and mask (see :func:`conditions`)."""
+    cond, uncond = conditions(model, x.shape[0], options, prompts, class_labels, inpaint)
     denoiser = guided_denoiser(model, options, uncond)
     was_training = model.net.training
     model.net.eval()

@@ -50,6 +50,10 @@ def add_commands(sub, fmt) -> None:
     i.add_argument("--jump-length", type=at_least(1), default=5, help="RePaint: steps per resampling block")
     i.add_argument("--resample", type=at_least(1), default=3, help="RePaint: passes per block (1: no resampling)")
     i.add_argument("--eta", type=number_in(0, 1), default=1.0, help="step noise (1: DDPM as RePaint, 0: DDIM)")
+    i.add_argument("--method", choices=("auto", "repaint", "model"), default="auto",
+                   help="model: a mask-aware model's mask channels (any --sampler; e.g. the shipped shapes-inpaint); "
+                        "repaint: training-free RePaint (--jump-length, --resample, --eta), any model; auto: model "
+                        "when the model has mask channels, else repaint")
     i.set_defaults(func=inpaint_command)
 
     v = sub.add_parser("invert", help="invert an image to start noise (safetensors)", formatter_class=fmt,
@@ -251,15 +255,18 @@ def inpaint_command(args) -> int:
 
     args.command_name = "inpaint"
     pipe, options, original, image, source, made_by = _setup(
-        args, ("prompt", "box", "strength", "jump_length", "resample", "eta"))
+        args, ("prompt", "box", "strength", "jump_length", "resample", "eta", "method"))
     _, h, w = pipe.image_shape
     mask, mask_path = _mask(args, made_by, original, (w, h))
     _prompt_check(pipe, args.prompt)
+    method = editing.inpaint_method(pipe, args.method)
     start = time.perf_counter()
     out = editing.inpaint(pipe, image, mask, args.prompt or "", options, strength=args.strength,
-                          jump_length=args.jump_length, resample=args.resample, eta=args.eta)
-    params = {"prompt": args.prompt or "", "strength": args.strength, "jump_length": args.jump_length,
-              "resample": args.resample, "eta": args.eta}
+                          jump_length=args.jump_length, resample=args.resample, eta=args.eta, method=method,
+                          progress=show_progress(args))
+    params = {"prompt": args.prompt or "", "strength": args.strength, "method": method}
+    if method == "repaint":
+        params.update(jump_length=args.jump_length, resample=args.resample, eta=args.eta)
     if mask_path is not None:
         params.update(mask=str(mask_path), mask_sha256=file_sha256(mask_path))
     else:

@@ -57,6 +57,9 @@ def _print_model(found, config: dict, n: int) -> None:
         encoder = f" ({model['text_encoder']} encoder)" if model["conditioning"] == "text" else ""
         layout = f", + object layouts ({model['layout_channels']} channels)" if model.get("layout_channels") else ""
         print(f"  condition:  {model['conditioning']}{encoder}{layout}")
+    if model.get("inpainting"):
+        print(f"  inpainting: mask-aware (masked image + mask, {config['network'].get('inpaint_channels')} extra input "
+              f"channels; reverie inpaint uses them)")
     print(f"  schedule:   {config['train_config']['schedule']['name']}")
     print(f"  data:       {config['train_config']['data']['name']} {config['data']}")
     print(f"  ema:        {'yes' if (found.path / 'ema.safetensors').is_file() else 'no'}")

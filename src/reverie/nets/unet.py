@@ -65,6 +65,11 @@ class UNetConfig(NetConfig):
     ``AttentionBlock``). ``spatial_channels`` accepts a per-pixel condition ``spatial`` (B, channels,
     *spatial) at the input resolution, added to the first feature map through a zero-initialized
     convolution (a layout map, ``reverie.layout``; without ``spatial`` the network is unchanged).
+    ``inpaint_channels`` accepts ``inpaint`` (B, channels, *spatial): the masked image and the mask of a
+    mask-aware inpainting model (``reverie.conditioning.inpaint_condition``), through its own zero-initialized
+    convolution added to the first feature map. A sum of two 3x3 convolutions is one 3x3 convolution over the
+    concatenated channels, so this *is* extra input channels of ``conv_in`` whose new weights start at zero:
+    a model fine-tuned from one without them starts out exactly as that model.
     """
 
     arch = "unet"
@@ -91,6 +96,7 @@ class UNetConfig(NetConfig):
     context_dim: int | None = None
     attention_positions: bool = False
     spatial_channels: int = 0
+    inpaint_channels: int = 0
     num_classes: int | None = None
     pooled_dim: int | None = None
     channels_last: bool = False
@@ -150,6 +156,9 @@ class UNet(Backbone):
         self.spatial_in = None
         if cfg.spatial_channels:
             self.spatial_in = zero_module(conv_nd(dims, cfg.spatial_channels, mc, 3, padding=1))
+        self.inpaint_in = None
+        if cfg.inpaint_channels:
+            self.inpaint_in = zero_module(conv_nd(dims, cfg.inpaint_channels, mc, 3, padding=1))
         self.down, skip_chans = self._build_encoder()
         ch = mc * cfg.channel_mult[-1]
         self.mid = nn.ModuleList([self._block(ch, ch, cfg.mid_attention), self._block(ch, ch, False)])
@@ -202,7 +211,8 @@ class UNet(Backbone):
                 up.append(Upsample(cfg.dims, ch, cfg.resample_with_conv))
         return up
 
-    def _check_input(self, x: Tensor, context: Tensor | None, spatial: Tensor | None = None) -> None:
+    def _check_input(self, x: Tensor, context: Tensor | None, spatial: Tensor | None = None,
+                     inpaint: Tensor | None = None) -> None:
         cfg = self.config
         if x.ndim != cfg.dims + 2:
             raise ValueError(f"expected a ({cfg.dims + 2})-D input (B, C, *spatial) for dims={cfg.dims}")
@@ -216,16 +226,25 @@ class UNet(Backbone):
             if not cfg.spatial_channels or tuple(spatial.shape) != expected:
                 raise ValueError(f"`spatial` must be {expected} (UNetConfig.spatial_channels), "
                                  f"got {tuple(spatial.shape)}")
+        if (inpaint is None) != (not cfg.inpaint_channels):
+            raise ValueError("`inpaint` (masked image and mask) must be given exactly when "
+                             "UNetConfig.inpaint_channels is set")
+        if inpaint is not None and tuple(inpaint.shape) != (x.shape[0], cfg.inpaint_channels, *x.shape[2:]):
+            raise ValueError(f"`inpaint` must be {(x.shape[0], cfg.inpaint_channels, *x.shape[2:])} "
+                             f"(UNetConfig.inpaint_channels), got {tuple(inpaint.shape)}")
 
     def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None,
                 context_mask: Tensor | None = None, class_labels: Tensor | None = None,
-                pooled: Tensor | None = None, spatial: Tensor | None = None) -> Tensor:
-        self._check_input(x, context, spatial)
+                pooled: Tensor | None = None, spatial: Tensor | None = None,
+                inpaint: Tensor | None = None) -> Tensor:
+        self._check_input(x, context, spatial, inpaint)
         emb = self.embed(c_noise, class_labels, pooled)
         embs = self.emb_proj(F.silu(emb)).split(self.emb_sizes, dim=1)  # one (B, E_i) slice per block
         h = self.conv_in(x.contiguous(memory_format=self.memory_format))
         if spatial is not None:
             h = h + self.spatial_in(spatial.to(h.dtype).contiguous(memory_format=self.memory_format))
+        if inpaint is not None:
+            h = h + self.inpaint_in(inpaint.to(h.dtype).contiguous(memory_format=self.memory_format))
         skips, i = [h], 0
         for block in self.down:
             if isinstance(block, UNetBlock):
@@ -260,7 +279,7 @@ def diffusers_unet2d_kwargs(cfg: UNetConfig, strict: bool = True) -> dict:
                    "time_embedding": cfg.time_embedding != "sinusoidal",
                    "resample_with_conv": not cfg.resample_with_conv,
                    "attention_positions": cfg.attention_positions,
-                   "spatial_channels": bool(cfg.spatial_channels)}
+                   "spatial_channels": bool(cfg.spatial_channels), "inpaint_channels": bool(cfg.inpaint_channels)}
     if any(unsupported.values()):
         raise ValueError(f"no UNet2DModel equivalent for {[k for k, v in unsupported.items() if v]}")
     widths = [m * cfg.model_channels for m in cfg.channel_mult]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configs import ConfigError
+from ..data.masks import MASK_KINDS
 from ..nets import PRESETS
 from ..samplers import SIGMA_GRIDS
 from ..sampling import SamplingOptions
@@ -26,6 +27,7 @@ class ModelSection:
     text_encoder: str = "scratch"       # text conditioning: scratch (trained) | minilm (frozen)
     text_encoder_options: dict = field(default_factory=dict)
     layout_channels: int = 0            # text models: >0 also conditions on object boxes (reverie.layout)
+    inpainting: bool = False            # mask-aware inpainting: the masked image and the mask as extra inputs
     autoencoder: str = ""               # latent diffusion: a VAE model directory ("" = pixel space)
     latent_sample: bool = True          # train on posterior samples (LDM) rather than posterior means
     # gaussian: x = x0 + sigma * noise (every schedule, the score SDEs included); ihdm / blurring: heat-equation
@@ -172,6 +174,9 @@ class TrainSection(RunSection):
     cond_dropout: float = 0.1           # probability of dropping the condition (for CFG)
     layout_dropout: float = 0.2         # layout models: probability of dropping the layout, keeping the caption
     layout_only: float = 0.0            # layout models: probability of dropping the caption, keeping the layout
+    # inpainting models (model.inpainting): the share of each kind of random training mask (reverie.data.masks):
+    # one object's silhouette or box, a random box, brush strokes, everything (keeps plain generation)
+    mask_kinds: dict = field(default_factory=lambda: {"object": 0.5, "box": 0.2, "strokes": 0.2, "full": 0.1})
     init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
     channels_last: bool = False
     gradient_checkpointing: bool = False
@@ -213,8 +218,17 @@ class TrainConfig(RunConfig):
             (0 <= self.train.layout_dropout <= 1, "train.layout_dropout must be in [0, 1]"),
             (0 <= self.train.layout_only <= 1, "train.layout_only must be in [0, 1]"),
             (self.model.layout_channels >= 0, "model.layout_channels must be >= 0"),
+            (set(self.train.mask_kinds) <= set(MASK_KINDS) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for v in self.train.mask_kinds.values()) and sum(self.train.mask_kinds.values()) > 0,
+             f"train.mask_kinds must map some of {', '.join(MASK_KINDS)} to shares >= 0 (not all 0)"),
             (not self.model.layout_channels or self.model.conditioning == "text",
              "model.layout_channels needs model.conditioning=text (layouts pair phrases with boxes)"),
+            (not self.model.inpainting or self.model.network not in PRESETS
+             or PRESETS[self.model.network].arch == "unet",
+             "model.inpainting needs a U-Net (the masked image enters beside its input)"),
+            (not self.model.inpainting or (not self.model.autoencoder and self.model.process == "gaussian"),
+             "model.inpainting trains pixel-space Gaussian diffusion models (no autoencoder, no heat process)"),
             (self.schedule.num_timesteps >= 2, "schedule.num_timesteps must be >= 2"),
             (self.sample.every >= 0, "sample.every must be >= 0 (0: never)"),
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),

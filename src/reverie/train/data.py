@@ -46,7 +46,8 @@ def collate(items: list[dict]) -> dict:
         "label": torch.tensor([int(it.get("label", -1)) for it in items]),
         "text": [it.get("text", "") for it in items],
     }
-    for key in ("image", "moments", "tokens"):  # moments: cached VAE posteriors; tokens: text windows
+    # moments: cached VAE posteriors; tokens: text windows; object_masks: per-object coverage (inpainting)
+    for key in ("image", "moments", "tokens", "object_masks"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     if "layout" in items[0]:  # per-image lists of (phrase, box): reverie.layout

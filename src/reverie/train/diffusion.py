@@ -3,7 +3,9 @@
 Each micro-batch: a noise level per sample and noise (from the step's generator), x = x0 + sigma *
 noise, the network's prediction through the denoiser's parameterization, and the weighted MSE
 (``reverie.losses.denoising_loss``). Conditions are dropped with ``train.cond_dropout`` for
-classifier-free guidance (text models also drop layouts and captions on their own). A latent model
+classifier-free guidance (text models also drop layouts and captions on their own). A mask-aware
+inpainting model (``model.inpainting``) also gets a random mask per sample (``reverie.data.masks``, kinds
+mixed by ``train.mask_kinds``) and the masked image, never dropped. A latent model
 encodes each batch with its frozen VAE first (``reverie.latent``). Around the step: an EMA copy of the
 weights, sample grids from it every ``sample.every`` steps, and at the end a model directory
 (``out_dir/model``) with both sets of weights.
@@ -26,7 +28,9 @@ from ..build import (
     load_autoencoder,
     save_diffusion,
 )
+from ..conditioning import inpaint_condition
 from ..configs import from_dict
+from ..data.masks import training_masks
 from ..heat import IHDM, BlurringSchedule
 from ..latent import LatentCache, encode_batch, latent_info
 from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
@@ -179,6 +183,9 @@ class DiffusionTrainer(Trainer):
             torch.randn(x0.shape, generator=g)
         noise = noise.to(self.device, x0.dtype)
         cond = self._condition(batch, g)
+        if cfg.model.inpainting:  # random masks; the masked image and the mask stay when the caption is dropped
+            mask = training_masks(batch, x0.shape[-1], g, cfg.train.mask_kinds).to(self.device)
+            cond["inpaint"] = inpaint_condition(x0, mask)
         per_sample = denoising_loss(self.denoiser, x0, lv.sigma.to(self.device), noise, weighting=cfg.loss.weighting,
                                     min_snr_gamma=cfg.loss.min_snr_gamma, cond=cond, sigma_data=cfg.model.sigma_data)
         if isinstance(self.levels, LossAwareTimesteps) and bool(torch.isfinite(per_sample).all()):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .captions import make_caption, parse_caption
 from .dataset import ShapesDataset, scene_labels
-from .drawing import RING_WIDTH, render, render_array
+from .drawing import RING_WIDTH, render, render_array, render_object_masks
 from .planner import object_phrase, plan_layout, scene_layout
 from .scenes import (
     Scene,
@@ -63,6 +63,6 @@ __all__ = [
     "BACKGROUNDS", "BACKGROUND_NAMES", "COLORS", "COLOR_NAMES", "INVERSE_RELATION", "POSITIONS", "READABLE",
     "RELATIONS", "RELATION_WORDS", "RING_WIDTH", "SHAPES", "SIZES", "SIZE_WORDS", "Scene", "ShapeObject",
     "ShapesDataset", "cielab", "make_caption", "object_phrase", "parse_caption", "place_extra", "place_pair",
-    "place_single", "plan_layout", "position_cell", "relation", "render", "render_array", "sample_radius",
-    "sample_scene", "scene_labels", "scene_layout",
+    "place_single", "plan_layout", "position_cell", "relation", "render", "render_array", "render_object_masks",
+    "sample_radius", "sample_scene", "scene_labels", "scene_layout",
 ]

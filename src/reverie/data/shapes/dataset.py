@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..transforms import uint8_to_tensor
 from .captions import make_caption
-from .drawing import render_array
+from .drawing import render_array, render_object_masks
 from .planner import scene_layout
 from .scenes import Scene, position_cell, relation, sample_scene
 from .vocab import COLOR_NAMES, INVERSE_RELATION, READABLE, SHAPES, SIZES
@@ -42,13 +42,14 @@ class ShapesDataset(Dataset):
     ``relation_prob`` (share of two-object captions that state the relation; default 2/3; three-object
     captions are unaffected). Spatial words are what a text-to-image model learns last, so a recipe may
     want more of them. Leaving an option unset draws the captions of earlier versions; setting it, even to
-    the default share, draws a different (equally distributed) stream.
+    the default share, draws a different (equally distributed) stream. ``object_masks=True`` adds
+    ``"object_masks"``: each object's coverage, float [3, H, W] (zeros for absent objects), for inpainting.
     """
 
     def __init__(self, resolution: int = 32, max_objects: int = 3, min_objects: int = 1, seed: int = 0,
                  length: int = 2**20, shapes=None, colors=None, gradient_prob: float = 0.5,
                  supersample: int = 4, sizes=None, object_weights=None, position_prob: float | None = None,
-                 relation_prob: float | None = None):
+                 relation_prob: float | None = None, object_masks: bool = False):
         if not isinstance(resolution, int) or resolution < 8:
             raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
         if not 1 <= min_objects <= max_objects <= 3:
@@ -65,6 +66,7 @@ class ShapesDataset(Dataset):
                 raise ValueError(f"object_weights needs {max_objects - min_objects + 1} non-negative weights "
                                  f"(object counts {min_objects}..{max_objects}), got {object_weights}")
         self.object_weights, self.position_prob, self.relation_prob = object_weights, position_prob, relation_prob
+        self.object_masks = bool(object_masks)
         self.resolution, self.seed, self.length, self.supersample = resolution, seed, length, supersample
         self.min_objects, self.max_objects, self.gradient_prob = min_objects, max_objects, gradient_prob
         self.shapes = _indices(shapes, SHAPES, "shapes")
@@ -103,7 +105,10 @@ class ShapesDataset(Dataset):
         text = make_caption(scene, rng, self.position_prob, self.relation_prob)
         pixels = torch.from_numpy(render_array(scene, self.resolution, self.supersample))
         image = uint8_to_tensor(pixels.permute(2, 0, 1))
-        return {"image": image, "text": text, "label": -1, "layout": scene_layout(scene), **scene_labels(scene)}
+        item = {"image": image, "text": text, "label": -1, "layout": scene_layout(scene), **scene_labels(scene)}
+        if self.object_masks:
+            item["object_masks"] = torch.from_numpy(render_object_masks(scene, self.resolution, self.supersample))
+        return item
 
 
 def scene_labels(scene: Scene, max_objects: int = 3) -> dict:

@@ -93,6 +93,18 @@ def render_array(scene: Scene, resolution: int, supersample: int = 4) -> np.ndar
     return np.clip(np.rint(pixels, out=pixels), 0, 255, out=pixels).astype(np.uint8)
 
 
+def render_object_masks(scene: Scene, resolution: int, supersample: int = 4, max_objects: int = 3) -> np.ndarray:
+    """Each object's coverage, drawn as ``render_array`` draws it: float32 [max_objects, R, R] in [0, 1]
+    (zeros for absent objects); object masks for inpainting (``reverie.data.masks``)."""
+    big = resolution * supersample
+    out = np.zeros((max_objects, resolution, resolution), dtype=np.float32)
+    for k, obj in enumerate(scene.objects[:max_objects]):
+        mask = Image.new("L", (big, big))
+        _draw_object(ImageDraw.Draw(mask), obj, big, 255)
+        out[k] = np.asarray(mask.reduce(supersample) if supersample > 1 else mask, dtype=np.float32) / 255
+    return out
+
+
 def render(scene: Scene, resolution: int, supersample: int = 4) -> Image.Image:
     """Scene -> RGB PIL image at ``resolution`` (see ``render_array``)."""
     return Image.fromarray(render_array(scene, resolution, supersample), "RGB")
