@@ -16,9 +16,9 @@ import torch
 
 from . import modeldir
 from .conditioning import TextConditionedNet
-from .configs import ConfigError, to_dict
+from .configs import ConfigError, from_dict, to_dict
 from .data import get_dataset
-from .denoisers import Denoiser, make_denoiser
+from .denoisers import ConsistencyFunction, Denoiser, make_denoiser
 from .latent import image_shape
 from .nets import PRESETS, AutoencoderKL, create_autoencoder, create_network
 from .schedules import DiscreteVPSchedule
@@ -35,14 +35,23 @@ def build_schedule(cfg) -> DiscreteVPSchedule:
                                         zero_terminal_snr=cfg.schedule.zero_terminal_snr)
 
 
+EDM_SIGMA_MIN = 0.002  # Karras et al. 2022: the bottom of an EDM model's noise levels
+
+
 def build_denoiser(cfg, net: torch.nn.Module, schedule: DiscreteVPSchedule) -> Denoiser:
     """``D(x, sigma, **cond) -> x0_hat`` for the config's prediction type (EDM models need no schedule; an
-    SDE model's network takes the continuous time as 999 t)."""
+    SDE model's network takes the continuous time as 999 t). A distilled model (``distill.teacher`` set) is a
+    consistency function over that denoiser (``reverie.denoisers.ConsistencyFunction``)."""
     if cfg.model.prediction == "edm":
-        return make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
-    if is_sde(schedule):
-        return make_denoiser(cfg.model.prediction, net, schedule, time_scale=TIME_SCALE)
-    return make_denoiser(cfg.model.prediction, net, schedule)
+        denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
+    elif is_sde(schedule):
+        denoiser = make_denoiser(cfg.model.prediction, net, schedule, time_scale=TIME_SCALE)
+    else:
+        denoiser = make_denoiser(cfg.model.prediction, net, schedule)
+    if getattr(getattr(cfg, "distill", None), "teacher", ""):
+        sigma_min = EDM_SIGMA_MIN if cfg.model.prediction == "edm" else float(schedule.sigma_min)
+        denoiser = ConsistencyFunction(denoiser, sigma_min, cfg.distill.boundary_width)
+    return denoiser
 
 
 def build_text_encoder(cfg):
@@ -116,6 +125,23 @@ def network_from_config(config: dict, layout_channels: int = 0) -> torch.nn.Modu
     if config.get("text_encoder"):
         net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]), layout_channels=layout_channels)
     return net
+
+
+def read_diffusion(path: str | Path, config_cls, use_ema: bool = True):
+    """A diffusion model directory's ``(ModelDir, cfg, net, info, weights file)``: its training config as
+    ``config_cls``, its network with the weights (EMA if present and ``use_ema``), checked by name and shape."""
+    path = Path(path)
+    found = modeldir.read(path)
+    if found.kind != "diffusion":
+        raise ValueError(f"{path} is a {found.kind} model, not a diffusion model"
+                         + (": use it as model.autoencoder in a training config" if found.kind == "vae" else ""))
+    with modeldir.parsing(path / "config.json"):
+        cfg = from_dict(config_cls, found.config["train_config"])
+        net = network_from_config(found.config, layout_channels=cfg.model.layout_channels)
+        info = check_info(found.config["data"])
+    weights = found.weights_file(use_ema)
+    modeldir.load_module_weights(net, found.load_weights(use_ema), source=str(weights))
+    return found, cfg, net, info, weights
 
 
 def build_autoencoder(cfg, info: dict) -> AutoencoderKL:

@@ -173,3 +173,38 @@ def make_denoiser(prediction_type: str, model: nn.Module, schedule=None, **kwarg
     if cls is EDMDenoiser:
         return cls(model, schedule=schedule, **kwargs)
     return cls(model, schedule, **kwargs)
+
+
+def consistency_scalings(sigma: Tensor, sigma_min: float, width: float) -> tuple[Tensor, Tensor]:
+    """``(c_skip, c_out)`` of a consistency function (Song et al. 2023, Appendix C, eq. 26 with sigma_data
+    replaced by a boundary ``width``): ``c_skip = w^2 / ((sigma - sigma_min)^2 + w^2)``, ``c_out = (sigma -
+    sigma_min) / sqrt((sigma - sigma_min)^2 + w^2)``; so ``c_skip = 1, c_out = 0`` at ``sigma_min``."""
+    s = sigma - sigma_min
+    return width**2 / (s**2 + width**2), s / (s**2 + width**2).sqrt()
+
+
+class ConsistencyFunction(nn.Module):
+    """A consistency model ``f(x, sigma) = c_skip x + c_out D(x, sigma)`` over a denoiser ``D`` (a wrapper
+    ``D' = f(D)``, seen by samplers as a denoiser): ``f(x, sigma_min) = x`` exactly, the boundary condition
+    of Song et al. 2023 (eq. 3). As in latent consistency models (Luo et al. 2023, eq. 9), ``D`` keeps the
+    teacher's parameterization (the student starts as the teacher's x0 estimate) and the narrow ``width``
+    (LCM's timestep scaling) makes ``f = D`` everywhere but next to ``sigma_min``."""
+
+    def __init__(self, denoiser: nn.Module, sigma_min: float, width: float = 0.005):
+        super().__init__()
+        if not (sigma_min >= 0 and width > 0):
+            raise ValueError(f"need sigma_min >= 0 and width > 0, got {sigma_min} and {width}")
+        self.denoiser, self.sigma_min, self.width = denoiser, float(sigma_min), float(width)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.denoiser.model
+
+    def forward(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = batch_sigma(sigma, x) if not isinstance(sigma, Tensor) or sigma.ndim == 0 else sigma
+        # sigma_min given in a lower precision (the samplers pass x's dtype) is still the boundary, exactly
+        at_min = sigma <= torch.tensor(self.sigma_min, dtype=sigma.dtype)
+        sigma64 = torch.where(at_min, self.sigma_min, sigma.to(torch.float64))
+        c_skip, c_out = (append_dims(c.to(x.dtype), x.ndim)
+                         for c in consistency_scalings(sigma64, self.sigma_min, self.width))
+        return c_skip * x + c_out * self.denoiser(x, sigma, **cond)

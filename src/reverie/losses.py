@@ -53,6 +53,7 @@ __all__ = [
     "UniformTimesteps",
     "LogNormalSigmas",
     "LossAwareTimesteps",
+    "pseudo_huber",
 ]
 
 WEIGHTINGS = ("simple", "min_snr", "edm")
@@ -131,6 +132,16 @@ def hybrid_loss(denoiser, x0: Tensor, t: Tensor, noise: Tensor, lambda_vlb: floa
     l_vlb = (schedule.num_timesteps * bits_per_dim).to(mse.dtype)
     total = l_simple + lambda_vlb * l_vlb
     return (total, l_simple, l_vlb) if return_terms else total
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
+    """Per-sample pseudo-Huber distance ``sqrt(|a - b|^2 + c^2) - c`` over all but the batch dim (Song &
+    Dhariwal 2023, "improved consistency training", Sec. 3.3), with their ``c = 0.00054 sqrt(d)`` for d
+    dimensions by default; computed in float32."""
+    diff = (a.float() - b.float()).reshape(a.shape[0], -1)
+    if c is None:
+        c = 0.00054 * math.sqrt(diff.shape[1])
+    return (diff.square().sum(dim=1) + c * c).sqrt() - c
 
 
 @dataclass

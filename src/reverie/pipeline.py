@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import editing, modeldir
-from .build import DiffusionModel, check_info, load_autoencoder, network_from_config, save_autoencoder, save_diffusion
+from .build import DiffusionModel, load_autoencoder, read_diffusion, save_autoencoder, save_diffusion
 from .configs import from_dict, to_dict
 from .images import to_pil
 from .samplers import TunedGrid
@@ -58,18 +58,9 @@ class Pipeline(DiffusionModel):
                 pipe = cls.from_pretrained(Path(tmp) / "model", device=device)
             pipe.name = path.resolve().name
             return pipe
-        found = modeldir.read(path)
-        if found.kind != "diffusion":
-            raise ValueError(f"{path} is a {found.kind} model, not a diffusion model"
-                             + (": use it as model.autoencoder in a training config" if found.kind == "vae" else ""))
-        with modeldir.parsing(path / "config.json"):
-            cfg = from_dict(TrainConfig, found.config["train_config"])
-            net = network_from_config(found.config, layout_channels=cfg.model.layout_channels)
-            info = check_info(found.config["data"])
-            own_vae = found.config.get("autoencoder")
-            own_vae = path / str(own_vae) if own_vae else None
-        weights = found.weights_file(use_ema)
-        modeldir.load_module_weights(net, found.load_weights(use_ema), source=str(weights))
+        found, cfg, net, info, weights = read_diffusion(path, TrainConfig, use_ema)
+        own_vae = found.config.get("autoencoder")
+        own_vae = path / str(own_vae) if own_vae else None
         if own_vae is not None and not (own_vae / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a latent model whose autoencoder ({own_vae}) is missing")
         vae = load_autoencoder(own_vae, device) if own_vae is not None else None

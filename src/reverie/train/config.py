@@ -118,6 +118,26 @@ class SampleSection:
 
 
 @dataclass
+class DistillSection:
+    """Consistency distillation (``reverie.train.distill``): the student, started from ``train.init_from``
+    (the teacher's weights), learns the teacher's guided probability-flow ODE, and samples with the
+    ``consistency`` sampler. ``teacher`` left empty: an ordinary diffusion run."""
+
+    teacher: str = ""                   # the teacher's model directory
+    guidance_scale: float = 4.0         # the teacher's CFG scale, folded into the student (one call per step)
+    solver: Literal["ddim", "heun"] = "ddim"   # the teacher's ODE step from sigma_{n+1} to sigma_n
+    solver_steps: int = 40              # N: levels of the teacher's grid (sample.grid kind); k = T / N timesteps
+    boundary_width: float = 0.005       # width of c_skip / c_out around sigma_min (reverie.denoisers)
+    huber_c: float = 0.0                # pseudo-Huber c (0: 0.00054 sqrt(d), Song & Dhariwal 2023)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [(self.guidance_scale >= 1, "distill.guidance_scale must be >= 1"),
+                (self.solver_steps >= 1, "distill.solver_steps must be >= 1"),
+                (self.boundary_width > 0, "distill.boundary_width must be > 0"),
+                (self.huber_c >= 0, "distill.huber_c must be >= 0 (0: the default of improved CT)")]
+
+
+@dataclass
 class RunSection:
     """What every training run has, whatever it trains (``reverie.train.run``)."""
 
@@ -209,9 +229,10 @@ class TrainConfig(RunConfig):
     sample: SampleSection = field(default_factory=SampleSection)
     train: TrainSection = field(default_factory=TrainSection)
     heat: HeatSection = field(default_factory=HeatSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def checks(self) -> list[tuple[bool, str]]:
-        return [
+        return self.distill.checks() + [
             (self.model.network in PRESETS,
              f"model.network {self.model.network!r} is not a preset; choose one of {', '.join(PRESETS)}"),
             (0 <= self.train.cond_dropout <= 1, "train.cond_dropout must be in [0, 1]"),
@@ -256,4 +277,7 @@ class TrainConfig(RunConfig):
         if self.model.prediction == "edm" and self.sample.grid not in SIGMA_GRIDS:
             raise ConfigError(f"model.prediction=edm samples on sample.grid=karras or exponential, "
                               f"not {self.sample.grid!r}")
+        if self.distill.teacher and not self.train.init_from:
+            raise ConfigError("distill.teacher: set train.init_from too (normally the teacher: the student starts "
+                              "from its weights)")
         self.sample.check()

@@ -53,7 +53,11 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
-    """Train a diffusion model per ``cfg`` (see :func:`reverie.train.run.fit` for ``resume``)."""
+    """Train a diffusion model per ``cfg`` (see :func:`reverie.train.run.fit` for ``resume``); with
+    ``distill.teacher`` set, distil that model into a consistency model (``reverie.train.distill``)."""
+    if cfg.distill.teacher:
+        from .distill import ConsistencyDistillTrainer  # it builds on this module's trainer
+        return fit(ConsistencyDistillTrainer(cfg, dataset), resume)
     return fit(DiffusionTrainer(cfg, dataset), resume)
 
 
