@@ -53,11 +53,7 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
-    """Train a diffusion model per ``cfg`` (see :func:`reverie.train.run.fit` for ``resume``); with
-    ``distill.teacher`` set, distil that model into a consistency model (``reverie.train.distill``)."""
-    if cfg.distill.teacher:
-        from .distill import ConsistencyDistillTrainer  # it builds on this module's trainer
-        return fit(ConsistencyDistillTrainer(cfg, dataset), resume)
+    """Train a diffusion model per ``cfg`` (see :func:`reverie.train.run.fit` for ``resume``)."""
     return fit(DiffusionTrainer(cfg, dataset), resume)
 
 
@@ -115,6 +111,9 @@ class DiffusionTrainer(Trainer):
 
     def check(self) -> None:
         cfg = self.cfg
+        if cfg.distill.teacher and type(self) is DiffusionTrainer:
+            raise TrainingError("a config with distill.teacher is a distillation run: use reverie.train.train (or "
+                                "`reverie train`), which runs reverie.train.distill")
         if cfg.train.compile and cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
             # Measured with torch 2.13 on the CPU: the compiled shapes U-Net under bf16 autocast gave a finite
             # first loss, then non-finite losses from the second step on; eager bf16 and compiled fp32 train fine.

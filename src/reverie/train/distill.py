@@ -32,9 +32,14 @@ from ..losses import pseudo_huber
 from ..sampling import sigma_grid
 from ..utils import append_dims
 from .config import TrainConfig
-from .diffusion import DiffusionTrainer, text_condition
+from .diffusion import DiffusionTrainer, TrainResult, text_condition
 from .errors import TrainingError
-from .run import Run
+from .run import Run, fit
+
+
+def distill(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
+    """Distil ``cfg.distill.teacher`` into a consistency model per ``cfg`` (``resume``: see ``reverie.train.fit``)."""
+    return fit(ConsistencyDistillTrainer(cfg, dataset), resume)
 
 
 def teacher_levels(teacher: DiffusionModel, solver_steps: int, grid: str) -> torch.Tensor:
