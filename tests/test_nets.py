@@ -18,6 +18,7 @@ PINNED = {
     "unet-tiny": 1_192_387,
     "unet-small": 9_593_539,
     "unet-ddpm-cifar10": 35_746_307,
+    "video-unet-tiny": 1_368_803,
     "dit-tiny": 706_672,
     "dit-s-2": 32_865_056,
     "dit-b-2": 130_315_808,

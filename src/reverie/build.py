@@ -66,13 +66,16 @@ def build_dataset(cfg, **extra_options):
 
 
 def dataset_info(dataset) -> dict:
-    """Channels, resolution and number of classes of a dataset (from its first item)."""
+    """Channels, resolution and number of classes of a dataset (from its first item); ``frames`` for a video
+    dataset, whose items are clips ``[C, T, H, W]``."""
     first = dataset[0]
     num_classes = int(getattr(dataset, "num_classes", 0) or 0)
     info = {"in_channels": int(first["image"].shape[0]), "resolution": int(first["image"].shape[-1]),
             "num_classes": num_classes}
     if hasattr(dataset, "audio_info"):  # spectrogram images: what turns them back into sound (reverie.audio)
         info["audio"] = dataset.audio_info()
+    if first["image"].ndim == 4:
+        info["frames"] = int(first["image"].shape[1])
     return info
 
 
@@ -108,7 +111,7 @@ def build_network(cfg, info: dict) -> torch.nn.Module:
         overrides["context_dim"] = encoder.dim
         overrides["pooled_dim"] = encoder.pooled_dim
         if cfg.model.layout_channels:
-            if PRESETS[cfg.model.network].arch != "unet":
+            if PRESETS[cfg.model.network].arch not in ("unet", "video-unet"):
                 raise ConfigError("model.layout_channels needs a U-Net (the DiT takes no spatial condition yet)")
             overrides["spatial_channels"] = cfg.model.layout_channels
     net = create_network(cfg.model.network, **overrides)

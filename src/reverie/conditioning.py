@@ -14,6 +14,8 @@ has an all-False ``layout_mask``), so conditional and unconditional batches conc
 
 A mask-aware inpainting model (``UNetConfig.inpaint_channels``) takes ``inpaint``: the masked image and the
 mask (:func:`inpaint_condition`), passed through to the network unchanged, on both sides of guidance.
+A video model's layouts are per clip a list of per-frame layouts (``reverie.layout.is_clip_layout``); its
+layout tensors then have a frame axis, (B, T, N, ...), and the painted map is (B, channels, T, H, W).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layout import LayoutEncoder, pad_layouts
+from .layout import LayoutEncoder, is_clip_layout, pad_clip_layouts, pad_layouts
 from .text import CachedTextEncoder
 
 
@@ -73,11 +75,14 @@ class TextConditionedNet(nn.Module):
         layouts = [None] * len(texts) if layouts is None else list(layouts)
         if len(layouts) != len(texts):
             raise ValueError(f"got {len(layouts)} layouts for {len(texts)} captions")
-        phrases, boxes, mask = pad_layouts(layouts, self.max_objects)
+        if any(is_clip_layout(lay) for lay in layouts):  # videos: per-frame layouts, tensors (B, T, N, ...)
+            phrases, boxes, mask = pad_clip_layouts(layouts, self.max_objects)
+        else:
+            phrases, boxes, mask = pad_layouts(layouts, self.max_objects)
         flat = [p for row in phrases for p in row]
         unique = list(dict.fromkeys(flat))  # a batch names few distinct phrases; most slots are "" padding
         row_of = {p: k for k, p in enumerate(unique)}
-        pooled = self._encode_texts(unique).pooled[[row_of[p] for p in flat]].view(len(texts), self.max_objects, -1)
+        pooled = self._encode_texts(unique).pooled[[row_of[p] for p in flat]].view(*mask.shape, -1)
         return {**out, "layout_phrases": pooled.to(device), "layout_boxes": boxes.to(device),
                 "layout_mask": mask.to(device)}
 
@@ -91,7 +96,7 @@ class TextConditionedNet(nn.Module):
             cond["pooled"] = cond["pooled"].to(x.dtype)
         if self.layout is not None:
             phrases, boxes, mask = (cond.pop(k) for k in ("layout_phrases", "layout_boxes", "layout_mask"))
-            cond["spatial"] = self.layout(phrases.to(x.dtype), boxes, mask, x.shape[2:])
+            cond["spatial"] = self.layout(phrases.to(x.dtype), boxes, mask, x.shape[-2:])  # (a clip's: per frame)
         return self.net(x, c_noise, **cond)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .data.moving_shapes import plan_motion_layout
 from .data.shapes import plan_layout
 
 Box = tuple[float, float, float, float]
@@ -81,8 +82,10 @@ class LayoutEncoder(nn.Module):
         self.proj = nn.Linear(phrase_dim, channels)
 
     def forward(self, phrases: Tensor, boxes: Tensor, mask: Tensor, size: Sequence[int]) -> Tensor:
-        codes = self.proj(phrases) * mask[..., None].to(phrases.dtype)  # (B, N, channels)
-        return torch.einsum("bnc,bnhw->bchw", codes, box_masks(boxes.to(codes.dtype), size))
+        """(B, N, ...) inputs -> (B, channels, H, W); a clip's (B, T, N, ...) -> (B, channels, T, H, W)."""
+        codes = self.proj(phrases) * mask[..., None].to(phrases.dtype)  # (B, [T,] N, channels)
+        out = torch.einsum("...nc,...nhw->...chw", codes, box_masks(boxes.to(codes.dtype), size))
+        return out.transpose(1, 2) if out.ndim == 5 else out
 
 
 def pad_layouts(layouts: Sequence[Layout | None], max_objects: int) -> tuple[list[list[str]], Tensor, Tensor]:
@@ -101,11 +104,32 @@ def pad_layouts(layouts: Sequence[Layout | None], max_objects: int) -> tuple[lis
     return phrases, boxes, mask
 
 
+def is_clip_layout(layout) -> bool:
+    """Whether ``layout`` is a clip's: a list of per-frame layouts (each a layout, or None / [] for none),
+    rather than one image's list of (phrase, box) pairs."""
+    if isinstance(layout, (str, bytes)) or not isinstance(layout, Sequence) or not layout:
+        return False
+    return all(frame is None or (isinstance(frame, Sequence) and not isinstance(frame, (str, bytes))
+                                 and (not frame or not isinstance(frame[0], str))) for frame in layout)
+
+
+def pad_clip_layouts(layouts, max_objects: int) -> tuple[list[list[str]], Tensor, Tensor]:
+    """Per-clip layouts (each a list of per-frame layouts, or None for none) -> phrases of every (clip, frame)
+    row, clip-major, boxes (B, T, max_objects, 4) and mask (B, T, max_objects); every clip has T frames."""
+    frames = {len(lay) for lay in layouts if lay}
+    if len(frames) != 1:
+        raise ValueError(f"every clip layout needs the same number of frames, got {sorted(frames) or 'none'}")
+    (t,) = frames
+    per_frame = [frame for lay in layouts for frame in (lay if lay else [None] * t)]
+    phrases, boxes, mask = pad_layouts(per_frame, max_objects)
+    return phrases, boxes.view(len(layouts), t, max_objects, 4), mask.view(len(layouts), t, max_objects)
+
+
 # A planner: (prompt, random.Random) -> layout, or None when it cannot read the prompt.
 Planner = Callable[[str, random.Random], "list[tuple[str, Box]] | None"]
 
 
-PLANNERS: dict[str, Planner] = {"shapes": plan_layout}
+PLANNERS: dict[str, Planner] = {"shapes": plan_layout, "moving_shapes": plan_motion_layout}  # the latter: per frame
 
 
 def get_planner(data_name: str) -> Planner | None:

@@ -10,6 +10,7 @@ are that section's field defaults, ``reverie.train.config.SampleSection``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -185,7 +186,10 @@ def resolve_layouts(model: DiffusionModel, prompts: list[str], layouts="auto", s
     if layouts is None or isinstance(layouts, str):  # "auto" or "none" (SamplingOptions checks the spelling)
         if layouts != "auto" or not model.takes_layouts:
             return None
-        return plan_layouts(get_planner(model.cfg.data.name), prompts, seed)
+        planner = get_planner(model.cfg.data.name)
+        if planner is not None and model.info.get("frames"):  # a video planner: per-frame layouts
+            planner = functools.partial(planner, frames=model.info["frames"])
+        return plan_layouts(planner, prompts, seed)
     if not model.takes_layouts:
         raise ValueError("this model takes no layouts (it was trained without model.layout_channels)")
     layouts = list(layouts)
@@ -229,16 +233,18 @@ def _prompt_conditions(model: DiffusionModel, num_images: int, options: Sampling
         negative = [options.negative_prompt] * num_images
         if layouts is None:
             return net.encode(prompts), net.encode(negative)
-        return net.encode(prompts, layouts), net.encode(negative, [None] * num_images)
+        frames = model.info.get("frames")  # a video's unconditional side has a frame axis too, with no layouts
+        return net.encode(prompts, layouts), net.encode(negative, [[None] * frames if frames else None] * num_images)
     return {}, {}
 
 
-def noise_shape(model: DiffusionModel, num_images: int) -> tuple[int, int, int, int]:
+def noise_shape(model: DiffusionModel, num_images: int) -> tuple[int, ...]:
     """Shape of the start noise: the network's input (the latent shape for a latent model). Square at
     ``info["resolution"]`` unless ``info`` names ``latent_height``/``latent_width`` (a Stable Diffusion model
-    after ``reverie.sd.set_image_size``)."""
+    after ``reverie.sd.set_image_size``); a video model's (``info["frames"]``) is ``(B, C, T, H, W)``."""
     size = model.info["resolution"]
-    return (num_images, model.info["in_channels"], model.info.get("latent_height", size),
+    frames = (model.info["frames"],) if model.info.get("frames") else ()
+    return (num_images, model.info["in_channels"], *frames, model.info.get("latent_height", size),
             model.info.get("latent_width", size))
 
 
@@ -404,6 +410,9 @@ def save_sample_grid(model: DiffusionModel, path: Path) -> Path:
     images = sample_images(model, sample_cfg.num_images, SamplingOptions(), prompts=prompts)
     # prompts repeat cyclically over the images: one column per prompt when they tile the grid exactly
     ncols = len(prompts) if prompts and len(images) % len(prompts) == 0 and len(prompts) <= 16 else None
+    if images.ndim == 5:  # clips (B, C, T, H, W): one row of frames per clip
+        ncols = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)
     return save_grid(images, path, ncols=ncols)
 
 
@@ -445,7 +454,7 @@ def bytes_per_image(model: DiffusionModel, guided: bool = True) -> int:
     try:
         options = SamplingOptions(layouts="none")
         cond, _ = conditions(model, 1, options, [""])
-        x = torch.zeros(1, model.info["in_channels"], model.info["resolution"], model.info["resolution"])
+        x = torch.zeros(noise_shape(model, 1))
         device = next(model.net.parameters()).device
         model.denoiser(x.to(device), torch.ones(1, device=device), **cond)
     finally:

@@ -16,6 +16,7 @@ import sys
 from ..configs import ConfigError
 from ..optional import MissingExtra
 from . import audio, edit, evaluate, generate, info, serve, text, train, verify
+from . import video as video_cli
 from .common import Parser, UserError
 
 __all__ = ["main", "build_parser", "UserError"]
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in (train, generate, edit, evaluate, info, serve, verify, text, audio):
         group.add_commands(sub, fmt)
+    video_cli.add_commands(sub, fmt)  # generate-video
     for command in _leaf_parsers(sub):
         command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p

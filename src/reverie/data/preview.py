@@ -49,6 +49,8 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int, max_lines: int
 def _tile(image, min_side: int, max_side: int) -> Image.Image:
     """Tensor item image -> RGB tile; small images are enlarged by an integer factor with NEAREST so their
     pixels stay visible, large ones are shrunk to ``max_side``."""
+    if image.ndim == 4:  # a clip [C, T, H, W]: its frames side by side
+        image = image.permute(0, 2, 1, 3).flatten(2)
     tile = to_pil(image).convert("RGB")
     longest = max(tile.size)
     if longest < min_side:

@@ -18,6 +18,7 @@ preset              parameters   diffusers    notes
 unet-tiny             1,192,387    1,192,259  CPU tests/demos: 32-64 ch, 3 levels, attn at 8x8
 unet-small            9,593,539    9,593,283  ADM-style (AdaGN, 64-channel heads), 32x32
 unet-ddpm-cifar10    35,746,307   35,746,307  Ho et al. 2020 CIFAR-10 (paper: 35.7M)
+video-unet-tiny       1,368,803               unet-tiny per frame + temporal conv/attention (nets/video.py)
 dit-tiny                706,672               CPU tests/demos: width 96, 4 blocks, 32x32x4
 dit-s-2              32,865,056               DiT-S/2 at 32x32x4 latents (paper: 33M)
 dit-b-2             130,315,808               DiT-B/2 (paper: 130M)
@@ -48,14 +49,17 @@ from .autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, 
 from .dit import DiT, DiTConfig
 from .layers import NetConfig
 from .unet import UNet, UNetConfig
+from .video import VideoUNet, VideoUNetConfig
 
-__all__ = ["UNet", "UNetConfig", "DiT", "DiTConfig", "PRESETS", "ARCHS", "create_network", "count_parameters",
+__all__ = ["UNet", "UNetConfig", "VideoUNet", "VideoUNetConfig", "DiT", "DiTConfig", "PRESETS", "ARCHS",
+           "create_network", "count_parameters",
            "AutoencoderConfig", "AutoencoderKL", "AUTOENCODER_PRESETS", "create_autoencoder"]
 
 ARCHS: dict[str, tuple[type[NetConfig], type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
     "vae": (AutoencoderConfig, AutoencoderKL),
+    "video-unet": (VideoUNetConfig, VideoUNet),
 }
 
 _DIT_IMAGENET = dict(input_size=32, patch_size=2, in_channels=4, learned_variance=True, num_classes=1001)
@@ -68,6 +72,9 @@ PRESETS: dict[str, NetConfig] = {
     "unet-ddpm-cifar10": UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                                     attention_resolutions=(16,), num_heads=1, dropout=0.1,
                                     scale_shift=False),
+    # unet-tiny per frame plus temporal conv + attention after every block (reverie.nets.video)
+    "video-unet-tiny": VideoUNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                       attention_resolutions=(8,), norm_groups=8, head_channels=32),
     "dit-tiny": DiTConfig(hidden_size=96, depth=4, num_heads=3, freq_dim=64, input_size=32, in_channels=4),
     "dit-s-2": DiTConfig(hidden_size=384, depth=12, num_heads=6, **_DIT_IMAGENET),
     "dit-b-2": DiTConfig(hidden_size=768, depth=12, num_heads=12, **_DIT_IMAGENET),

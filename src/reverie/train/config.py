@@ -198,6 +198,7 @@ class TrainSection(RunSection):
     # one object's silhouette or box, a random box, brush strokes, everything (keeps plain generation)
     mask_kinds: dict = field(default_factory=lambda: {"object": 0.5, "box": 0.2, "strokes": 0.2, "full": 0.1})
     init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
+    trainable_only: str = ""            # train only parameters whose name contains this (".temporal."); "": all
     channels_last: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False               # torch.compile the network (not the text encoder); meant for GPUs

@@ -148,6 +148,14 @@ class DiffusionTrainer(Trainer):
         if cfg.train.init_from and not resuming:  # a resumed run's checkpoint already holds the weights
             added = init_weights(net, cfg.train.init_from)
             run.say(f"initialized from {cfg.train.init_from}" + (f"; new: {', '.join(added)}" if added else ""))
+        if cfg.train.trainable_only:  # e.g. a video model's temporal layers over a frozen image model
+            names = [n for n, p in net.named_parameters() if cfg.train.trainable_only in n and p.requires_grad]
+            if not names:
+                raise TrainingError(f"train.trainable_only={cfg.train.trainable_only!r} names no parameter")
+            for n, p in net.named_parameters():
+                p.requires_grad_(n in names)
+            run.say(f"training only {len(names)} tensors named *{cfg.train.trainable_only}* "
+                    f"({sum(p.numel() for n, p in net.named_parameters() if n in names):,} parameters)")
         if cfg.train.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):
