@@ -167,7 +167,8 @@ class VideoUNet(UNet):
         for block in self.temporal_blocks:
             block.frames = frames
         try:
-            return super().forward(x, c_noise, context, context_mask, class_labels, pooled, spatial)
+            return super().forward(x, c_noise, context=context, context_mask=context_mask, class_labels=class_labels,
+                                   pooled=pooled, spatial=spatial)
         finally:
             for block in self.temporal_blocks:
                 block.frames = None
