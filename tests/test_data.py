@@ -425,7 +425,8 @@ def test_imagefolder_root_that_is_not_a_directory_is_a_clear_error(tmp_path, mon
 
 
 def test_unknown_dataset_name_lists_valid_names():
-    with pytest.raises(ValueError, match="valid names: digits, imagefolder, mnist, moving_shapes, shapes"):
+    with pytest.raises(ValueError, match="valid names: digits, imagefolder, mnist, moving_mnist, moving_shapes, "
+                                         "shapes"):
         get_dataset("cifar10")
 
 

@@ -244,3 +244,16 @@ def test_generate_video_refuses_an_image_model_in_one_line(make_model_dir, tmp_p
     assert cli(["generate-video", "a red circle", "--model", str(image), "-o", str(tmp_path / "a.gif")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is an image model" in err and "\n" not in err
+
+
+def test_moving_mnist_digits_bounce_inside_the_frame():
+    from reverie.data.moving_mnist import MovingMNIST, bounce
+
+    assert bounce(30.0, 5.0, 5, 36.0) == [30.0, 35.0, 32.0, 27.0, 22.0]  # reflected at the edge 36
+    data = MovingMNIST(split="test", frames=6, length=4)
+    item = data[1]
+    assert item["image"].shape == (1, 6, 64, 64) and item["text"] == "" and item["positions"].shape == (2, 6, 2)
+    assert (item["positions"] >= 0).all() and (item["positions"] <= 36).all()
+    x, y = (int(round(float(v))) for v in item["positions"][0, 3])
+    assert float(item["image"][0, 3, y:y + 28, x:x + 28].max()) > 0.5  # the digit is where its position says
+    assert torch.equal(MovingMNIST(split="test", frames=6, length=4)[1]["image"], item["image"])

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from .digits import Digits
 from .imagefolder import ImageFolder
 from .mnist import MNIST
+from .moving_mnist import MovingMNIST
 from .moving_shapes import MovingShapesDataset
 from .preview import preview_grid
 from .shapes import ShapesDataset, parse_caption
@@ -38,6 +39,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "sounds": SoundsDataset,
     "speech": SpeechDataset,
     "moving_shapes": MovingShapesDataset,  # clips: "image" is [C, T, H, W]
+    "moving_mnist": MovingMNIST,  # unconditional clips
 }
 
 
@@ -109,6 +111,6 @@ def collate(batch: list[dict]) -> dict:
 
 
 __all__ = [
-    "DATASETS", "MNIST", "Digits", "ImageFolder", "MovingShapesDataset", "ShapesDataset", "collate", "get_dataset",
-    "parse_caption", "preview_grid", "register_dataset",
+    "DATASETS", "MNIST", "Digits", "ImageFolder", "MovingMNIST", "MovingShapesDataset", "ShapesDataset", "collate",
+    "get_dataset", "parse_caption", "preview_grid", "register_dataset",
 ]
