@@ -257,3 +257,9 @@ def test_moving_mnist_digits_bounce_inside_the_frame():
     x, y = (int(round(float(v))) for v in item["positions"][0, 3])
     assert float(item["image"][0, 3, y:y + 28, x:x + 28].max()) > 0.5  # the digit is where its position says
     assert torch.equal(MovingMNIST(split="test", frames=6, length=4)[1]["image"], item["image"])
+
+
+def test_generate_refuses_a_video_model_in_one_line(video_model, tmp_path, capsys):
+    assert cli(["generate", "a red circle", "--model", str(video_model), "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a video model: use reverie generate-video" in err and "\n" not in err

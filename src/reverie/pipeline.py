@@ -92,6 +92,8 @@ class Pipeline(DiffusionModel):
                  progress: bool = False, noise: torch.Tensor | None = None, **settings) -> list:
         """Images (PIL) for a text prompt; "" gives unconditional samples. ``noise``, ``settings``: see
         :meth:`sample`."""
+        if self.info.get("frames"):
+            raise ValueError(f"{self.name} is a video model: use reverie generate-video (reverie.video.generate_video)")
         if self.conditioning != "text" and prompt:
             raise ValueError(f"model {self.name!r} is not text-conditioned (conditioning={self.conditioning})")
         return to_pil(self.sample(num_images, options, prompts=[prompt], progress=progress, noise=noise, **settings))
