@@ -259,7 +259,18 @@ def test_moving_mnist_digits_bounce_inside_the_frame():
     assert torch.equal(MovingMNIST(split="test", frames=6, length=4)[1]["image"], item["image"])
 
 
-def test_generate_refuses_a_video_model_in_one_line(video_model, tmp_path, capsys):
-    assert cli(["generate", "a red circle", "--model", str(video_model), "-o", str(tmp_path / "a.png")]) == 2
+@pytest.mark.parametrize("command", [["generate", "a red circle", "--model"], ["sample"]])
+def test_image_commands_refuse_a_video_model_in_one_line(command, video_model, tmp_path, capsys):
+    assert cli([*command, str(video_model), "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a video model: use reverie generate-video" in err and "\n" not in err
+
+
+def test_sampling_a_video_model_without_a_prompt_or_with_one_image_layout(video_model):
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(video_model)
+    clips = pipe.sample(2, steps=1)  # no prompt: no layout on either side of guidance
+    assert clips.shape == (2, 3, 4, 16, 16)
+    static = [("red circle", (0.1, 0.1, 0.5, 0.5))]  # one image layout: the same box in every frame
+    assert pipe.sample(1, steps=1, prompts=["a red circle"], layouts=[static]).shape == (1, 3, 4, 16, 16)

@@ -23,7 +23,7 @@ from .conditioning import inpaint_condition
 from .guidance import CFGDenoiser
 from .heat import IHDM, BlurringSchedule, blurring_sample, ihdm_sample
 from .images import save_grid
-from .layout import check_layout, get_planner, plan_layouts
+from .layout import check_layout, get_planner, is_clip_layout, plan_layouts
 from .limits import MAX_GUIDANCE, MAX_STEPS
 from .pfgm import pfgm_noise
 from .samplers import GRIDS, SIGMA_GRIDS, TunedGrid, check_grid, check_sampler, get_sigmas, sample, tune_sigmas
@@ -233,7 +233,9 @@ def _prompt_conditions(model: DiffusionModel, num_images: int, options: Sampling
         negative = [options.negative_prompt] * num_images
         if layouts is None:
             return net.encode(prompts), net.encode(negative)
-        frames = model.info.get("frames")  # a video's unconditional side has a frame axis too, with no layouts
+        frames = model.info.get("frames")
+        if frames:  # a video's layouts are per frame: none, or one image layout, holds in every frame
+            layouts = [lay if is_clip_layout(lay) else [lay or None] * frames for lay in layouts]
         return net.encode(prompts, layouts), net.encode(negative, [[None] * frames if frames else None] * num_images)
     return {}, {}
 

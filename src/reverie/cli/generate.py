@@ -211,6 +211,8 @@ def sample(args) -> int:
     else:
         output_file(args.output, (".png",))
     pipe = Pipeline.from_pretrained(args.model, use_ema=not args.no_ema)
+    if pipe.info.get("frames"):
+        raise UserError(f"{pipe.name} is a video model: use reverie generate-video --num-videos N")
     batch = min(args.batch_size, args.n)
     check_batch(pipe, batch, guided=pipe.conditioning != "none")
     used = options.resolve(pipe.cfg)
