@@ -23,6 +23,7 @@ LAYERS = {  # module or package prefix -> layer; the longest matching prefix dec
     "reverie.data": 2, "reverie.latent": 2, "reverie.layout": 2, "reverie.conditioning": 2,
     "reverie.modeldir": 3, "reverie.build": 3, "reverie.sd": 3,
     "reverie.sampling": 4, "reverie.train": 4, "reverie.language": 4, "reverie.provenance": 4, "reverie.editing": 4,
+    "reverie.export": 4, "reverie.onnx_runtime": 4,
     "reverie": 5, "reverie.pipeline": 5, "reverie.eval": 5, "reverie.cli": 5, "reverie.demo": 5, "reverie.serve": 5,
     "reverie.__main__": 5,
 }

@@ -66,11 +66,15 @@ class CFGDenoiser(nn.Module):
         if not self._active(sigma):
             return self.denoiser(x, sigma, **cond)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **_concat_cond(cond, self.uncond))
-        d_cond, d_uncond = both.chunk(2)
-        guided = d_uncond + self.guidance_scale * (d_cond - d_uncond)
-        if self.guidance_rescale > 0:
-            dims = tuple(range(1, x.ndim))
-            ratio = d_cond.std(dim=dims) / guided.std(dim=dims).clamp(min=1e-12)
-            factor = self.guidance_rescale * append_dims(ratio, x.ndim) + (1 - self.guidance_rescale)
-            guided = guided * factor
-        return guided
+        return combine(both[: x.shape[0]], both[x.shape[0]:], self.guidance_scale, self.guidance_rescale)
+
+
+def combine(d_cond: Tensor, d_uncond: Tensor, guidance_scale, guidance_rescale: float = 0.0) -> Tensor:
+    """The guided estimate from the conditional and unconditional ones (module docstring); ``guidance_scale``
+    may be a tensor (``reverie.export`` makes it an input of the ONNX graph)."""
+    guided = d_uncond + guidance_scale * (d_cond - d_uncond)
+    if guidance_rescale > 0:
+        dims = tuple(range(1, guided.ndim))
+        ratio = d_cond.std(dim=dims) / guided.std(dim=dims).clamp(min=1e-12)
+        guided = guided * (guidance_rescale * append_dims(ratio, guided.ndim) + (1 - guidance_rescale))
+    return guided

@@ -149,20 +149,21 @@ class MiniLMEncoder(TextEncoder):
         self.max_length, self.normalize = max_length, normalize
         self.dim = self.pooled_dim = self.model.norm.normalized_shape[0]
 
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> TextEmbedding:
-        """Captions -> ``TextEmbedding`` on the encoder's device ("" = [CLS] [SEP], the unconditional prompt)."""
-        texts = check_texts(texts)
-        if not texts:
-            return empty_embedding(self)
+    def token_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> ``(ids, mask)`` (B, max_length) on the CPU: [CLS] pieces [SEP] [PAD]..., the pieces cut to
+        fit (as BERT does; a warning counts what was cut)."""
         pieces = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        warn_truncated([len(ids) + 2 for ids in pieces], self.max_length, "tokens")
+        warn_truncated([len(ids) + 2 for ids in pieces], self.max_length, "tokens", stacklevel=4)
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(texts), self.max_length, dtype=torch.bool)
-        for row, p in enumerate(pieces):  # [CLS] pieces [SEP] [PAD]..., pieces cut to fit (as BERT does)
+        for row, p in enumerate(pieces):
             p = [self.cls_id, *p[: self.max_length - 2], self.sep_id]
             ids[row, : len(p)], mask[row, : len(p)] = torch.tensor(p), True
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbedding:
+        """Token ids and mask (:meth:`token_ids`) -> ``TextEmbedding``: the BERT forward, padding rows zeroed,
+        the masked mean pooled (and L2-normalized). What ``reverie.export`` writes as the text graph."""
         with torch.autocast(self.device.type, enabled=False):
             hidden = self.model(ids, mask)  # (B, L, C)
         keep = mask[..., None]
@@ -171,6 +172,15 @@ class MiniLMEncoder(TextEncoder):
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
         return TextEmbedding(tokens, mask, pooled)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> TextEmbedding:
+        """Captions -> ``TextEmbedding`` on the encoder's device ("" = [CLS] [SEP], the unconditional prompt)."""
+        texts = check_texts(texts)
+        if not texts:
+            return empty_embedding(self)
+        ids, mask = self.token_ids(texts)
+        return self.embed(ids.to(self.device), mask.to(self.device))
 
     def config(self) -> dict:
         return {"name": self.name, "max_length": self.max_length, "normalize": self.normalize}
