@@ -441,8 +441,9 @@ def collect(pipe, data: dict, work: Path, args) -> None:
               "machine": "2-core Xeon (AMX), torch 2.13 CPU, shared with other jobs (times are not comparable)"}
     outputs = {}
     for part in PARTS:
-        if part == "inpainting_model" and not (work / f"{part}.json").is_file():
-            continue  # (b) not measured
+        if not (work / f"{part}.json").is_file():
+            report.setdefault("not_measured", []).append(part)
+            continue
         found = json.loads((work / f"{part}.json").read_text())
         report[part], report[f"{part}_seconds"] = found["result"], found["seconds"]
         if (work / f"{part}.safetensors").is_file():
@@ -454,8 +455,10 @@ def collect(pipe, data: dict, work: Path, args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     stem = out.with_suffix("")
-    picture(data, outputs, Path(f"{stem}.png"))
-    img2img_plot(report["img2img"], Path(f"{stem}_img2img.png"))
+    if {"inpainting", "img2img", "prompt_edit"} <= set(report):
+        picture(data, outputs, Path(f"{stem}.png"))
+    if "img2img" in report:
+        img2img_plot(report["img2img"], Path(f"{stem}_img2img.png"))
     print(f"wrote {out}, {stem}.png and {stem}_img2img.png")
 
 

@@ -256,3 +256,17 @@ def test_shipped_inpainting_model_keeps_the_known_pixels():
     mask = box_pixels((0.1, 0.1, 0.5, 0.5), 32)
     out = pipe.inpaint(image, mask, "a red circle", steps=4, seed=0)
     assert torch.equal(out[:, :, mask == 0], image[:, :, mask == 0])
+
+
+def test_reproducing_a_png_without_model_loads_the_shipped_model_it_names(tmp_path):
+    from types import SimpleNamespace
+
+    from reverie.cli.common import DEFAULT_MODEL
+    from reverie.cli.edit import _model_dir
+
+    given, default = SimpleNamespace(model=str(tmp_path)), tmp_path / "default"
+    assert _model_dir(given, {"model": "shapes-t2i"}, default) == tmp_path  # --model wins
+    none = SimpleNamespace(model=None)
+    assert _model_dir(none, {"model": "shapes-t2i"}, default) == DEFAULT_MODEL
+    for named in ("", "no-such-model", "../shapes-t2i", "shapes-t2i/../shapes-t2i"):
+        assert _model_dir(none, {"model": named}, default) == default

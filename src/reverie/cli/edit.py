@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_MODEL,
+    INPAINT_MODEL,
     UserError,
     at_least,
     number_in,
@@ -42,7 +43,8 @@ def add_commands(sub, fmt) -> None:
     e.set_defaults(func=edit_command)
 
     i = sub.add_parser("inpaint", help="repaint the white part of a mask (or a box) under a prompt",
-                       formatter_class=fmt, parents=[sampling_parent(), _common()])
+                       formatter_class=fmt, parents=[sampling_parent(), _common(
+                           "model directory (default: the shipped mask-aware shapes-inpaint)")])
     i.add_argument("prompt", nargs="?", default=None, help="what to paint")
     i.add_argument("--mask", default=None, help="mask image of the input's size: white = repaint, black = keep")
     i.add_argument("--box", default=None, help="repaint this box instead: x0,y0,x1,y1 in pixels of the input image")
@@ -68,12 +70,12 @@ def add_commands(sub, fmt) -> None:
     v.set_defaults(func=invert_command)
 
 
-def _common():
+def _common(model_help: str = "model directory (default: the shipped shapes model)"):
     import argparse
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("image", nargs="?", default=None, help="input image (with --from-png: default the recorded one)")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped shapes model)")
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--layout", default="auto", help="layout models: auto, none, or a JSON layout (see generate)")
     p.add_argument("-o", "--output", default="edit.png", help="output PNG")
     p.add_argument("--from-png", default=None, help="reproduce the edit recorded in this PNG")
@@ -146,7 +148,17 @@ def _recorded(args, names: tuple[str, ...]) -> dict:
     return made_by
 
 
-def _setup(args, names: tuple[str, ...]):
+def _model_dir(args, made_by: dict, default: Path) -> Path:
+    """--model; else, reproducing a PNG, the shipped model it names (if there is one); else ``default``."""
+    if args.model:
+        return Path(args.model)
+    named = str(made_by.get("model") or "")
+    if named and Path(named).name == named and (DEFAULT_MODEL.parent / named / "config.json").is_file():
+        return DEFAULT_MODEL.parent / named
+    return default
+
+
+def _setup(args, names: tuple[str, ...], default: Path = DEFAULT_MODEL):
     """(pipeline, options, image tensor, source path, recorded params) of an edit command."""
     from ..pipeline import Pipeline
     from ..sampling import SamplingOptions
@@ -156,7 +168,7 @@ def _setup(args, names: tuple[str, ...]):
     source = _source(args, made_by)
     options = SamplingOptions.from_metadata(made_by, args.from_png) if made_by else \
         sampling_options(args, layout_arg(args.layout))
-    pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
+    pipe = Pipeline.from_pretrained(_model_dir(args, made_by, default))
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
         print(f"reverie: warning: {args.from_png} was made by model {made_by.get('model')}, not {pipe.name}",
               file=sys.stderr)
@@ -255,7 +267,8 @@ def inpaint_command(args) -> int:
 
     args.command_name = "inpaint"
     pipe, options, original, image, source, made_by = _setup(
-        args, ("prompt", "box", "strength", "jump_length", "resample", "eta", "method"))
+        args, ("prompt", "box", "strength", "jump_length", "resample", "eta", "method"),
+        default=INPAINT_MODEL if (INPAINT_MODEL / "config.json").is_file() else DEFAULT_MODEL)
     _, h, w = pipe.image_shape
     mask, mask_path = _mask(args, made_by, original, (w, h))
     _prompt_check(pipe, args.prompt)
