@@ -13,7 +13,8 @@ and planned boxes are the truth). Then:
   Two methods, side by side: (a) training-free RePaint on the text-to-image model, without resampling
   (resample 1) and with RePaint's resampling (jump 5, resample 2); (b) the mask-aware model
   (``reverie/assets/shapes-inpaint``, the same model fine-tuned with the masked image and the mask as extra
-  input channels), sampled with the default sampler at the same number of steps.
+  input channels), sampled with the default sampler at the same number of steps, with the known region put back
+  at each step's noise level (``blend``, the default) and without it (the model alone).
 * **img2img** at strengths 0.3 / 0.5 / 0.7 under the prompt with the first object's color changed:
   the change rate (new color, same shape, at the same place) and the position kept (centroid within 2 px).
 * **Inversion**: reconstruction PSNR at 10 / 20 / 50 steps, guidance 1 and 4, plain DDIM and exact.
@@ -166,18 +167,19 @@ def inpainting_task(data: dict) -> dict:
 
 def measure_inpainting(pipe, classifier, data: dict, steps: int, batch: int, real: torch.Tensor,
                        methods: dict) -> dict:
-    """``methods``: name -> (method, jump_length, resample) of ``reverie.editing.inpaint``, all on ``pipe``."""
+    """``methods``: name -> keywords of ``reverie.editing.inpaint`` (method, jump_length, resample, blend), all on
+    ``pipe``."""
     scenes, images = data["scenes"], data["images"]
     task = inpainting_task(data)
     masks = task["masks"]
     edge = band(masks)
     real_energy = gradient_energy(real[:len(scenes)], edge)
     results, outputs = {}, {}
-    for name, (method, jump, passes) in methods.items():
+    for name, kw in methods.items():
         start = time.perf_counter()
 
-        def run(im, m, p, lay, method=method, j=jump, r=passes):
-            return inpaint(pipe, im, m, p, steps=steps, jump_length=j, resample=r, layouts=lay, seed=1, method=method)
+        def run(im, m, p, lay, kw=kw):
+            return inpaint(pipe, im, m, p, steps=steps, layouts=lay, seed=1, **kw)
 
         out = batched(run, len(scenes), batch, images, masks, task["prompts"], task["layouts"])
         seconds = time.perf_counter() - start
@@ -192,9 +194,7 @@ def measure_inpainting(pipe, classifier, data: dict, steps: int, batch: int, rea
             other_ok += cb is not None and float((cb - s["center_b"]).norm()) <= 2
         keep = masks.expand_as(out) == 0
         results[name] = {
-            "model": pipe.name, "model_hash": pipe.weights_hash, "method": method,
-            "jump_length": jump if method == "repaint" else None, "resample": passes if method == "repaint" else None,
-            "nfe_per_image": steps * passes,
+            "model": pipe.name, "model_hash": pipe.weights_hash, **kw, "nfe_per_image": steps * kw.get("resample", 1),
             "new_object_correct": ok / len(scenes), "other_object_kept": other_ok / len(scenes),
             "unmasked_identical": bool(torch.equal(out[keep], quantize(images)[keep])),
             "seam_energy": gradient_energy(out, edge), "seam_energy_input": gradient_energy(quantize(images), edge),
@@ -361,11 +361,13 @@ def run_part(part: str, pipe, classifier, data: dict, args) -> tuple[object, dic
         real = torch.stack([ShapesDataset(resolution=SIDE, max_objects=2, min_objects=2, seed=7)[i]["image"]
                             for i in range(len(data["scenes"]))])
         if part == "inpainting":  # (a): training-free, on the text-to-image model
-            methods = {"repaint_r1": ("repaint", 1, 1), f"repaint_j5_r{args.resample}": ("repaint", 5, args.resample)}
+            methods = {"repaint_r1": dict(method="repaint", jump_length=1, resample=1),
+                       f"repaint_j5_r{args.resample}": dict(method="repaint", jump_length=5, resample=args.resample)}
             inp = measure_inpainting(pipe, classifier, data, args.steps, args.batch, real, methods)
             return inp["results"], {"inpainted": inp["outputs"][f"repaint_j5_r{args.resample}"], "masks": inp["masks"]}
         model = Pipeline.from_pretrained(args.inpaint_model)  # (b): the mask-aware model
-        inp = measure_inpainting(model, classifier, data, args.steps, args.batch, real, {"model": ("model", 1, 1)})
+        methods = {"model": dict(method="model"), "model_unblended": dict(method="model", blend=False)}
+        inp = measure_inpainting(model, classifier, data, args.steps, args.batch, real, methods)
         return inp["results"], {"inpainted_model": inp["outputs"]["model"]}
     if part == "img2img":
         i2i = measure_img2img(pipe, classifier, data, args.steps, args.batch)

@@ -159,6 +159,21 @@ def test_inpaint_uses_the_mask_channels_and_keeps_the_unmasked_pixels(model, sce
     assert not torch.allclose(moved[:, :, ~keep], out[:, :, ~keep])
 
 
+def test_blending_puts_the_known_region_back_at_each_level(model, scene):
+    images, mask = scene
+    keep, seen = mask == 0, []
+
+    def look(step):
+        seen.append((step.sigma_next, (step.x - images)[:, :, keep]))
+
+    blended = inpaint(model, images, mask, PROMPTS, steps=4, seed=5, callback=look)
+    assert len(seen) == 4 and seen[-1][0] == 0 and float(seen[-1][1].abs().max()) == 0
+    for sigma, diff in seen[:-1]:  # known + sigma z: the known region noised to the step's level
+        assert abs(float((diff / sigma).std()) - 1) < 0.1
+    alone = inpaint(model, images, mask, PROMPTS, steps=4, seed=5, blend=False)
+    assert torch.equal(alone[:, :, keep], images[:, :, keep]) and not torch.equal(alone, blended)
+
+
 def test_plain_generation_is_an_all_ones_mask(model):
     options = SamplingOptions(steps=3, seed=1, guidance_scale=2.0)
     plain = sample_images(model, 2, options, prompts=PROMPTS)
