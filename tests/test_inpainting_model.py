@@ -285,3 +285,22 @@ def test_reproducing_a_png_without_model_loads_the_shipped_model_it_names(tmp_pa
     assert _model_dir(none, {"model": "shapes-t2i"}, default) == DEFAULT_MODEL
     for named in ("", "no-such-model", "../shapes-t2i", "shapes-t2i/../shapes-t2i"):
         assert _model_dir(none, {"model": named}, default) == default
+
+
+def test_the_prompt_may_follow_the_options(model, tmp_path):
+    """The issue's form `reverie inpaint IMAGE --mask MASK.png "a yellow star"` (argparse alone rejected it)."""
+    from reverie.build import save_diffusion
+    from reverie.images import to_pil
+
+    path = save_diffusion(tmp_path / "inp", model.cfg, model.info, model.net)
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    to_pil(torch.zeros(1, 3, 16, 16))[0].save(image)
+    Image.fromarray((box_pixels((0.2, 0.2, 0.6, 0.6), 16).numpy() * 255).astype("uint8")).save(mask)
+    for n, argv in enumerate((["inpaint", str(image), "--mask", str(mask), "a yellow star"],
+                              ["inpaint", "--mask", str(mask), str(image), "a yellow star"])):
+        out = tmp_path / f"o{n}.png"
+        assert cli([*argv, "--model", str(path), "--steps", "2", "-o", str(out)]) == 0
+        with Image.open(out) as im:
+            assert json.loads(im.text["reverie"])["prompt"] == "a yellow star"
+    assert cli(["inpaint", str(image), "--mask", str(mask), "a", "b", "--model", str(path), "-o",
+                str(tmp_path / "x.png")]) == 2

@@ -48,6 +48,9 @@ def _leaf_parsers(sub) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    for name in ("image", "prompt"):  # `inpaint IMAGE --box B PROMPT`: argparse ends optional positionals at an option
+        if unknown and getattr(args, name, "") is None and not unknown[0].startswith("-"):
+            setattr(args, name, unknown.pop(0))
     if unknown:  # config overrides look like options: --train.lr=2e-4
         if args.command not in ("train", "train-vae") or not all(u.startswith("--") and "=" in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
