@@ -122,10 +122,39 @@ def speech_part(model: str, per_digit: int, seed: int, batch: int, epochs: int) 
     return out
 
 
+def nets_part(repeats: int = 3) -> dict:
+    """Training-step time (forward + backward, bf16 autocast, batch 16) of the shared U-Net on one second of 8 kHz
+    audio as a 64x64 log-mel image (the shipped sound model's network) and as a raw waveform (dims=1, 8192
+    samples, two more levels so that its attention also sees a 256-long sequence, DiffWave-like receptive
+    field), both with 32 base channels and no conditioning."""
+    from reverie.nets import create_network
+
+    shapes = {"mel_2d": ((16, 1, 64, 64), {"channel_mult": (1, 2, 2, 2), "attention_resolutions": (16, 8)}),
+              "waveform_1d": ((16, 1, 8192), {"dims": 1, "channel_mult": (1, 2, 2, 2, 2, 2),
+                                               "attention_resolutions": (256,)})}
+    out = {}
+    for name, (shape, overrides) in shapes.items():
+        net = create_network("unet-tiny", in_channels=1, out_channels=1, model_channels=32, head_channels=32,
+                             sample_size=shape[-1], **overrides)
+        x, t = torch.randn(shape), torch.full((shape[0],), 500.0)
+        times = []
+        for k in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = net(x, t).float().square().mean()
+            loss.backward()
+            if k:  # the first is warm-up
+                times.append(time.perf_counter() - start)
+        out[name] = {"step_s": float(np.median(times)), "parameters": sum(p.numel() for p in net.parameters())}
+    out["waveform_over_mel"] = out["waveform_1d"]["step_s"] / out["mel_2d"]["step_s"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sounds", default=None, help="a sounds model directory")
     p.add_argument("--speech", default=None, help="a class-conditioned speech model directory ('' : classifier only)")
+    p.add_argument("--nets", action="store_true", help="also time the 2-D mel vs 1-D waveform U-Net step")
     p.add_argument("--limit", type=int, default=0, help="at most this many held-out captions (0: all)")
     p.add_argument("--per-digit", type=int, default=20, help="generated clips per digit")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs")
@@ -137,6 +166,8 @@ def main() -> None:
     shown = {k: v for k, v in vars(args).items() if v not in (None, "") and k != "output"}
     result = {"machine": f"CPU, {torch.get_num_threads()} thread(s)", "command": "python benchmarks/audio.py " +
               " ".join(f"--{k.replace('_', '-')}={v}" for k, v in shown.items())}
+    if args.nets:
+        result["nets"] = nets_part()
     if args.sounds:
         result["sounds"] = sounds_part(args.sounds, args.limit, args.seed, args.batch)
     if args.speech is not None:

@@ -241,3 +241,15 @@ def test_generate_audio_refuses_an_image_model(make_model_dir, tmp_path, capsys)
     model = make_model_dir("tiny-image", TEXT_MODEL, RGB16)
     assert cli(["generate-audio", "a note", "--model", str(model), "-o", str(tmp_path / "o.wav")]) == 2
     assert "makes images, not sound" in capsys.readouterr().err
+
+
+def test_signed_wav_verifies_and_a_changed_sample_is_caught(tmp_path, capsys):
+    pytest.importorskip("c2pa", reason="c2pa-python is not installed")
+    save_wav(0.3 * np.sin(np.arange(2000) * 0.1), SR, tmp_path / "a.wav", {"prompt": "p", "model": "m"})
+    assert cli(["verify", str(tmp_path / "a.wav")]) == 0
+    assert "the samples are the signed ones" in capsys.readouterr().out
+    data = bytearray((tmp_path / "a.wav").read_bytes())
+    data[bytes(data).index(b"data") + 100] ^= 4
+    (tmp_path / "b.wav").write_bytes(bytes(data))
+    assert cli(["verify", str(tmp_path / "b.wav")]) == 1
+    assert "changed after signing" in capsys.readouterr().out

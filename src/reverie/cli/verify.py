@@ -14,7 +14,7 @@ def add_commands(sub, fmt) -> None:
                        description="Report the C2PA manifest (made by a generative model? which one?), whether its "
                                    "signature is valid and trusted, whether the decoded pixels are the signed ones, "
                                    "and whether the pixel and Tree-Ring watermarks of your key are present.")
-    v.add_argument("file", help="image to check")
+    v.add_argument("file", help="image (PNG) or sound (WAV) to check")
     v.add_argument("--model", default=None,
                    help="model directory for the Tree-Ring check (default: the model the file names, if it is the "
                         "shipped one)")
@@ -41,13 +41,16 @@ def _model_for(args, path: Path):
 
 def verify(args) -> int:
     """Exit status 0 when the manifest is present and valid and the pixels match, 1 otherwise."""
-    from ..provenance.verify import verify_image
+    from ..provenance.verify import verify_image, verify_wav
 
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     anchors = Path(args.trust).read_bytes() if args.trust else None
-    report = verify_image(path, model=_model_for(args, path), anchors=anchors)
+    if path.read_bytes()[:4] == b"RIFF":  # a WAV from generate-audio
+        report = verify_wav(path, anchors=anchors)
+    else:
+        report = verify_image(path, model=_model_for(args, path), anchors=anchors)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
@@ -55,5 +58,6 @@ def verify(args) -> int:
         for line in report.lines():
             print(f"  {line}")
     c = report.checks
-    authentic = all(c[k].ok for k in ("c2pa manifest", "c2pa signature", "pixels match manifest") if k in c)
+    authentic = all(c[k].ok for k in ("c2pa manifest", "c2pa signature", "pixels match manifest",
+                                      "samples match manifest") if k in c)
     return 0 if authentic and "c2pa signature" in c else 1
