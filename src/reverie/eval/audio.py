@@ -41,14 +41,23 @@ def note_results(wave: np.ndarray, spec: SoundSpec, sample_rate: int) -> list[di
 
 
 def note_accuracy(waves, specs: list[SoundSpec], sample_rate: int) -> dict:
-    """Share of notes right over clips (see the module docstring), overall and per kind."""
+    """Share of notes right over clips (see the module docstring), overall and per kind; and, a diagnostic
+    that ignores the absolute pitch, the share of arpeggio steps (note to next note) whose interval is right
+    within half a semitone."""
     per_kind: dict[str, list[bool]] = {}
+    steps = []
     for wave, spec in zip(waves, specs):
-        for r in note_results(np.asarray(wave), spec, sample_rate):
+        results = note_results(np.asarray(wave), spec, sample_rate)
+        for r in results:
             per_kind.setdefault(spec.kind, []).append(r["right"])
+        if spec.kind == "arpeggio":
+            for a, b in zip(results, results[1:]):
+                ok = a["found"] is not None and b["found"] is not None
+                steps.append(ok and abs((b["found"] - a["found"]) - (b["midi"] - a["midi"])) < 0.5)
     every = [v for vs in per_kind.values() for v in vs]
     return {"note_accuracy": float(np.mean(every)) if every else float("nan"), "notes": len(every),
-            "per_kind": {k: {"accuracy": float(np.mean(v)), "notes": len(v)} for k, v in sorted(per_kind.items())}}
+            "per_kind": {k: {"accuracy": float(np.mean(v)), "notes": len(v)} for k, v in sorted(per_kind.items())},
+            "arpeggio_interval_accuracy": float(np.mean(steps)) if steps else float("nan")}
 
 
 class DigitClassifier(nn.Module):
