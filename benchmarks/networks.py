@@ -20,10 +20,16 @@ region and steps can take 5-10x longer than on an idle machine; ``--threads 1 --
 time of the process) is immune to that and is the number to trust for ratios there.
 
 Modes: ``fp32``; ``bf16`` = ``torch.autocast(bfloat16)`` (both keep fp32 weights); ``*-compile``
-adds ``torch.compile`` (reverie with ``fullgraph=True``). reverie runs with ``channels_last`` on
-CUDA (its NHWC convolutions and free attention token views) and without it on the CPU, where
-PyTorch's channels-last GroupNorm backward is several times slower than the NCHW one (measured);
-``--extra-variants`` adds the other layout for reverie and a channels-last diffusers.
+adds ``torch.compile`` (reverie with ``fullgraph=True``). reverie runs with ``channels_last`` (its
+NHWC convolutions, its own channels-last GroupNorm + SiLU, free attention token views) and, as its
+trainer does, the fused AdamW; diffusers with PyTorch's default AdamW, as its training examples.
+``--extra-variants`` adds reverie in NCHW and a channels-last diffusers, so that "diffusers' best
+configuration" is the fastest of fp32 / bf16 / channels_last.
+
+On the CPU the run also measures the bf16 and fp32 matmul peak (2048^2, same threads) and reports
+each training step's GFLOP/s as a fraction of it, and (``--profile``, default on the CPU) profiles
+one reverie bf16 training step and prints where its time goes (convolutions, GroupNorm + SiLU,
+attention, linear layers, dropout, casts and copies, optimizer, ...).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention;
 a multiply-add counts 2), per image, forward and forward + backward. Achieved TFLOP/s = FLOPs x
@@ -84,6 +90,8 @@ def parse_args(argv=None):
                    help="wall clock (default), or this process's CPU time: steadier on a shared machine"
                         " with --threads 1, where a descheduled thread does not stall the others")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile one reverie bf16 training step and print its breakdown (default: on the CPU)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -92,7 +100,7 @@ def parse_args(argv=None):
 
 def build(impl: str, config: str, device: str):
     """(module, forward fn(x, t) -> tensor) for impl in reverie[-cl|-nchw], diffusers[-cl]."""
-    channels_last = impl.endswith("-cl") or (impl == "reverie" and device == "cuda")
+    channels_last = impl.endswith("-cl") or impl == "reverie"
     torch.manual_seed(0)
     if impl.startswith("reverie"):
         net = create_network(CONFIGS[config], channels_last=channels_last).to(device)
@@ -116,7 +124,8 @@ def make_steps(net, fwd, impl: str, mode: str, x, t, backend: str = "inductor"):
     if mode.endswith("compile"):
         fwd = torch.compile(fwd, fullgraph=impl.startswith("reverie"), backend=backend)
     target = torch.randn_like(x)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    # reverie's trainer uses the fused AdamW (reverie.train.run.make_optimizer); diffusers' examples the default
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if impl.startswith("reverie") else None)
 
     def forward_step():
         net.eval()
@@ -184,6 +193,65 @@ def same_function(config: str, device: str) -> dict:
     with torch.no_grad():
         diff = (net(x, t) - ref_fwd(x, t)).abs().max().item()
     return {"max_abs_diff_same_weights": diff}
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of an n x n matmul in ``dtype`` on the CPU: the matrix units' practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+# Where a profiled operation's time goes: the first category matching its own name or an enclosing event's
+# (so a cast inside a convolution counts as a cast, a SiLU inside the fused GroupNorm + SiLU as the norm).
+CATEGORIES = (
+    ("casts and copies", ("_to_copy", "ToCopyBackward", "aten::copy_", "aten::contiguous", "CloneBackward")),
+    ("group norm (+SiLU)", ("GroupNorm", "group_norm")),
+    ("attention", ("scaled_dot_product", "softmax", "Softmax", "BmmBackward", "aten::bmm", "UnsafeViewBackward")),
+    ("dropout", ("Dropout", "dropout", "bernoulli")),
+    ("convolution", ("onvolution", "conv2d")),
+    ("linear (projections, time MLP)", ("addmm", "AddmmBackward", "aten::mm", "MmBackward", "linear")),
+    ("optimizer (AdamW)", ("Optimizer.", "adamw", "_foreach_")),
+    ("SiLU (other)", ("silu", "Silu")),
+    ("concat / resample", ("aten::cat", "CatBackward", "upsample", "Upsample")),
+)
+
+
+def profile_breakdown(step, threads: int) -> dict:
+    """One profiled call of ``step``: milliseconds of CPU time per category (``CATEGORIES``; the rest is
+    "other elementwise and overhead"), from each operation's self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.self_cpu_time_total <= 0:
+            continue
+        chain, node = [], event
+        while node is not None:
+            chain.append(node.name)
+            node = node.cpu_parent
+        name = next((c for c, keys in CATEGORIES if any(k in n for k in keys for n in chain)),
+                    "other elementwise and overhead")
+        totals[name] = totals.get(name, 0.0) + event.self_cpu_time_total / 1e3
+    total = sum(totals.values())
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {"threads": threads, "total_cpu_ms": total,
+            "categories": [{"category": k, "cpu_ms": v, "share": v / total} for k, v in rows]}
+
+
+def format_breakdown(b: dict) -> str:
+    lines = [f"profile of one reverie bf16 training step ({b['threads']} thread(s), CPU time summed over threads, "
+             f"{b['total_cpu_ms']:.0f} ms):"]
+    lines += [f"  {r['category']:34s} {r['cpu_ms']:8.1f} ms  {100 * r['share']:5.1f} %" for r in b["categories"]]
+    return "\n".join(lines)
 
 
 def cuda_peak_mb(step, device: str) -> float:
@@ -327,8 +395,9 @@ def run_mode(config: str, mode: str, impls: list[str], models: dict, static: dic
     return rows
 
 
-def ratios(rows: list[dict]) -> dict:
-    """reverie / diffusers per config and mode, and reverie's best row over diffusers' best row."""
+def ratios(rows: list[dict], peak: float | None = None) -> dict:
+    """reverie / diffusers per config and mode, and reverie's best row over diffusers' best row (with
+    ``peak``, the bf16 matmul GFLOP/s: each best row's achieved GFLOP/s and its fraction of it)."""
     out = {}
     for config in dict.fromkeys(r["config"] for r in rows):
         entry = {}
@@ -349,6 +418,11 @@ def ratios(rows: list[dict]) -> dict:
             if len(best) == 2:
                 entry[phase]["best_vs_best"] = by[best["reverie"]] / by[best["diffusers"]]
                 entry[phase]["best"] = {k: "/".join(v) for k, v in best.items()}
+            if peak and best:
+                gflops = {k: next(r[f"{phase}_tflops"] for r in rows if r["config"] == config
+                                  and (r["impl"], r["mode"]) == v) * 1e3 for k, v in best.items()}
+                entry[phase]["best_gflops"] = gflops
+                entry[phase]["best_fraction_of_bf16_matmul_peak"] = {k: v / peak for k, v in gflops.items()}
         out[config] = entry
     return out
 
@@ -389,7 +463,7 @@ def main(argv=None) -> None:
                              f"modes: {list(MODES)}")
     impls = ["reverie"] + ([] if args.no_diffusers else ["diffusers"])
     if args.extra_variants:
-        impls += ["reverie-nchw" if cuda else "reverie-cl"] + ([] if args.no_diffusers else ["diffusers-cl"])
+        impls += ["reverie-nchw"] + ([] if args.no_diffusers else ["diffusers-cl"])
     meta = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
             "batch": args.batch, "repeats": args.repeats, "iters": args.iters, "timer": args.timer,
@@ -405,8 +479,17 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, checks, models, static = [], {}, {}, {}
 
+    if not cuda:
+        meta["matmul_peak_gflops"] = {"bf16": matmul_peak_gflops(torch.bfloat16),
+                                      "fp32": matmul_peak_gflops(torch.float32)}
+        print(f"matmul peak (2048^2, {args.threads} threads): bf16 {meta['matmul_peak_gflops']['bf16']:.0f} GFLOP/s, "
+              f"fp32 {meta['matmul_peak_gflops']['fp32']:.0f}", flush=True)
+    peak = meta.get("matmul_peak_gflops", {}).get("bf16")
+    breakdown = {}
+
     def save() -> dict:  # after every mode, so a run killed by a time limit keeps what it measured
-        result = {"meta": meta, "same_function": checks, "results": rows, "ratios": ratios(rows)}
+        result = {"meta": meta, "same_function": checks, "results": rows, "ratios": ratios(rows, peak),
+                  "profile": breakdown}
         out.write_text(json.dumps(result, indent=2))
         return result
 
@@ -424,6 +507,14 @@ def main(argv=None) -> None:
                 mode_impls = [i for i in impls if i in ("reverie", "diffusers")]
             rows += run_mode(config, mode, mode_impls, models[config], static[config], args, budget)
             save()
+    if args.profile if args.profile is not None else not cuda:
+        for config in configs:
+            net, fwd = models[config]["reverie"] if config in models else build("reverie", config, args.device)
+            cfg = PRESETS[CONFIGS[config]]
+            x = torch.randn(args.batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=args.device)
+            t = torch.rand(args.batch, device=args.device) * 999
+            breakdown[config] = profile_breakdown(make_steps(net, fwd, "reverie", "bf16", x, t)[1], args.threads)
+            print(f"[{config}] " + format_breakdown(breakdown[config]), flush=True)
     result = save()
     print(json.dumps({"same_function": checks, "ratios": result["ratios"]}, indent=2))
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ from . import editing, modeldir
 from .build import DiffusionModel, load_autoencoder, read_diffusion, save_autoencoder, save_diffusion
 from .configs import from_dict, to_dict
 from .images import to_pil
+from .precision import precision_dtype, resolve_precision
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
 from .sd import FAMILY as SD_FAMILY
@@ -34,17 +35,26 @@ class Pipeline(DiffusionModel):
     def __init__(self, net, cfg, info: dict, name: str = "model", weights_hash: str = "", vae=None):
         super().__init__(net.eval().requires_grad_(False), cfg, info, vae=vae)
         self.name, self.weights_hash = name, weights_hash
+        self.precision = "fp32"
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu", **sd_options) -> Pipeline:
+    def from_pretrained(cls, path: str | Path, use_ema: bool = True, device: str = "cpu", precision: str = "auto",
+                        **sd_options) -> Pipeline:
         """Load a model directory, a checkpoint or run directory (exported on the fly), or a Stable Diffusion
         1.x / 2.x checkpoint (a diffusers folder or one CompVis / A1111 ``.safetensors`` file, ``reverie.sd``;
         ``sd_options`` go to ``load_stable_diffusion``: ``dtype``, ``channels_last``, ``prediction``,
-        ``tokenizer``); validates names and shapes of every tensor."""
+        ``tokenizer``); validates names and shapes of every tensor.
+
+        ``precision`` ("auto", "fp32", "bf16"; ``reverie.precision``): the denoising network's weights and
+        activations. "auto" is bf16 with channels_last on CPUs with bf16 matrix units and float32 elsewhere;
+        text encoders, layout encoders and samplers' states stay float32. An SD ``dtype`` option overrides it."""
         path = Path(path)
+        resolved = resolve_precision(precision, device)
         if path.is_file() and (path.parent / "config.json").is_file() and not is_stable_diffusion(path.parent):
             raise ValueError(f"{path} is a file of the model directory {path.parent}: pass the directory")
         if is_stable_diffusion(path):
+            if "dtype" not in sd_options and resolved != "fp32":
+                sd_options = {"dtype": precision_dtype(resolved), "channels_last": resolved == "bf16", **sd_options}
             sd = load_stable_diffusion(path, device=device, **sd_options)
             cfg = from_dict(TrainConfig, to_dict(sd.cfg))  # a full config: every field sampling reads, defaulted
             pipe = cls(sd.net, cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
@@ -55,7 +65,7 @@ class Pipeline(DiffusionModel):
         if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 export_checkpoint(find_checkpoint(path), Path(tmp) / "model", use_ema=use_ema)
-                pipe = cls.from_pretrained(Path(tmp) / "model", device=device)
+                pipe = cls.from_pretrained(Path(tmp) / "model", device=device, precision=precision)
             pipe.name = path.resolve().name
             return pipe
         found, cfg, net, info, weights = read_diffusion(path, TrainConfig, use_ema)
@@ -64,7 +74,20 @@ class Pipeline(DiffusionModel):
         if own_vae is not None and not (own_vae / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a latent model whose autoencoder ({own_vae}) is missing")
         vae = load_autoencoder(own_vae, device) if own_vae is not None else None
-        return cls(net.to(device), cfg, info, name=path.name, weights_hash=modeldir.file_hash(weights), vae=vae)
+        pipe = cls(net.to(device), cfg, info, name=path.name, weights_hash=modeldir.file_hash(weights), vae=vae)
+        pipe.set_precision(resolved)
+        return pipe
+
+    def set_precision(self, precision: str) -> None:
+        """Run the denoising network in ``precision`` ("fp32", "bf16", "fp16"; bf16 also channels_last for 2-D
+        data), if it is one that runs in its weights' dtype (reverie's U-Net); other networks stay float32."""
+        target = getattr(self.net, "net", self.net)  # a text-conditioned model: only its image network
+        if not getattr(target, "runs_in_weight_dtype", False):
+            return
+        target.to(dtype=precision_dtype(precision))
+        if precision == "bf16" and getattr(target.config, "dims", 2) == 2:
+            target.to(memory_format=torch.channels_last)
+        self.precision = precision
 
     def save_pretrained(self, path: str | Path) -> Path:
         if self.info.get("family") == SD_FAMILY:  # its U-Net/CLIP are not reverie's model-directory networks

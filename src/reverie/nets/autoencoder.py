@@ -42,7 +42,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (
@@ -189,7 +188,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.mid(self.down(self.conv_in(x)))  # (B, widths[-1], *S / f)
-        return self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
+        return self.conv_out(self.norm_out.silu(h)).chunk(2, dim=1)
 
 
 class Decoder(nn.Module):
@@ -213,7 +212,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.up(self.mid(self.conv_in(z)))  # (B, widths[0], *S)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.silu(h))
 
 
 class AutoencoderKL(nn.Module):

@@ -8,8 +8,11 @@ Choices (the "why" that the code cannot show):
 
 - Attention uses one fused QKV projection and ``F.scaled_dot_product_attention``; with a
   ``channels_last`` activation the ``(B, C, *spatial) -> (B, N, C)`` flatten is a free view.
-  (Two explicit matmuls were measured too: faster on the CPU only for bf16 training at N <= 256,
-  up to 6x slower at N = 1024 and for inference, so SDPA everywhere.)
+  Two explicit matmuls (float32 softmax) replace SDPA when training on the CPU at N x L <= 256^2,
+  where the flash kernel's backward pass is slow (:func:`attention`); elsewhere SDPA.
+- On the CPU, channels-last activations go through reverie's own GroupNorm (+ AdaGN) + SiLU
+  (``_GroupNormSiLU``: PyTorch's channels-last GroupNorm kernels are several times slower than its
+  NCHW ones), and dropout draws a quarter of the random numbers (:class:`Dropout`).
 - Under autocast, :class:`GroupNorm` normalizes bf16/fp16 activations in their own dtype
   (float32 statistics) instead of round-tripping every activation through float32.
 - A padding mask is ``True`` for real tokens. A sample whose mask has no real token attends
@@ -47,6 +50,8 @@ __all__ = [
     "TimeEmbedding",
     "Backbone",
     "GroupNorm",
+    "Dropout",
+    "attention",
     "Attention",
     "AttentionBlock",
     "ResBlock",
@@ -134,20 +139,176 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def _channels_last_tokens(x: Tensor) -> Tensor | None:
+    """``x`` (B, C, *S) stored channels-last as a (B, N, C) view, or None when it is not stored that way."""
+    if x.ndim < 3 or x.stride(1) != 1 or x.is_contiguous():
+        return None
+    tokens = x.permute(0, *range(2, x.ndim), 1)
+    return tokens.view(x.shape[0], -1, x.shape[1]) if tokens.is_contiguous() else None
+
+
+def _group_stats(x3: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Mean and 1/std (B, G, 1) of (B, N, C) tokens, in float32 (float64 for float64 input)."""
+    B, N, C = x3.shape
+    xf = x3.to(torch.promote_types(x3.dtype, torch.float32))
+    # Sums and sums of squares per channel, then per group (as PyTorch's own channels-last kernel does);
+    # vecdot runs the squares as one fused reduction without a full-size temporary.
+    sums = torch.stack((xf.sum(1), torch.linalg.vecdot(xf.mT, xf.mT))).view(2, B, groups, -1).sum(-1, keepdim=True)
+    mean, square = sums.div_(N * (C // groups))
+    return mean, (square - mean * mean).clamp_(min=0).add_(eps).rsqrt_()
+
+
+def _group_affine(mean: Tensor, rstd: Tensor, weight: Tensor, bias: Tensor, scale: Tensor | None,
+                  shift: Tensor | None) -> tuple[Tensor, ...]:
+    """``a, b`` (B, G, C/G) with GN(x) [* (1 + scale) + shift] = a x + b per (sample, channel), and ``A, Bc``,
+    the affine map after normalization ((G, C/G) without AdaGN), in the statistics' dtype."""
+    B, G, _ = mean.shape
+    A, Bc = weight.to(mean.dtype).view(G, -1), bias.to(mean.dtype).view(G, -1)
+    if scale is not None:
+        gain = scale.to(mean.dtype).view(B, G, -1) + 1
+        A, Bc = A * gain, torch.addcmul(shift.to(mean.dtype).view(B, G, -1), Bc, gain)
+    a = rstd * A
+    return a, Bc - mean * a, A, Bc
+
+
+def _affine_silu(x3: Tensor, a: Tensor, b: Tensor, act: bool) -> Tensor:
+    B, N, C = x3.shape
+    z = torch.addcmul(b.to(x3.dtype).view(B, 1, C), x3, a.to(x3.dtype).view(B, 1, C))
+    return F.silu(z, inplace=True) if act else z
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """GroupNorm [then AdaGN's ``* (1 + scale) + shift``] [then SiLU] on channels-last (B, N, C) tokens.
+
+    PyTorch's channels-last GroupNorm kernels are 4-8x slower than its NCHW ones on the CPU (measured: 5.4
+    vs 0.7 ms forward at 16x256x16x16 bf16), and a layout change costs more than the norm. Here the norm is
+    per-(sample, channel) scale and shift from float32 statistics, applied in one ``addcmul`` along the
+    contiguous channel axis, SiLU in place. Only the input and (B, G) statistics are kept (the
+    pre-activation is recomputed), and the input gradient is again one affine map per (sample, group)
+    plus ``a * dz``:
+
+        dx = a dz + c1 x + c0,  c1 = -rstd^2 S2 / M,  c0 = -rstd S1 / M - c1 mean,
+        S1 = sum_group A dBc,   S2 = sum_group A dA   (M elements per group)
+
+    with dA = sum_n dz xhat and dBc = sum_n dz the gradients of the post-norm affine. For bf16/fp16 input
+    those two sums are accumulated in float32 but rounded to the input's dtype, like autocast's own
+    convolution weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, groups, eps, weight, bias, scale, shift, act):
+        mean, rstd = _group_stats(x3, groups, eps)
+        a, b, _, _ = _group_affine(mean, rstd, weight, bias, scale, shift)
+        ctx.save_for_backward(x3, mean, rstd, weight, bias, scale, shift)
+        ctx.act = act
+        return _affine_silu(x3, a, b, act)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x3, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        B, N, C = x3.shape
+        G = mean.shape[1]
+        a, b, A, Bc = _group_affine(mean, rstd, weight, bias, scale, shift)
+        dz = torch.ops.aten.silu_backward(grad, _affine_silu(x3, a, b, False)) if ctx.act else grad
+        dBc = dz.sum(1).to(a.dtype).view(B, G, -1)
+        dzx = torch.linalg.vecdot(dz.mT, x3.mT).to(a.dtype).view(B, G, -1)
+        dA = (dzx - dBc * mean) * rstd  # sum_n dz xhat
+        count = N * (C // G)
+        c1 = rstd * rstd * (A * dA).sum(-1, keepdim=True) / -count
+        c0 = (A * dBc).sum(-1, keepdim=True) * rstd / -count - c1 * mean
+        dx = torch.addcmul(c0.to(x3.dtype).expand(B, G, C // G).reshape(B, 1, C), x3,
+                           c1.to(x3.dtype).expand(B, G, C // G).reshape(B, 1, C))
+        dx.addcmul_(dz, a.to(x3.dtype).view(B, 1, C))
+        dscale = dshift = None
+        if scale is not None:
+            gain = scale.to(a.dtype).view(B, G, -1) + 1
+            dscale = (dA * weight.to(a.dtype).view(G, -1) + dBc * bias.to(a.dtype).view(G, -1)).view(B, C)
+            dscale, dshift = dscale.to(scale.dtype), dBc.view(B, C).to(shift.dtype)
+            dA, dBc = dA * gain, dBc * gain
+        return (dx, None, None, dA.sum(0).view(C).to(weight.dtype), dBc.sum(0).view(C).to(bias.dtype), dscale,
+                dshift, None)
+
+
+def group_norm_silu(x3: Tensor, groups: int, eps: float, weight: Tensor, bias: Tensor, scale: Tensor | None = None,
+                    shift: Tensor | None = None, act: bool = True) -> Tensor:
+    """``_GroupNormSiLU`` on (B, N, C) tokens; without autograd bookkeeping when no gradient is needed."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x3, weight, bias, scale, shift)):
+        return _GroupNormSiLU.apply(x3, groups, eps, weight, bias, scale, shift, act)
+    mean, rstd = _group_stats(x3, groups, eps)
+    return _affine_silu(x3, *_group_affine(mean, rstd, weight, bias, scale, shift)[:2], act)
+
+
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that keeps a bf16/fp16 activation in its dtype under autocast.
+    """``nn.GroupNorm`` that keeps a bf16/fp16 activation in its dtype under autocast, with a fast
+    channels-last path and a fused GroupNorm [+ AdaGN] + SiLU (:meth:`silu`).
 
     Autocast runs group_norm in float32, so every norm would upcast its input, hand a float32
     tensor to SiLU and make the next conv cast it back. The native kernel already accumulates
     the statistics of a half-precision input in float32, so we call it on the input's dtype:
-    same normalization, two fewer full-size casts per norm.
+    same normalization, two fewer full-size casts per norm. A channels-last input goes through
+    ``_GroupNormSiLU`` instead (several times faster on the CPU than PyTorch's channels-last kernel).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.silu(x, act=False)
+
+    def silu(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, act: bool = True) -> Tensor:
+        """SiLU(GN(x) [* (1 + scale) + shift]) (``act=False``: without the SiLU); ``scale``, ``shift`` (B, C)."""
+        tokens = _channels_last_tokens(x) if x.device.type == "cpu" else None
+        # Without gradients, PyTorch's own kernel is as fast on small maps and with < 8 channels per group
+        # (measured on the shipped 32x32 model); it is the slow one on SD-sized maps.
+        big = x.shape[1] >= 8 * self.num_groups and x.numel() >= 2**21
+        if tokens is not None and (torch.is_grad_enabled() or big):
+            with torch.autocast(x.device.type, enabled=False):
+                out = group_norm_silu(tokens, self.num_groups, self.eps, self.weight, self.bias, scale, shift, act)
+            return out.view(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+        h = self._native(x)
+        if scale is not None:
+            h = torch.addcmul(append_dims(shift, h.ndim), h, append_dims(1 + scale, h.ndim))
+        return F.silu(h) if act else h
+
+    def _native(self, x: Tensor) -> Tensor:
         if x.dtype not in (torch.float16, torch.bfloat16) or self.weight.dtype == x.dtype:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None, None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask costs a quarter of the random draws.
+
+    PyTorch's CPU dropout draws one Mersenne-Twister number per element (``bernoulli_``: 6-8 ms for 1M
+    elements on one core, 7% of the DDPM U-Net's training step). Here each 64-bit draw gives four
+    16-bit uniforms; an element is dropped with probability p' = round(65536 p) / 65536 (|p' - p| <=
+    7.6e-6) and the kept ones are scaled by 1 / (1 - p'), so the layer stays unbiased. Draws come from
+    the global generator, as ``nn.Dropout``'s do. Other devices use ``nn.Dropout``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        threshold = round(self.p * 65536)
+        if threshold >= 65536:
+            return x * 0
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+        keep = (words.view(torch.int16)[:n] >= threshold - 32768)  # four uniform 16-bit pieces per draw
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=memory_format_for(x.ndim - 2))
+        keep = keep.as_strided(x.shape, x.stride()) if dense and x.ndim in (4, 5) else keep.view(x.shape)
+        return _Dropout.apply(x, keep, 65536 / (65536 - threshold))
 
 
 # --------------------------------------------------------------------------- time embeddings
@@ -274,9 +435,32 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
         attn_mask, keep = key_padding_mask(mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, N, d)
+        out = attention(q, k, v, attn_mask, is_causal)  # (B, H, N, d)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return out if keep is None else out * keep
+
+
+# Largest N x L (queries x keys) for which two plain matmuls beat the CPU's SDPA (flash) kernel, measured on
+# one core with bf16: in training its backward pass is slow on small maps (forward + backward 30 vs 22 ms at
+# 16 x 256 x 256 x 256, the DDPM U-Net's 16x16 attention); in inference SDPA was as fast or faster at every
+# size measured (8 x 64 x 64 x 32: 0.13 vs 0.18 ms; N = 1024: 5x).
+MATMUL_ATTENTION_MAX = {"train": 256 * 256, "inference": 0}
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, H, N, d) heads; ``attn_mask`` bool, True = attend. SDPA, except
+    for small maps on the CPU, where plain matmuls with a float32 softmax are faster (MATMUL_ATTENTION_MAX)."""
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    limit = MATMUL_ATTENTION_MAX["train" if training else "inference"]
+    if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] > limit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril_()
+        attn_mask = causal if attn_mask is None else attn_mask & causal
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def sincos_position_embedding(shape: tuple[int, ...], channels: int, extent: float | None = None,
@@ -365,28 +549,28 @@ class ResBlock(nn.Module):
         self.norm1 = GroupNorm(norm_groups, in_ch)
         self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
         self.norm2 = GroupNorm(norm_groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else conv_nd(dims, in_ch, out_ch, 1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         if (emb is None) != (self.emb_channels == 0):
             raise ValueError(f"this ResBlock takes {'an' if self.emb_channels else 'no'} `emb`")
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.conditioned_norm(h, emb))))
-        # In-place adds (also in conditioned_norm) only touch conv outputs, which convolution backward
+        h = self.conv1(self.norm1.silu(x))
+        h = self.conv2(self.dropout(self.conditioned_norm_silu(h, emb)))
+        # In-place adds (also in conditioned_norm_silu) only touch conv outputs, which convolution backward
         # does not keep.
         return h.add_(self.skip(x))
 
-    def conditioned_norm(self, h: Tensor, emb: Tensor | None) -> Tensor:
-        """The second norm: AdaGN, the embedding added before it, or (no ``emb``) the plain norm."""
+    def conditioned_norm_silu(self, h: Tensor, emb: Tensor | None) -> Tensor:
+        """SiLU of the second norm: AdaGN, the embedding added before it, or (no ``emb``) the plain norm."""
         if emb is None:
-            return self.norm2(h)
-        emb = append_dims(emb.to(h.dtype), h.ndim)  # (B, E, 1, ...)
+            return self.norm2.silu(h)
+        emb = emb.to(h.dtype)  # (B, E)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
-            return torch.addcmul(shift, self.norm2(h), 1 + scale)
-        return self.norm2(h.add_(emb))
+            return self.norm2.silu(h, scale, shift)
+        return self.norm2.silu(h.add_(append_dims(emb, h.ndim)))
 
 
 class Downsample(nn.Module):

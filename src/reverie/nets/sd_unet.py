@@ -229,7 +229,7 @@ class SDUNet(nn.Module):
                 h = self._run(level, j, torch.cat([h, skips.pop()], dim=1), emb, context)
             if level.resample is not None:  # nearest to the next skip's size, then the conv
                 h = level.resample.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
+        return self.conv_out(self.norm_out.silu(h)).to(x.dtype)
 
 
 SD_UNET_PRESETS: dict[str, SDUNetConfig] = {

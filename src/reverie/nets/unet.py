@@ -145,6 +145,7 @@ class UNet(Backbone):
     """DDPM/ADM U-Net (module docstring); build with ``UNet(UNetConfig(...))`` or ``create_network``."""
 
     display_name = "U-Net"
+    runs_in_weight_dtype = True  # casts its input and conditions to its weights' dtype (reverie.precision)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -238,13 +239,19 @@ class UNet(Backbone):
                 pooled: Tensor | None = None, spatial: Tensor | None = None,
                 inpaint: Tensor | None = None) -> Tensor:
         self._check_input(x, context, spatial, inpaint)
+        # Run in the weights' dtype and layout (bf16 + channels_last for inference on AMX CPUs: see
+        # reverie.precision), answer in x's dtype; under autocast the weights are float32 and nothing changes.
+        weight = self.conv_in.weight
+        fmt = self.memory_format if weight.is_contiguous() else memory_format_for(self.config.dims)
+        if weight.dtype != x.dtype:
+            context, pooled = (c if c is None else c.to(weight.dtype) for c in (context, pooled))
         emb = self.embed(c_noise, class_labels, pooled)
         embs = self.emb_proj(F.silu(emb)).split(self.emb_sizes, dim=1)  # one (B, E_i) slice per block
-        h = self.conv_in(x.contiguous(memory_format=self.memory_format))
+        h = self.conv_in(x.to(weight.dtype).contiguous(memory_format=fmt))
         if spatial is not None:
-            h = h + self.spatial_in(spatial.to(h.dtype).contiguous(memory_format=self.memory_format))
+            h = h + self.spatial_in(spatial.to(h.dtype).contiguous(memory_format=fmt))
         if inpaint is not None:
-            h = h + self.inpaint_in(inpaint.to(h.dtype).contiguous(memory_format=self.memory_format))
+            h = h + self.inpaint_in(inpaint.to(h.dtype).contiguous(memory_format=fmt))
         skips, i = [h], 0
         for block in self.down:
             if isinstance(block, UNetBlock):
@@ -260,7 +267,8 @@ class UNet(Backbone):
                 h, i = self.run_block(block, h, embs[i], context, context_mask), i + 1
             else:
                 h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        out = self.conv_out(self.norm_out.silu(h)).contiguous()
+        return out if weight.dtype == x.dtype else out.to(x.dtype)  # autocast's bf16 output stays bf16
 
 
 # --------------------------------------------------------------------------- diffusers interoperability

@@ -143,7 +143,8 @@ class RunSection:
 
     steps: int = 1000
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # auto: bf16 autocast on CPUs with bf16 matrix units (AMX / AVX512-BF16), else no (reverie.precision)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     seed: int = 0
     out_dir: str = "runs/default"
     checkpoint_every: int = 250
@@ -199,7 +200,7 @@ class TrainSection(RunSection):
     mask_kinds: dict = field(default_factory=lambda: {"object": 0.5, "box": 0.2, "strokes": 0.2, "full": 0.1})
     init_from: str = ""                 # a model directory whose weights start a new run (fine-tuning)
     trainable_only: str = ""            # train only parameters whose name contains this (".temporal."); "": all
-    channels_last: bool = False
+    channels_last: bool | None = None   # None: channels_last exactly when training in bf16 on the CPU
     gradient_checkpointing: bool = False
     compile: bool = False               # torch.compile the network (not the text encoder); meant for GPUs
 

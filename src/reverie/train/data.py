@@ -78,9 +78,12 @@ class Batches:
             self.dataset.set_epoch(state.epoch)
         sampler = ShardedSampler(len(self.dataset), self.rank, self.world, cfg.train.seed,
                                  state.epoch, cfg.data.shuffle, state.batch * cfg.data.batch_size)
+        # its own generator: starting an iterator draws a base seed (for workers), which from the global
+        # generator would shift the network's dropout draws in the step where a resumed run starts its loader
+        own = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.epoch)
         return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
                           num_workers=self.cfg.data.num_workers, collate_fn=collate, drop_last=True,
-                          persistent_workers=False)
+                          persistent_workers=False, generator=own)
 
     def next(self) -> dict:
         for _ in range(2):

@@ -41,7 +41,7 @@ from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .errors import TrainingError
-from .run import Run, Trainer, fit
+from .run import Run, Trainer, fit, run_precision, use_channels_last
 
 
 @dataclass
@@ -114,7 +114,7 @@ class DiffusionTrainer(Trainer):
         if cfg.distill.teacher and type(self) is DiffusionTrainer:
             raise TrainingError("a config with distill.teacher is a distillation run: use reverie.train.train (or "
                                 "`reverie train`), which runs reverie.train.distill")
-        if cfg.train.compile and cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
+        if cfg.train.compile and run_precision(cfg) != "no" and not torch.cuda.is_available():
             # Measured with torch 2.13 on the CPU: the compiled shapes U-Net under bf16 autocast gave a finite
             # first loss, then non-finite losses from the second step on; eager bf16 and compiled fp32 train fine.
             raise TrainingError("train.compile with mixed precision on the CPU gave non-finite losses here "
@@ -156,7 +156,7 @@ class DiffusionTrainer(Trainer):
                 p.requires_grad_(n in names)
             run.say(f"training only {len(names)} tensors named *{cfg.train.trainable_only}* "
                     f"({sum(p.numel() for n, p in net.named_parameters() if n in names):,} parameters)")
-        if cfg.train.channels_last:
+        if use_channels_last(cfg):
             net = net.to(memory_format=torch.channels_last)
         if cfg.train.gradient_checkpointing and hasattr(net, "set_gradient_checkpointing"):
             net.set_gradient_checkpointing(True)
@@ -177,6 +177,7 @@ class DiffusionTrainer(Trainer):
 
     def prepared(self, model) -> None:
         self.denoiser.model = model
+        self.channels_last = use_channels_last(self.cfg)
         self.device = next(model.parameters()).device
 
     def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -185,7 +186,7 @@ class DiffusionTrainer(Trainer):
             x0 = encode_batch(self.vae, batch, g, cfg.model.latent_sample).to(self.device)
         else:
             x0 = batch["image"].to(self.device)
-        if cfg.train.channels_last and x0.ndim == 4:
+        if self.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         if cfg.model.process != "gaussian":
             return heat_loss(self.heat, model, x0, g), {}

@@ -34,7 +34,7 @@ from ..utils import append_dims
 from .config import TrainConfig
 from .diffusion import DiffusionTrainer, TrainResult, text_condition
 from .errors import TrainingError
-from .run import Run, fit
+from .run import Run, fit, use_channels_last
 
 
 def distill(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
@@ -95,7 +95,7 @@ class ConsistencyDistillTrainer(DiffusionTrainer):
     def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg, dist = self.cfg, self.cfg.distill
         x0 = batch["image"].to(self.device)
-        if cfg.train.channels_last:
+        if use_channels_last(cfg):  # train.channels_last, or on when training bf16 on the CPU
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond, uncond = self._conditions(batch, g)
         n = torch.randint(0, len(self.solver_levels) - 1, (x0.shape[0],), generator=g)

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..configs import to_dict
 from ..modeldir import load_module_weights, module_weights
+from ..precision import resolve_precision
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, newest_first, save_checkpoint
 from .data import Batches, DataState, step_generator
 from .errors import RunChanged, TrainingError
@@ -120,7 +121,7 @@ class Run:
             # OpenMP threads spin-wait: on a machine shared with other jobs, more threads than free cores
             # make every op wait for a descheduled thread (measured here: 5x slower with 2 than with 1).
             torch.set_num_threads(cfg.train.threads)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.acc = Accelerator(mixed_precision=run_precision(cfg), cpu=not torch.cuda.is_available())
         self.rank, self.world, self.main = self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self.out = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -146,6 +147,24 @@ class Run:
             (self.bar.write if self.bar is not None else print)(message)
 
 
+def run_precision(cfg) -> str:
+    """accelerate's ``mixed_precision`` for the run: ``train.mixed_precision`` with ``"auto"`` resolved by
+    ``reverie.precision`` ("bf16" on CPUs with bf16 matrix units, else "no")."""
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    return "no" if precision == "fp32" else precision
+
+
+def use_channels_last(cfg) -> bool:
+    """``train.channels_last``, or when unset (None): whether the run trains in bf16 on the CPU, where
+    oneDNN's channels-last bf16 convolutions are the fast path."""
+    chosen = getattr(cfg.train, "channels_last", False)
+    if chosen is not None:
+        return chosen
+    return run_precision(cfg) == "bf16" and not torch.cuda.is_available()
+
+
 def lr_lambda(cfg):
     """The LR multiplier of step k: linear warmup, then constant, cosine or warmup-stable-decay."""
     warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
@@ -166,10 +185,14 @@ def lr_lambda(cfg):
 
 
 def make_optimizer(cfg, module: torch.nn.Module):
-    """AdamW over the trainable parameters, and its LR schedule."""
+    """AdamW over the trainable parameters, and its LR schedule. The fused (one kernel for all tensors)
+    implementation where every parameter is a float32 CPU or CUDA tensor: on the CPU it took the DDPM U-Net's
+    optimizer step from 150 to ~40 ms (one core), same update rule."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     o = cfg.optim
-    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    fused = bool(trainable) and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                            fused=fused or None)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
@@ -253,10 +276,22 @@ def _restore(state: dict, source: Path, module, opt, sched, trainer: Trainer, ru
     trainer.load_state_dict(state, source)
     load_module_weights(module, state["model"], source=str(source))
     opt.load_state_dict(state["optimizer"])
+    _match_layouts(opt)
     sched.load_state_dict(state["lr_scheduler"])
     run.say(f"resumed from {source} at step {state['step']}")
     return Progress(state["step"], DataState(**state["data"]), state.get("nonfinite_total", 0),
                     state.get("elapsed_s", 0.0))
+
+
+def _match_layouts(opt) -> None:
+    """Give each restored optimizer state tensor its parameter's memory layout. Checkpoints store contiguous
+    tensors; a channels_last parameter beside a contiguous moment would make the fused AdamW kernel, which
+    walks all of a parameter's tensors in memory order, pair the wrong elements."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    opt.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _checkpoint(run: Run, trainer: Trainer, model, opt, sched, progress: Progress) -> Path | None:

@@ -40,7 +40,7 @@ from ..vdm import (
 from .config import TrainConfig
 from .diffusion import DiffusionTrainer, TrainResult
 from .ema import EMA
-from .run import Run, fit
+from .run import Run, fit, use_channels_last
 
 
 @dataclass
@@ -94,7 +94,7 @@ class VDMTrainer(DiffusionTrainer):
     def build(self, run: Run, resuming: bool) -> torch.nn.Module:
         cfg = self.cfg
         net = VDMNet(build_network(cfg, run.info), make_gamma(cfg.vdm.gamma_config()))
-        if cfg.train.channels_last:
+        if use_channels_last(cfg):
             net.net = net.net.to(memory_format=torch.channels_last)
         self.ema = EMA(net, cfg.ema.max_decay, cfg.ema.power, cfg.ema.inv_gamma, cfg.ema.half_life_images)
         self.ema.model.gamma.double()  # EMA copies are float32; schedule arithmetic stays float64
@@ -109,7 +109,7 @@ class VDMTrainer(DiffusionTrainer):
     def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         x0 = batch["image"].to(self.device)
-        if cfg.train.channels_last and x0.ndim == 4:
+        if use_channels_last(cfg) and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         schedule = getattr(model, "module", model).gamma  # unwrapped (DDP); its parameters are the model's
         t = sample_times(x0.shape[0], g, cfg.vdm.antithetic).to(self.device)
