@@ -22,6 +22,7 @@ configuration's own peak memory.
 
     python benchmarks/sd_speed.py --interleaved bfloat16 --out benchmarks/results/sd_speed_bf16.json
     python benchmarks/sd_speed.py --interleaved float32 --rounds 2 --out benchmarks/results/sd_speed_fp32.json
+    python benchmarks/sd_speed.py --interleaved bfloat16 --rounds 2 --threads 1 --timer cpu   # a busy machine
     python benchmarks/sd_speed.py --timed-steps 3             # separate processes: peak memory, end to end
     python benchmarks/sd_speed.py --device cuda --timed-steps 20 --configs reverie-fp16,diffusers-fp16
 """
@@ -138,7 +139,7 @@ def child(name: str, folder: Path, steps: int, size: int, device: str, threads: 
             "peak_gb": peak, "peak_kind": "GPU max allocated" if device.startswith("cuda") else "process max RSS"}
 
 
-def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int) -> dict:
+def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int, timer: str = "wall") -> dict:
     """Both libraries in one process, their guided denoiser steps (one U-Net call on a batch of 2, as each
     pipeline runs it) and VAE decodes timed alternately, so that a machine whose load drifts slows both alike.
     seconds / image = text encoding + ``steps`` x median step + median decode."""
@@ -163,10 +164,12 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
     times = {k: [] for k in ("reverie_encode", "diffusers_encode", "reverie_step", "diffusers_step",
                              "reverie_decode", "diffusers_decode")}
 
+    clock = time.process_time if timer == "cpu" else time.perf_counter
+
     def timed(key, fn):
-        start = time.perf_counter()
+        start = clock()
         out = fn()
-        times[key].append(time.perf_counter() - start)
+        times[key].append(clock() - start)
         return out
 
     options = SamplingOptions(guidance_scale=7.5, negative_prompt=NEGATIVE)
@@ -188,7 +191,8 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
             if r % 2 == 0:
                 timed("reverie_decode", lambda: ours.vae.from_latent(latents))
                 timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
-    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, **paired_summary(times, steps)}
+    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "timer": timer,
+            **paired_summary(times, steps)}
 
 
 def paired_summary(times: dict, steps: int) -> dict:
@@ -233,6 +237,9 @@ def main() -> None:
     parser.add_argument("--interleaved", default=None, metavar="DTYPE",
                         help="float32 or bfloat16: time both libraries alternately in one process (see interleaved)")
     parser.add_argument("--rounds", type=int, default=4, help="--interleaved: timed rounds")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="--interleaved: wall clock, or this process's CPU time (steadier on a shared machine, "
+                             "with --threads 1)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.model_dir)
@@ -241,7 +248,7 @@ def main() -> None:
         torch_module().set_num_threads(args.threads or torch_module().get_num_threads())
         result = {"model": "SD 1.5 architecture, random weights", "size": args.size, "steps": args.steps,
                   "guidance_scale": 7.5, "machine": _machine(args.device),
-                  **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps)}
+                  **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps, args.timer)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         med, per = result["median_s"], result["seconds_per_image"]
