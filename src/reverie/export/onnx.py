@@ -201,6 +201,7 @@ def export_onnx(model: DiffusionModel, out_dir: str | Path, steps: list[int] | N
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     if int8:
         config["int8"] = quantize_export(out, config, model, calibration_prompts, report, progress=progress)
+        config["checks"]["int8_max_error_vs_fp32"] = report.int8_error
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     report.sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     return report
