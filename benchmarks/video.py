@@ -202,18 +202,20 @@ def main(argv=None) -> int:
               "sampling": "model defaults (dpmpp_2m, 20 steps, ddim-trailing, guidance 4), seed = first clip index "
               "of the batch",
               "model": args.model, "model_hash": models["video"].weights_hash, "results": {}}
+    if args.showcase:
+        showcase(models["video"], ROOT / "docs" / "video.gif", ROOT / "docs" / "video_frames.png")
     real = torch.stack([it["image"] for it in items])  # the rendered clips: the scoring's ceiling
     result["results"]["real clips"] = summarize(score_clips(real, items, detector), 0.0)
     print("real clips", json.dumps(result["results"]["real clips"]), flush=True)
-    for name, pipe in models.items():
-        for layouts in args.layouts:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    # conditions by priority (each written as soon as it is measured): the model and its reference as shipped
+    # (layouts planned), then the prompt alone
+    for layouts in args.layouts:
+        for name, pipe in models.items():
             out = evaluate(pipe, items, layouts, args.batch, args.seed, detector, args.steps)
             result["results"][f"{name}/layouts={layouts}"] = {**out["summary"], "per_clip": out["clips"]}
             print(name, layouts, json.dumps(out["summary"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.showcase:
-        showcase(models["video"], ROOT / "docs" / "video.gif", ROOT / "docs" / "video_frames.png")
+            Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
