@@ -17,7 +17,9 @@ previous centre. Per clip and object:
   grow / shrink: the object's area (pixels within 60 RGB units of its colour) changes by >= 1.5x the right way;
   turns X: the expected colour in the first and last frame;
 - **identity kept**: the tracked detection has the same colour and shape in every frame (a "turns X" object:
-  the same shape, and one colour per half).
+  the same shape, and one colour per half);
+- **background kept** (not an acceptance figure; frame-to-frame flicker): the median colour of every frame's
+  1-px border stays within 30 RGB units of the first frame's.
 
 Conditions: per-frame layouts planned from the caption (``layouts=auto``, the default of ``generate-video``) and
 the prompt alone (``layouts=none``). The reference, measured in the same run on the same captions and seeds,
@@ -149,9 +151,18 @@ def score_clips(clips: torch.Tensor, items: list[dict], detector) -> list[dict]:
         frame_ok = [all(s["hits"][t] for s in scored) for t in range(frames)]
         dirs = [s["direction"] for s in scored if s["direction"] is not None]
         records.append({"text": it["text"], "frames_correct": sum(frame_ok) / frames,
+                        "background_kept": background_kept(clips[b]),
                         "direction": all(dirs) if dirs else None, "motion": all(s["motion"] for s in scored),
                         "identity": all(s["identity"] for s in scored), "kinds": [s["kind"] for s in scored]})
     return records
+
+
+def background_kept(clip: torch.Tensor, tolerance: float = 30.0) -> bool:
+    """Whether the background stays one colour: the median of the 1-px border of every frame (objects keep
+    clear of the border) within ``tolerance`` RGB units of the first frame's."""
+    border = torch.cat([clip[:, :, 0], clip[:, :, -1], clip[:, :, :, 0], clip[:, :, :, -1]], dim=-1)  # [3, T, 4W]
+    medians = (border.median(dim=-1).values + 1) * 127.5  # [3, T]
+    return bool((medians - medians[:, :1]).norm(dim=0).max() <= tolerance)
 
 
 def summarize(records: list[dict], seconds: float) -> dict:
@@ -165,6 +176,7 @@ def summarize(records: list[dict], seconds: float) -> dict:
             "direction_correct": mean(directed), "direction_clips": len(directed),
             "motion_correct": mean([r["motion"] for r in records]),
             "identity_kept": mean([r["identity"] for r in records]),
+            "background_kept": mean([r["background_kept"] for r in records]),
             "motion_by_kind": {k: {"correct": mean(v), "clips": len(v)} for k, v in sorted(by_kind.items())},
             "seconds_per_clip": seconds / len(records)}
 
