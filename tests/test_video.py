@@ -274,3 +274,13 @@ def test_sampling_a_video_model_without_a_prompt_or_with_one_image_layout(video_
     assert clips.shape == (2, 3, 4, 16, 16)
     static = [("red circle", (0.1, 0.1, 0.5, 0.5))]  # one image layout: the same box in every frame
     assert pipe.sample(1, steps=1, prompts=["a red circle"], layouts=[static]).shape == (1, 3, 4, 16, 16)
+
+
+def test_mp4_without_ffmpeg_is_one_clear_error(tmp_path, monkeypatch):
+    import reverie.video as video
+
+    monkeypatch.setattr(video.shutil, "which", lambda name: None)
+    frames = [Image.new("RGB", (8, 8))] * 2
+    with pytest.raises(ValueError, match="needs ffmpeg on the PATH"):
+        save_video(frames, tmp_path / "a.mp4", {"prompt": "x"})
+    assert not (tmp_path / "a.json").exists()
