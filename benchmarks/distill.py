@@ -4,7 +4,7 @@ steps (40 network calls per image), measured in the same run, plus the distillat
 its run directory.
 
     python benchmarks/distill.py --model src/reverie/assets/shapes-t2i-fast --run runs/shapes-t2i-distill
-        # -> benchmarks/results/distill.json
+        # -> benchmarks/results/distill.json and distill.png
     python benchmarks/distill.py --model runs/shapes-t2i-distill/model --per-prompt 2 --out /tmp/d.json  # quicker
 
 Both models see the same prompts, noise seeds and planned layouts (``evaluate_adherence``'s batching). The
@@ -20,9 +20,12 @@ from pathlib import Path
 
 from reverie.cli.common import DEFAULT_MODEL
 from reverie.eval.adherence import evaluate_adherence
+from reverie.images import make_grid
 from reverie.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+SHOW = ["a red circle above a blue square", "a green star to the left of a white ring",
+        "an orange diamond below a purple cross", "a yellow triangle"]
 KEYS = ("color_accuracy", "shape_accuracy", "relation_accuracy", "all_correct")
 
 
@@ -33,6 +36,15 @@ def adherence(pipe, per_prompt: int, steps: int, sampler: str, guidance: float) 
     return {k: res[k] for k in KEYS} | {"two_object_all_correct": res["two_object"]["all_correct"],
                                         "num_images": res["num_images"], "steps": steps, "sampler": sampler,
                                         "guidance_scale": guidance, "eval_s": round(time.perf_counter() - start, 1)}
+
+
+def picture(teacher, student, steps: list[int], teacher_steps: int, path: Path) -> None:
+    """Rows: four prompts (two seeds each); columns: the teacher, then the student at each step count."""
+    columns = [(teacher, {"steps": teacher_steps})] + [(student, {"steps": n, "sampler": "consistency",
+                                                                  "guidance_scale": 1.0}) for n in steps]
+    images = [pipe.generate(prompt, num_images=1, seed=seed, **kw)[0]
+              for prompt in SHOW for seed in (0, 1) for pipe, kw in columns]
+    make_grid(images, ncols=len(columns), scale=2).save(path)
 
 
 def training_cost(run: Path) -> dict | None:
@@ -81,7 +93,9 @@ def main() -> None:
     result["target_2_steps_95pct"] = None if two is None else two["all_correct_vs_teacher"] >= 0.95
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    picture(teacher, student, args.steps, args.teacher_steps, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its picture (rows: prompts x 2 seeds; columns: teacher {args.teacher_steps} steps, "
+          f"student {', '.join(map(str, args.steps))} steps)")
 
 
 if __name__ == "__main__":

@@ -188,12 +188,17 @@ def test_distillation_loss_by_hand(teacher, tmp_path):
     assert float(loss) == pytest.approx(float(torch.cat(expected).mean()), rel=1e-4)
 
 
-def test_distilled_model_round_trips_and_generates_deterministically(teacher, tmp_path):
-    from reverie.pipeline import Pipeline
+@pytest.fixture(scope="module")
+def distilled(teacher, tmp_path_factory):
     from reverie.train import train
 
-    result = train(_distill_config(teacher, tmp_path / "run"))
-    pipe = Pipeline.from_pretrained(result.export_dir)
+    return train(_distill_config(teacher, tmp_path_factory.mktemp("distill") / "run")).export_dir
+
+
+def test_distilled_model_round_trips_and_generates_deterministically(distilled, tmp_path):
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(distilled)
     assert isinstance(pipe.denoiser, ConsistencyFunction)
     assert (pipe.cfg.sample.sampler, pipe.cfg.sample.steps, pipe.cfg.sample.guidance_scale) == ("consistency", 2, 1.0)
     first = pipe.sample(2, prompts=["a red circle"], seed=3)
@@ -201,3 +206,13 @@ def test_distilled_model_round_trips_and_generates_deterministically(teacher, tm
     again = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "copy"))
     assert torch.equal(first, again.sample(2, prompts=["a red circle"], seed=3))
     assert not torch.equal(first, pipe.sample(2, prompts=["a red circle"], seed=3, steps=1))
+
+
+def test_generate_with_the_distilled_model_prints_its_timings(distilled, tmp_path, capsys):
+    from helpers import cli
+
+    out = tmp_path / "fast.png"
+    assert cli(["generate", "--model", str(distilled), "a red circle", "--steps", "1", "--timings", "-o", str(out),
+                "--no-watermark"]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and "1 step(s) of consistency" in printed and "since the process started" in printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ def add_commands(sub, fmt) -> None:
     gen.add_argument("--no-watermark", action="store_true",
                      help="no Tree-Ring watermark in the start noise and no pixel watermark (the PNG says so; it is "
                           "still signed)")
+    gen.add_argument("--timings", action="store_true",
+                     help="print where the time went: since the process started, loading, generation in Pipeline, "
+                          "writing")
     gen.set_defaults(func=generate)
 
     s = sub.add_parser("sample", help="sample a grid of images from a model directory", formatter_class=fmt,
@@ -128,7 +132,9 @@ def generate(args) -> int:
         output_dir(args.out_dir)
     else:
         output_file(args.output, (".png",))
+    t_load = time.perf_counter()
     pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
+    t_load = time.perf_counter() - t_load
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
     size = _image_size(pipe, args, made_by)
     check_batch(pipe, num_images, option="--num-images", guided=pipe.conditioning != "none")
@@ -146,6 +152,7 @@ def generate(args) -> int:
     start = time.perf_counter()
     images = pipe.generate(prompt, num_images, options, progress=show_progress(args), noise=noise)
     elapsed = time.perf_counter() - start
+    t_write = time.perf_counter()
     numbers = range(len(images))
     if index is not None:  # reproducing one file of an --out-dir batch: it keeps its index
         images, numbers = [images[index]], [index]
@@ -159,7 +166,24 @@ def generate(args) -> int:
         save_png(grid, Path(args.output), params)
         where = args.output
     print(f"generated {len(images)} image(s) in {elapsed:.2f} s -> {where}")
+    if args.timings:
+        since = since_process_start()
+        total = f"{since:.2f} s since the process started" if since is not None else "process start unknown"
+        print(f"timings: {total}; model load {t_load:.2f} s; generation in Pipeline {elapsed * 1e3:.1f} ms "
+              f"({len(images)} image(s), {used.steps} step(s) of {used.sampler}); writing "
+              f"{time.perf_counter() - t_write:.2f} s")
     return 0
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (Linux: ``/proc``, 10 ms resolution), so that a timing includes the
+    interpreter's start and the imports; None where it cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _image_size(pipe, args, made_by: dict) -> dict:

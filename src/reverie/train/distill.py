@@ -82,7 +82,10 @@ class ConsistencyDistillTrainer(DiffusionTrainer):
         if tinfo["in_channels"] != run.info["in_channels"] or tinfo["resolution"] != run.info["resolution"]:
             raise TrainingError(f"the teacher {cfg.distill.teacher} makes {tinfo['in_channels']}x{tinfo['resolution']}"
                                 f" images; this config's data are {run.info['in_channels']}x{run.info['resolution']}")
-        self.teacher = DiffusionModel(tnet.to(run.device).eval().requires_grad_(False), tcfg, tinfo)
+        tnet = tnet.to(run.device).eval().requires_grad_(False)
+        if cfg.train.channels_last:
+            tnet = tnet.to(memory_format=torch.channels_last)
+        self.teacher = DiffusionModel(tnet, tcfg, tinfo)
         self.solver_levels = teacher_levels(self.teacher, cfg.distill.solver_steps, cfg.sample.grid)
         net = super().build(run, resuming)  # the student (init_from: the teacher's weights), its EMA target
         self.target = build_denoiser(cfg, self.ema.model, self.sampled.schedule)
