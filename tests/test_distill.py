@@ -216,3 +216,14 @@ def test_generate_with_the_distilled_model_prints_its_timings(distilled, tmp_pat
                 "--no-watermark"]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "1 step(s) of consistency" in printed and "since the process started" in printed
+
+
+def test_the_shipped_recipe_config_loads():
+    from pathlib import Path
+
+    from reverie.configs import load_config
+    from reverie.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, str(Path(__file__).parents[1] / "configs" / "shapes-t2i-distill.yaml"), [])
+    assert cfg.distill.teacher == cfg.train.init_from == "src/reverie/assets/shapes-t2i"
+    assert (cfg.sample.sampler, cfg.sample.guidance_scale, cfg.distill.guidance_scale) == ("consistency", 1.0, 4.0)
