@@ -122,7 +122,7 @@ def export_onnx(args) -> int:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.calibration_prompts < 1:
         raise ValueError(f"--calibration-prompts must be at least 1, got {args.calibration_prompts}")
-    pipe = Pipeline.from_pretrained(args.checkpoint, use_ema=not args.no_ema)
+    pipe = Pipeline.from_pretrained(args.checkpoint, use_ema=not args.no_ema, precision="fp32")
     out = Path(args.output or f"{Path(args.checkpoint).resolve().name}-onnx")
     output_dir(str(out), "-o")
     report = run_export(pipe, out, steps=steps, int8=args.int8, calibration_prompts=args.calibration_prompts,

@@ -156,6 +156,9 @@ class ExportReport:
 
 def check_exportable(model: DiffusionModel) -> None:
     """A one-line ValueError for what the ONNX export and runner do not cover."""
+    if any(p.dtype != torch.float32 for p in model.net.parameters()):
+        raise ValueError("ONNX export takes the float32 network: load it with Pipeline.from_pretrained(path, "
+                         "precision='fp32') (--int8 quantizes the float32 graphs)")
     if model.cfg.model.process != "gaussian" or model.cfg.model.pfgm_d:
         raise ValueError(f"ONNX export covers Gaussian diffusion models, not process={model.cfg.model.process}"
                          f"{' with PFGM++' if model.cfg.model.pfgm_d else ''}")
