@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=str(DEFAULT_MODEL))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--teacher-calls", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/realtime.json"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -69,7 +70,7 @@ def main() -> None:
               f"p50 {new['p50_ms']:.1f} ms p95 {new['p95_ms']:.1f} ms", flush=True)
     pipe.net.to(memory_format=torch.contiguous_format)
     teacher = Pipeline.from_pretrained(args.teacher)
-    ref = timed_calls(teacher, [PROMPT], 20, bf16=False, warmup=2)
+    ref = timed_calls(teacher, [PROMPT], args.teacher_calls, bf16=False, warmup=2)
     result["teacher_default_fp32"] = {"model": teacher.name, "steps": teacher.cfg.sample.steps,
                                       "sampler": teacher.cfg.sample.sampler, **ref}
     best = min(result["variants"].items(), key=lambda kv: kv[1]["same_prompt"]["p50_ms"])
