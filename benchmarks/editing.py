@@ -12,8 +12,9 @@ and planned boxes are the truth). Then:
   relative to the same band on real renders of the training data with the same masks.
   Two methods, side by side: (a) training-free RePaint on the text-to-image model, without resampling
   (resample 1) and with RePaint's resampling (jump 5, resample 2); (b) the mask-aware model
-  (``reverie/assets/shapes-inpaint``, the same model fine-tuned with the masked image and the mask as extra
-  input channels), sampled with the default sampler at the same number of steps, with the known region put back
+  (``--inpaint-model``, default ``runs/shapes-inpaint`` from ``reverie train configs/shapes-inpaint.yaml``: the
+  same model fine-tuned with the masked image and the mask as extra input channels; not shipped, as it did not
+  beat (a)), sampled with the default sampler at the same number of steps, with the known region put back
   at each step's noise level (``blend``, the default) and without it (the model alone).
 * **img2img** at strengths 0.3 / 0.5 / 0.7 under the prompt with the first object's color changed:
   the change rate (new color, same shape, at the same place) and the position kept (centroid within 2 px).
@@ -330,7 +331,7 @@ def img2img_plot(curve: list[dict], path: Path) -> None:
 
 
 PARTS = ("inpainting", "inpainting_model", "img2img", "prompt_edit", "inversion")
-INPAINT_MODEL = Path(__file__).resolve().parent.parent / "src/reverie/assets/shapes-inpaint"
+INPAINT_MODEL = "runs/shapes-inpaint"  # where `reverie train configs/shapes-inpaint.yaml` trains (b)
 
 
 def save_scenes(data: dict, path: Path) -> None:
@@ -391,7 +392,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--inversion-scenes", type=int, default=32)
     ap.add_argument("--resample", type=int, default=2, help="RePaint passes per block of 5 steps (against 1)")
-    ap.add_argument("--inpaint-model", default=str(INPAINT_MODEL), help="(b): a mask-aware model directory")
+    ap.add_argument("--inpaint-model", default=INPAINT_MODEL,
+                    help="(b): a mask-aware model directory or training run (skipped when absent)")
     ap.add_argument("--inversion-steps", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--inversion-guidance", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--edit-guidance", type=float, nargs="+", default=[1.0, 4.0])

@@ -38,14 +38,15 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   exactly at the end, for every model.
 
   A mask-aware model (``DiffusionModel.takes_masks``: fine-tuned with the masked image and the mask as extra
-  input channels, ``model.inpainting``; the shipped ``shapes-inpaint``) needs none of this: any sampler runs
+  input channels, ``model.inpainting``, e.g. ``configs/shapes-inpaint.yaml``) needs none of this: any sampler runs
   under its condition (``reverie.conditioning.inpaint_condition``, on both sides of guidance), and the known
   pixels are pasted back at the end as well. By default (``blend``) the known region is also put back at each
   step's noise level, as for RePaint without resampling, which keeps the fill's background continuous with it.
   ``inpaint(..., method="auto")`` uses the channels when the model has them; ``method="repaint"`` forces
   RePaint on any model. Plain generation with a mask-aware model works
   (``reverie.sampling.conditions`` gives it an all-ones mask: nothing known), as training kept 10 % of such
-  masks.
+  masks. Measured on the shapes benchmark (``benchmarks/editing.py``, 104 scenes): the fine-tuned shapes model
+  drew the new object right in 90.4 %, RePaint on the text-to-image model in 93.3 %, so none is shipped.
 
 * **Prompt edits** (:func:`edit`): invert under the source prompt, then regenerate from that noise under the
   target prompt (with the exact method's residuals, which carry the image's structure). A layout model

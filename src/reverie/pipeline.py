@@ -156,8 +156,8 @@ class Pipeline(DiffusionModel):
 
     def inpaint(self, image, mask_image, prompt: str | list[str] = "", options: SamplingOptions | None = None,
                 **settings) -> torch.Tensor:
-        """Inpainting (``reverie.editing.inpaint``; white = repaint): a mask-aware model (``takes_masks``, e.g.
-        the shipped ``shapes-inpaint``) uses its mask channels, any other model training-free RePaint
+        """Inpainting (``reverie.editing.inpaint``; white = repaint): a mask-aware model (``takes_masks``, e.g. one
+        trained with configs/shapes-inpaint.yaml) uses its mask channels, any other model training-free RePaint
         (``method="repaint"`` forces it). Keywords: ``method``, ``strength``, ``jump_length``, ``resample``,
         ``eta`` and :class:`SamplingOptions` fields."""
         mask = mask_image if isinstance(mask_image, torch.Tensor) else (self._images(mask_image)[:, :1] + 1) / 2

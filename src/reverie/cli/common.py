@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-t2i"
-INPAINT_MODEL = DEFAULT_MODEL.parent / "shapes-inpaint"  # reverie inpaint's default when shipped (mask-aware)
 GRID_HELP = "sigma grid: karras, ddim-trailing, ..., or a grid file from tune-grid (default: the model's)"
 
 

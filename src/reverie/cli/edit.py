@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_MODEL,
-    INPAINT_MODEL,
     UserError,
     at_least,
     number_in,
@@ -44,7 +43,8 @@ def add_commands(sub, fmt) -> None:
 
     i = sub.add_parser("inpaint", help="repaint the white part of a mask (or a box) under a prompt",
                        formatter_class=fmt, parents=[sampling_parent(), _common(
-                           "model directory (default: the shipped mask-aware shapes-inpaint)")])
+                           "model directory (default: the shipped shapes model); a mask-aware model (trained with "
+                           "configs/shapes-inpaint.yaml) is used through its mask channels")])
     i.add_argument("prompt", nargs="?", default=None, help="what to paint")
     i.add_argument("--mask", default=None, help="mask image of the input's size: white = repaint, black = keep")
     i.add_argument("--box", default=None, help="repaint this box instead: x0,y0,x1,y1 in pixels of the input image")
@@ -53,7 +53,7 @@ def add_commands(sub, fmt) -> None:
     i.add_argument("--resample", type=at_least(1), default=3, help="RePaint: passes per block (1: no resampling)")
     i.add_argument("--eta", type=number_in(0, 1), default=1.0, help="step noise (1: DDPM as RePaint, 0: DDIM)")
     i.add_argument("--method", choices=("auto", "repaint", "model"), default="auto",
-                   help="model: a mask-aware model's mask channels (any --sampler; e.g. the shipped shapes-inpaint); "
+                   help="model: a mask-aware model's mask channels (any --sampler); "
                         "repaint: training-free RePaint (--jump-length, --resample, --eta), any model; auto: model "
                         "when the model has mask channels, else repaint")
     i.set_defaults(func=inpaint_command)
@@ -158,7 +158,7 @@ def _model_dir(args, made_by: dict, default: Path) -> Path:
     return default
 
 
-def _setup(args, names: tuple[str, ...], default: Path = DEFAULT_MODEL):
+def _setup(args, names: tuple[str, ...]):
     """(pipeline, options, image tensor, source path, recorded params) of an edit command."""
     from ..pipeline import Pipeline
     from ..sampling import SamplingOptions
@@ -168,7 +168,7 @@ def _setup(args, names: tuple[str, ...], default: Path = DEFAULT_MODEL):
     source = _source(args, made_by)
     options = SamplingOptions.from_metadata(made_by, args.from_png) if made_by else \
         sampling_options(args, layout_arg(args.layout))
-    pipe = Pipeline.from_pretrained(_model_dir(args, made_by, default))
+    pipe = Pipeline.from_pretrained(_model_dir(args, made_by, DEFAULT_MODEL))
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
         print(f"reverie: warning: {args.from_png} was made by model {made_by.get('model')}, not {pipe.name}",
               file=sys.stderr)
@@ -267,8 +267,7 @@ def inpaint_command(args) -> int:
 
     args.command_name = "inpaint"
     pipe, options, original, image, source, made_by = _setup(
-        args, ("prompt", "box", "strength", "jump_length", "resample", "eta", "method"),
-        default=INPAINT_MODEL if (INPAINT_MODEL / "config.json").is_file() else DEFAULT_MODEL)
+        args, ("prompt", "box", "strength", "jump_length", "resample", "eta", "method"))
     _, h, w = pipe.image_shape
     mask, mask_path = _mask(args, made_by, original, (w, h))
     _prompt_check(pipe, args.prompt)
