@@ -148,3 +148,22 @@ def test_auto_precision_trains_bf16_channels_last_and_resumes_exactly(tmp_path, 
     for other in weights[1:]:
         for a, b in zip(weights[0], other):
             assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_run_after_a_float32_run_in_the_same_process(tmp_path, request):
+    """accelerate keeps one process-wide state and refuses a second precision; a single process (a notebook,
+    a test worker, the distillation trainer after a float32 one) must still be able to train in both."""
+    from accelerate.state import AcceleratorState
+
+    from reverie.configs import load_config
+    from reverie.train import train
+    from reverie.train.config import TrainConfig
+    from test_trainer import TINY
+    from toy_data import Toy
+
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    for precision in ("no", "bf16", "no"):
+        cfg = load_config(TrainConfig, None, [*TINY, f"--train.out_dir={tmp_path / precision}", "--train.steps=1",
+                                              f"--train.mixed_precision={precision}"])
+        train(cfg, dataset=Toy(8))
+        assert AcceleratorState().mixed_precision == precision

@@ -110,6 +110,19 @@ class Progress:
     elapsed_s: float = 0.0       # training time of earlier invocations (resumed runs)
 
 
+def _allow_new_precision(precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second run in another precision (a bf16 run
+    after a float32 one in the same notebook or process). In a single, non-distributed process nothing
+    else holds that state, so reset it; a launched multi-process run keeps accelerate's check."""
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or PartialState._shared_state.get("distributed_type", DistributedType.NO) != DistributedType.NO:
+        return
+    if state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class Run:
     """The per-run context a trainer sees: config, accelerator, ranks, output paths and dataset info."""
 
@@ -121,7 +134,9 @@ class Run:
             # OpenMP threads spin-wait: on a machine shared with other jobs, more threads than free cores
             # make every op wait for a descheduled thread (measured here: 5x slower with 2 than with 1).
             torch.set_num_threads(cfg.train.threads)
-        self.acc = Accelerator(mixed_precision=run_precision(cfg), cpu=not torch.cuda.is_available())
+        precision = run_precision(cfg)
+        _allow_new_precision(precision)
+        self.acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.rank, self.world, self.main = self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self.out = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
