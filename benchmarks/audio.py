@@ -102,15 +102,17 @@ def speech_part(model: str, per_digit: int, seed: int, batch: int, epochs: int) 
         pipe = Pipeline.from_pretrained(model)
         mel = audio_spec(pipe)
         wanted = torch.arange(len(WORDS)).repeat_interleave(per_digit)
-        waves, elapsed = [], 0.0
+        waves, elapsed, shown = [], 0.0, {}
         for a in range(0, len(wanted), batch):
             labels = wanted[a:a + batch]
             w, images, dt = timed_generate(pipe, len(labels), SamplingOptions(seed=seed + a), class_labels=labels)
             waves += list(w)
             elapsed += dt
-            if a == 0:
-                spectrogram_png(images[:10:per_digit // 2 or 1][:4], mel, RESULTS / "audio_speech.png",
-                                [WORDS[int(v)] for v in labels[:10:per_digit // 2 or 1][:4]])
+            for label, image in zip(labels.tolist(), images):
+                shown.setdefault(label, image)
+        picked = [d for d in (0, 3, 7, 9) if d in shown]
+        spectrogram_png(torch.stack([shown[d] for d in picked]), mel, RESULTS / "audio_speech.png",
+                        [f"generated: {WORDS[d]}" for d in picked])
         pred_g, feats_g = classify(clf, reanalyse(mel, np.stack(waves)))
         out["generated_clips"] = len(waves)
         out["accuracy_generated"] = float((pred_g == wanted).float().mean())
