@@ -246,3 +246,30 @@ def test_pipeline_methods_take_pil_images(make_model_dir):
     assert torch.equal(pipe.edit(pil, "a red circle", "a red circle", steps=3), pipe.sample(
         1, inv.options, prompts=inv.prompts, noise=inv.noise, callback=inv.callback()))
     assert pipe.img2img(pil, "a star", strength=0.5, steps=4).shape == (1, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def layout_model():
+    cfg = tiny_config(*TEXT_MODEL, "--model.layout_channels=4", "--model.prediction=v")
+    return DiffusionModel(tiny_network(cfg, RGB16).eval(), cfg, RGB16)
+
+
+def test_local_blend_keeps_everything_outside_the_changed_box(layout_model, text_model):
+    from reverie.data.masks import box_pixels
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    box_a, box_b = (0.1, 0.1, 0.4, 0.45), (0.55, 0.5, 0.95, 0.9)
+    layouts = [[("red circle", box_a), ("blue square", box_b)]]
+    source, target = "a red circle above a blue square", "a green circle above a blue square"
+    out = edit(layout_model, images, source, target, steps=5, guidance_scale=3.0, layouts=layouts)
+    outside = (box_pixels(box_a, 16, 2.0) == 0).expand_as(images)
+    assert torch.equal(out[outside], images[outside])  # exact, not approximately
+    assert (out - images)[~outside].abs().max() > 1e-3  # the changed box was regenerated
+    whole = edit(layout_model, images, source, target, steps=5, guidance_scale=3.0, layouts=layouts,
+                 local_blend=False)
+    assert (whole - images)[outside].abs().max() > 1e-4  # without it the rest drifts
+    # an edit that changes no box regenerates the whole image (it reconstructs the same prompt exactly)
+    same = edit(layout_model, images, source, source, steps=5, guidance_scale=3.0, layouts=layouts)
+    assert (same - images).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="layout-conditioned"):
+        edit(text_model, images, PROMPTS, PROMPTS, steps=2, local_blend=True)

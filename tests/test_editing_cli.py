@@ -113,3 +113,23 @@ def test_bad_inputs_get_one_line(model, image, tmp_path, capsys):
     # a larger image is resized with a warning line, then edited
     assert main(["edit", str(big), "x", "--strength", "0.5", *m]) == 0
     assert "resized to the model's 16x16" in capsys.readouterr().err
+
+
+def test_prompt_edit_local_blend_round_trips(make_model_dir, model, image, tmp_path):
+    layout = make_model_dir("tiny-layout", (*TEXT_MODEL, "--model.layout_channels=4"), RGB16)
+    out, again = tmp_path / "a.png", tmp_path / "b.png"
+    lay = json.dumps([["red circle", [0.1, 0.1, 0.4, 0.45]], ["blue square", [0.55, 0.5, 0.95, 0.9]]])
+    args = ["edit", str(image), "--from-prompt", "a red circle above a blue square", "--to-prompt",
+            "a green circle above a blue square", "--steps", "3", "--layout", lay, "--model", str(layout)]
+    assert main([*args, "--no-local-blend", "-o", str(out), "-q"]) == 0
+    assert _meta(out)["local_blend"] is False
+    assert main(["edit", "--from-png", str(out), "--model", str(layout), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(_pixels(out), _pixels(again))
+    assert main([*args, "-o", str(again), "-q"]) == 0
+    assert _meta(again)["local_blend"] == "auto"
+    keep = np.ones((16, 16), bool)
+    keep[0:9, 0:8] = False  # the changed box (x 1.6..6.4, y 1.6..7.2 px) grown by 2 px
+    assert np.array_equal(_pixels(again)[keep], _pixels(image)[keep])
+    assert not np.array_equal(_pixels(out)[keep], _pixels(image)[keep])
+    assert cli(["edit", str(image), "--from-prompt", "a", "--to-prompt", "b", "--local-blend", "--model",
+                str(model), "-o", str(out)]) == 2

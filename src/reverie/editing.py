@@ -50,7 +50,10 @@ decodes at the end), with or without text, and for every parameterization (eps, 
 
 * **Prompt edits** (:func:`edit`): invert under the source prompt, then regenerate from that noise under the
   target prompt (with the exact method's residuals, which carry the image's structure). A layout model
-  keeps the source layout's boxes, relabelled with the target's phrases.
+  keeps the source layout's boxes, relabelled with the target's phrases, and by default blends locally
+  (Prompt-to-Prompt's local blending, Hertz et al. 2022, with the layout boxes as the mask instead of
+  attention maps): only the boxes whose phrase changed are regenerated, every other pixel follows the
+  inverted source trajectory at each step and is the input exactly at the end.
 """
 
 from __future__ import annotations
@@ -445,14 +448,75 @@ def target_layouts(model: DiffusionModel, source: SamplingOptions, targets: list
     return dataclasses.replace(source, layouts=layouts)
 
 
+def changed_boxes_mask(model: DiffusionModel, source: SamplingOptions, target: SamplingOptions,
+                       margin: float = 2.0) -> Tensor | None:
+    """Local blending's mask (``[B, 1, H, W]`` 0/1 at the image size): the boxes whose phrase differs between the
+    source and the target layouts (:func:`target_layouts`), grown by ``margin`` pixels; all ones for an image
+    where no box changed (its edit is not local). None when the model takes no layouts or no box changed."""
+    if not model.takes_layouts or isinstance(source.layouts, str) or isinstance(target.layouts, str):
+        return None
+    _, height, width = model.image_shape
+    ys = (torch.arange(height) + 0.5).view(-1, 1)
+    xs = (torch.arange(width) + 0.5).view(1, -1)
+    masks, any_changed = [], False
+    for old, new in zip(source.layouts, target.layouts):
+        m = torch.zeros(height, width)
+        for (phrase, box), (new_phrase, _) in zip(old or [], new or []):
+            if phrase != new_phrase:
+                x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+                inside = (xs > x0 - margin) & (xs < x1 + margin) & (ys > y0 - margin) & (ys < y1 + margin)
+                m = torch.maximum(m, inside.float())
+        any_changed |= bool(m.any())
+        masks.append(m if m.any() else torch.ones(height, width))
+    return torch.stack(masks)[:, None] if any_changed else None
+
+
+def local_blend_step(trajectory: list[Tensor], mask: Tensor, callback=None):
+    """Prompt-to-Prompt's local blending (Hertz et al. 2022, Sec. 3.3) with a given mask: a sampler callback that,
+    after ``callback`` (the inversion's residuals), keeps the region where ``mask`` is 0 on the source trajectory,
+    ``x <- m x + (1 - m) x_src(sigma_next)``; ``trajectory`` is :attr:`Inversion.trajectory` (lowest first)."""
+    targets = trajectory[::-1][1:]  # the source states after sampler steps 0, 1, ..., last (sigma 0)
+
+    def step(s: SamplerStep):
+        x = s.x
+        if callback is not None:
+            out = callback(s)
+            x = x if out is None else out
+        source = targets[s.i].to(x.device, x.dtype)
+        m = mask.to(x.device, x.dtype)
+        return m * x + (1 - m) * source
+
+    return step
+
+
 def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
          options: SamplingOptions | None = None, method: str = "exact", class_labels: Tensor | None = None,
-         progress: bool = False, **settings) -> Tensor:
+         progress: bool = False, local_blend: bool | str = "auto", blend_margin: float = 2.0, **settings) -> Tensor:
     """A prompt edit: invert ``image`` under ``source_prompt`` (``method``: see :func:`invert`), regenerate
-    under ``target_prompt`` from the same noise (and residuals); images in [-1, 1]."""
+    under ``target_prompt`` from the same noise (and residuals); images in [-1, 1].
+
+    ``local_blend`` (layout models): the boxes whose phrase the edit changes, grown by ``blend_margin`` pixels,
+    are the only region regenerated; elsewhere every step is put back on the inverted source trajectory
+    (:func:`local_blend_step`), and the source pixels are pasted there at the end, so everything outside the
+    changed boxes is the input exactly. ``"auto"``: on when the model takes layouts and some box changed;
+    ``True`` refuses a model without layouts; ``False``: the whole image is regenerated."""
+    if local_blend not in (True, False, "auto"):
+        raise ValueError(f"local_blend must be True, False or 'auto', got {local_blend!r}")
+    if local_blend is True and not model.takes_layouts:
+        raise ValueError("local blending needs a layout-conditioned model (its boxes are the mask); this one takes "
+                         "no layouts")
     inv = invert(model, image, source_prompt, options, method=method, class_labels=class_labels,
                  progress=progress, **settings)
     targets = prompt_list(target_prompt, len(inv.prompts))
     options = target_layouts(model, inv.options, targets)
-    return sample_images(model, len(targets), options, prompts=_text_prompts(model, targets), class_labels=class_labels,
-                         callback=inv.callback(), progress=progress, noise=inv.noise)
+    callback = inv.callback()
+    mask = changed_boxes_mask(model, inv.options, options, blend_margin) if local_blend else None
+    if mask is not None:
+        callback = local_blend_step(inv.trajectory, latent_mask(model, mask), callback)
+    out = sample_images(model, len(targets), options, prompts=_text_prompts(model, targets), class_labels=class_labels,
+                        callback=callback, progress=progress, noise=inv.noise)
+    if mask is None:
+        return out
+    images = check_images(model, image).to(out.device)
+    mask = mask.to(out.device)
+    return mask * out + (1 - mask) * images

@@ -169,7 +169,9 @@ class Pipeline(DiffusionModel):
         return editing.invert(self, self._images(image), prompt, options, method=method, **settings)
 
     def edit(self, image, source_prompt: str | list[str], target_prompt: str | list[str],
-             options: SamplingOptions | None = None, method: str = "exact", **settings) -> torch.Tensor:
-        """A prompt edit (``reverie.editing.edit``): invert under ``source_prompt``, regenerate under the target."""
+             options: SamplingOptions | None = None, method: str = "exact", local_blend: bool | str = "auto",
+             **settings) -> torch.Tensor:
+        """A prompt edit (``reverie.editing.edit``): invert under ``source_prompt``, regenerate under the target
+        (``local_blend``: only the layout boxes the edit changes, on a layout model)."""
         return editing.edit(self, self._images(image), source_prompt, target_prompt, options, method=method,
-                            **settings)
+                            local_blend=local_blend, **settings)

@@ -12,6 +12,7 @@ refusing a source whose hash differs.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ def add_commands(sub, fmt) -> None:
     e.add_argument("--to-prompt", default=None, help="prompt edit: the prompt to change it to")
     e.add_argument("--method", choices=("exact", "ddim"), default="exact",
                    help="prompt edit: inversion method (exact keeps what the edit does not name)")
+    e.add_argument("--local-blend", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt edit, layout models: regenerate only the layout boxes whose phrase changes and keep "
+                        "every other pixel (default: on for a layout model)")
     e.set_defaults(func=edit_command)
 
     i = sub.add_parser("inpaint", help="repaint the white part of a mask (or a box) under a prompt",
@@ -71,8 +75,6 @@ def add_commands(sub, fmt) -> None:
 
 
 def _common(model_help: str = "model directory (default: the shipped shapes model)"):
-    import argparse
-
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("image", nargs="?", default=None, help="input image (with --from-png: default the recorded one)")
     p.add_argument("--model", default=None, help=model_help)
@@ -197,13 +199,14 @@ def _prompt_check(pipe, *prompts) -> None:
 
 
 def edit_command(args) -> int:
+    import dataclasses
     import time
 
     from .. import editing
 
     args.command_name = "edit"
     pipe, options, _, image, source, made_by = _setup(args, ("prompt", "strength", "from_prompt", "to_prompt",
-                                                             "method"))
+                                                             "method", "local_blend"))
     start = time.perf_counter()
     if args.from_prompt is not None or args.to_prompt is not None:
         if args.from_prompt is None or args.to_prompt is None:
@@ -211,9 +214,16 @@ def edit_command(args) -> int:
         if args.strength is not None or args.prompt:
             raise UserError("give either PROMPT [--strength] (img2img) or --from-prompt/--to-prompt, not both")
         _prompt_check(pipe, args.from_prompt, args.to_prompt)
+        if args.local_blend and not pipe.takes_layouts:
+            raise UserError(f"--local-blend needs a layout-conditioned model (its boxes are the mask); {pipe.name!r} "
+                            f"takes no layouts")
+        local_blend = "auto" if args.local_blend is None else args.local_blend
+        if options.sampler is None:  # invert's default, recorded as such so that --from-png reproduces the edit
+            options = dataclasses.replace(options, sampler="ddim")
         out = editing.edit(pipe, image, args.from_prompt, args.to_prompt, options, method=args.method,
-                           progress=show_progress(args))
-        params = {"from_prompt": args.from_prompt, "to_prompt": args.to_prompt, "method": args.method}
+                           local_blend=local_blend, progress=show_progress(args))
+        params = {"from_prompt": args.from_prompt, "to_prompt": args.to_prompt, "method": args.method,
+                  "local_blend": local_blend}
     else:
         strength = 0.6 if args.strength is None else args.strength
         _prompt_check(pipe, args.prompt)
