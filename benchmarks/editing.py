@@ -292,7 +292,8 @@ def measure_prompt_edit(pipe, classifier, data: dict, steps: int, batch: int, gu
     background = torch.stack([1 - torch.maximum(box_mask(s["layout"][0][1]), box_mask(s["layout"][1][1]))
                               for s in scenes])[:, None].bool()
     n = len(scenes)
-    return {"result": {"guidance": guidance, "steps": steps, "local_blend": "auto", "edit_success": success / n, "other_kept": other / n,
+    return {"result": {"guidance": guidance, "steps": steps, "local_blend": "auto", "edit_success": success / n,
+                       "other_kept": other / n,
                        "success_and_other_kept": both / n, "background_psnr": psnr(out, quantize(images), background),
                        "seconds": round(seconds, 1)},
             "output": out, "targets": targets}
