@@ -4,7 +4,7 @@ decodes, that its parameters are the ones asked for and that it is the library's
 seed gives a different image, "reuse parameters" fills the form, a server error shows as a message, and a
 mask painted with the mouse over an image inpaints only there; the Text tab generates the library's text.
 
-Needs Debian's ``chromium`` (``scripts/install_chromium.sh``; ``.ci/run`` runs it) and the ``playwright``
+Needs Debian's ``chromium`` (``scripts/install_optional.sh``, as ``.ci/run`` runs it) and the ``playwright``
 package; without either the test is skipped with a reason that names what is missing.
 
 ``python tests/test_browser.py docs/serve_page.png`` writes the README's screenshot of the page.
@@ -38,7 +38,7 @@ def _missing() -> str | None:
     except ImportError:
         return "the playwright package is not installed (pip install playwright; it is in reverie[dev])"
     if CHROMIUM is None:
-        return ("Debian's chromium is not installed: no 'chromium' on PATH (run scripts/install_chromium.sh, "
+        return ("Debian's chromium is not installed: no 'chromium' on PATH (.ci/run installs it, "
                 "i.e. apt-get install -y chromium)")
     return None
 
