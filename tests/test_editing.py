@@ -273,3 +273,36 @@ def test_local_blend_keeps_everything_outside_the_changed_box(layout_model, text
     assert (same - images).abs().max() < 1e-5
     with pytest.raises(ValueError, match="layout-conditioned"):
         edit(text_model, images, PROMPTS, PROMPTS, steps=2, local_blend=True)
+
+
+def test_fresh_noise_redraws_only_the_changed_box(layout_model, monkeypatch):
+    """fresh_noise mixes the seed's noise into the inverted noise inside the changed box only, keeping unit
+    variance: the start noise given to the sampler is sqrt(f) z + sqrt(1 - f) n_inv there and n_inv elsewhere."""
+    from reverie import editing
+    from reverie.data.masks import box_pixels
+
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    box = (0.1, 0.1, 0.4, 0.45)
+    layouts = [[("red circle", box), ("blue square", (0.55, 0.5, 0.95, 0.9))]]
+    source, target = "a red circle above a blue square", "a green circle above a blue square"
+    seen = []
+    real = editing.sample_images
+    monkeypatch.setattr(editing, "sample_images",
+                        lambda *a, noise=None, **k: seen.append(noise) or real(*a, noise=noise, **k))
+    inv = editing.invert(layout_model, images, source, steps=4, guidance_scale=2.0, layouts=layouts, seed=3,
+                         method="exact")
+    outs = {f: edit(layout_model, images, source, target, steps=4, guidance_scale=2.0, layouts=layouts, seed=3,
+                    fresh_noise=f) for f in (0.0, 0.75, 1.0)}
+    starts = dict(zip((0.0, 0.75, 1.0), seen[2::2]))  # invert samples once (residuals), each edit twice
+    inside = box_pixels(box, 16, 2.0).bool().expand_as(images)
+    z = torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(starts[0.0], inv.noise)
+    assert torch.allclose(starts[1.0][inside], z[inside]) and torch.equal(starts[1.0][~inside], inv.noise[~inside])
+    mixed = 0.75 ** 0.5 * z + 0.25 ** 0.5 * inv.noise
+    assert torch.allclose(starts[0.75][inside], mixed[inside], atol=1e-6)
+    for f, out in outs.items():  # outside the box the input stays exactly, whatever the noise inside
+        assert torch.equal(out[~inside], images[~inside]), f
+    assert (outs[1.0] - outs[0.0])[inside].abs().max() > 1e-3
+    for bad in (-0.1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="fresh_noise must be in"):
+            edit(layout_model, images, source, target, steps=2, layouts=layouts, fresh_noise=bad)

@@ -126,10 +126,16 @@ def test_prompt_edit_local_blend_round_trips(make_model_dir, model, image, tmp_p
     assert main(["edit", "--from-png", str(out), "--model", str(layout), "-o", str(again), "-q"]) == 0
     assert np.array_equal(_pixels(out), _pixels(again))
     assert main([*args, "-o", str(again), "-q"]) == 0
-    assert _meta(again)["local_blend"] == "auto"
+    assert _meta(again)["local_blend"] == "auto" and _meta(again)["fresh_noise"] == 0.75
+    third = tmp_path / "c.png"
+    assert main([*args, "--fresh-noise", "0", "-o", str(third), "-q"]) == 0
+    assert _meta(third)["fresh_noise"] == 0.0
+    assert main(["edit", "--from-png", str(third), "--model", str(layout), "-o", str(tmp_path / "d.png"), "-q"]) == 0
+    assert np.array_equal(_pixels(tmp_path / "d.png"), _pixels(third))
     keep = np.ones((16, 16), bool)
     keep[0:9, 0:8] = False  # the changed box (x 1.6..6.4, y 1.6..7.2 px) grown by 2 px
     assert np.array_equal(_pixels(again)[keep], _pixels(image)[keep])
     assert not np.array_equal(_pixels(out)[keep], _pixels(image)[keep])
     assert cli(["edit", str(image), "--from-prompt", "a", "--to-prompt", "b", "--local-blend", "--model",
                 str(model), "-o", str(out)]) == 2
+    assert cli([*args, "--fresh-noise", "1.5", "-o", str(out)]) == 2

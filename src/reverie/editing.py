@@ -53,7 +53,12 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   keeps the source layout's boxes, relabelled with the target's phrases, and by default blends locally
   (Prompt-to-Prompt's local blending, Hertz et al. 2022, with the layout boxes as the mask instead of
   attention maps): only the boxes whose phrase changed are regenerated, every other pixel follows the
-  inverted source trajectory at each step and is the input exactly at the end.
+  inverted source trajectory at each step and is the input exactly at the end. Inside those boxes the
+  inverted noise still carries the old object (on the shapes model a colour edit drifted to a colour between
+  the two), so ``fresh_noise`` of its variance is drawn anew from the seed there, ``sqrt(f) z + sqrt(1 - f)
+  n_inv`` (unit variance kept); the box, the residuals and the rest of the image still hold position and
+  size. Measured on 104 shapes scenes at guidance 4 (``benchmarks/editing.py``): f = 0 / 0.5 / 0.75 / 1
+  gave 78.8 / 86.5 / 89.4 / 90.4 % successful edits.
 """
 
 from __future__ import annotations
@@ -491,7 +496,8 @@ def local_blend_step(trajectory: list[Tensor], mask: Tensor, callback=None):
 
 def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
          options: SamplingOptions | None = None, method: str = "exact", class_labels: Tensor | None = None,
-         progress: bool = False, local_blend: bool | str = "auto", blend_margin: float = 2.0, **settings) -> Tensor:
+         progress: bool = False, local_blend: bool | str = "auto", blend_margin: float = 2.0,
+         fresh_noise: float = 0.75, **settings) -> Tensor:
     """A prompt edit: invert ``image`` under ``source_prompt`` (``method``: see :func:`invert`), regenerate
     under ``target_prompt`` from the same noise (and residuals); images in [-1, 1].
 
@@ -499,9 +505,14 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
     are the only region regenerated; elsewhere every step is put back on the inverted source trajectory
     (:func:`local_blend_step`), and the source pixels are pasted there at the end, so everything outside the
     changed boxes is the input exactly. ``"auto"``: on when the model takes layouts and some box changed;
-    ``True`` refuses a model without layouts; ``False``: the whole image is regenerated."""
+    ``True`` refuses a model without layouts; ``False``: the whole image is regenerated. ``fresh_noise`` in
+    [0, 1]: with local blending, the share of the start noise's variance drawn anew (from ``options.seed``)
+    inside the regenerated boxes, so that the old object's colour does not leak into the new one (0: the
+    inverted noise only; see the module docstring for what each gave)."""
     if local_blend not in (True, False, "auto"):
         raise ValueError(f"local_blend must be True, False or 'auto', got {local_blend!r}")
+    if isinstance(fresh_noise, bool) or not isinstance(fresh_noise, (int, float)) or not 0 <= fresh_noise <= 1:
+        raise ValueError(f"fresh_noise must be in [0, 1], got {fresh_noise!r}")
     if local_blend is True and not model.takes_layouts:
         raise ValueError("local blending needs a layout-conditioned model (its boxes are the mask); this one takes "
                          "no layouts")
@@ -511,10 +522,16 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
     options = target_layouts(model, inv.options, targets)
     callback = inv.callback()
     mask = changed_boxes_mask(model, inv.options, options, blend_margin) if local_blend else None
+    noise = inv.noise
     if mask is not None:
-        callback = local_blend_step(inv.trajectory, latent_mask(model, mask), callback)
+        inside = latent_mask(model, mask)
+        callback = local_blend_step(inv.trajectory, inside, callback)
+        if fresh_noise > 0:
+            inside = inside.to(noise.device, noise.dtype)
+            fresh = _noise(model, noise.shape[0], options.seed)[1].to(noise.device)
+            noise = inside * (fresh_noise ** 0.5 * fresh + (1 - fresh_noise) ** 0.5 * noise) + (1 - inside) * noise
     out = sample_images(model, len(targets), options, prompts=_text_prompts(model, targets), class_labels=class_labels,
-                        callback=callback, progress=progress, noise=inv.noise)
+                        callback=callback, progress=progress, noise=noise)
     if mask is None:
         return out
     images = check_images(model, image).to(out.device)

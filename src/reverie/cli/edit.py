@@ -43,6 +43,9 @@ def add_commands(sub, fmt) -> None:
     e.add_argument("--local-blend", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt edit, layout models: regenerate only the layout boxes whose phrase changes and keep "
                         "every other pixel (default: on for a layout model)")
+    e.add_argument("--fresh-noise", type=number_in(0, 1), default=None,
+                   help="prompt edit with local blending: share of the start noise's variance drawn anew inside "
+                        "the changed boxes (0: the inverted noise only; default 0.75)")
     e.set_defaults(func=edit_command)
 
     i = sub.add_parser("inpaint", help="repaint the white part of a mask (or a box) under a prompt",
@@ -206,7 +209,7 @@ def edit_command(args) -> int:
 
     args.command_name = "edit"
     pipe, options, _, image, source, made_by = _setup(args, ("prompt", "strength", "from_prompt", "to_prompt",
-                                                             "method", "local_blend"))
+                                                             "method", "local_blend", "fresh_noise"))
     start = time.perf_counter()
     if args.from_prompt is not None or args.to_prompt is not None:
         if args.from_prompt is None or args.to_prompt is None:
@@ -218,12 +221,14 @@ def edit_command(args) -> int:
             raise UserError(f"--local-blend needs a layout-conditioned model (its boxes are the mask); {pipe.name!r} "
                             f"takes no layouts")
         local_blend = "auto" if args.local_blend is None else args.local_blend
+        # an edit recorded before fresh noise existed reproduces without it
+        fresh_noise = args.fresh_noise if args.fresh_noise is not None else 0.0 if made_by else 0.75
         if options.sampler is None:  # invert's default, recorded as such so that --from-png reproduces the edit
             options = dataclasses.replace(options, sampler="ddim")
         out = editing.edit(pipe, image, args.from_prompt, args.to_prompt, options, method=args.method,
-                           local_blend=local_blend, progress=show_progress(args))
+                           local_blend=local_blend, fresh_noise=fresh_noise, progress=show_progress(args))
         params = {"from_prompt": args.from_prompt, "to_prompt": args.to_prompt, "method": args.method,
-                  "local_blend": local_blend}
+                  "local_blend": local_blend, "fresh_noise": fresh_noise}
     else:
         strength = 0.6 if args.strength is None else args.strength
         _prompt_check(pipe, args.prompt)

@@ -293,11 +293,13 @@ class Dropout(nn.Dropout):
     elements on one core, 7% of the DDPM U-Net's training step). Here each 64-bit draw gives four
     16-bit uniforms; an element is dropped with probability p' = round(65536 p) / 65536 (|p' - p| <=
     7.6e-6) and the kept ones are scaled by 1 / (1 - p'), so the layer stays unbiased. Draws come from
-    the global generator, as ``nn.Dropout``'s do. Other devices use ``nn.Dropout``.
+    the global generator, as ``nn.Dropout``'s do. Other devices, and code under ``torch.compile``, use
+    ``nn.Dropout``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+        if (not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace
+                or torch.compiler.is_compiling()):  # inductor draws its own (fast) random numbers
             return super().forward(x)
         threshold = round(self.p * 65536)
         if threshold >= 65536:
