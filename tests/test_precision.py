@@ -114,6 +114,37 @@ def test_pipeline_bf16_close_to_fp32(make_model_dir):
     assert bf16.sample(1, steps=2, prompts=["a red circle"]).dtype == torch.float32
 
 
+def test_pipeline_compile_in_place(make_model_dir, monkeypatch):
+    """Pipeline.compile hands the U-Net (not the text encoder) to torch.compile in place: same parameter names,
+    weights and hash, the same samples. A recording backend stands in for inductor (whose kernels take tens of
+    seconds to build; benchmarks/generate_speed.py compares inductor's images with eager ones)."""
+    import shutil
+
+    from helpers import RGB16, TEXT_MODEL
+    from reverie.pipeline import Pipeline
+
+    path = make_model_dir("t2i-compile", TEXT_MODEL, RGB16)
+    eager = Pipeline.from_pretrained(path, precision="fp32")
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pipe = Pipeline.from_pretrained(path, precision="fp32").compile(backend=recording)
+    assert pipe.compiled == "recording" and eager.compiled == ""
+    assert list(pipe.net.state_dict()) == list(eager.net.state_dict()) and pipe.weights_hash == eager.weights_hash
+    torch._dynamo.reset()
+    a = eager.sample(2, steps=3, prompts=["a red circle", "a blue square"], seed=1)
+    b = pipe.sample(2, steps=3, prompts=["a red circle", "a blue square"], seed=1)
+    assert graphs, "the U-Net did not go through torch.compile"
+    assert all("encoder" not in str(n.target) for g in graphs for n in g.graph.nodes)
+    torch.testing.assert_close(a, b)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a C.. compiler"):
+        Pipeline.from_pretrained(path, precision="fp32", compile=True)
+
+
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="the bf16 default applies to CPUs with bf16 matrix units")
 def test_auto_precision_trains_bf16_channels_last_and_resumes_exactly(tmp_path, monkeypatch, request):
     """``mixed_precision: auto`` on this CPU: bf16 autocast, channels_last weights, dropout, fused AdamW, EMA;

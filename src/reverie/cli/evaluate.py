@@ -23,6 +23,8 @@ def add_commands(sub, fmt) -> None:
     ev.add_argument("--ref-split", default="test", help="reference split, for datasets that have splits")
     ev.add_argument("--ref-root", default=None, help="image folder of an imagefolder reference")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--compile", action="store_true",
+                    help="torch.compile the denoising network first (Pipeline.compile; pays off for long runs)")
     ev.add_argument("--ref-n", type=at_least(1), default=10000, help="reference images (statistics are cached)")
     ev.add_argument("--batch-size", type=at_least(1), default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=at_least(1), default=4, help="images per prompt for adherence")
@@ -63,7 +65,7 @@ def run_eval(args) -> int:
                             ref_root=args.ref_root, ref_n=args.ref_n, device=device, per_prompt=args.per_prompt,
                             layout=args.layout, paraphrase=args.paraphrase, nll_n=args.nll_n, probe_n=args.probe_n,
                             progress=show_progress(args))
-    pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=device)
+    pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=device, compile=args.compile)
     check_batch(pipe, args.batch_size, guided=pipe.conditioning != "none")
     results = evaluate(pipe, metrics, options, settings)
     if args.grid is not None:

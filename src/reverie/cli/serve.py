@@ -34,6 +34,8 @@ def add_commands(sub, fmt) -> None:
                    help="no Tree-Ring watermark in the start noise and no pixel watermark (each PNG says so; it is "
                         "still signed)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each image model's network (the first request per batch size compiles)")
     s.set_defaults(func=serve)
 
 
@@ -92,7 +94,7 @@ def serve(args) -> int:
     texts = [TextModel(m, device=args.device)  # its config now, its weights on first use
              for m in [m for m in given if is_text_model(m)] or [DEFAULT_TEXT_MODEL]]
     paths = [Path(m) for m in given if not is_text_model(m)] or [DEFAULT_MODEL]
-    pipes = [Pipeline.from_pretrained(p, device=args.device) for p in paths]
+    pipes = [Pipeline.from_pretrained(p, device=args.device, compile=args.compile) for p in paths]
     config = ServeConfig(api_key=api_key, allowed_hosts=LOOPBACK_NAMES if loopback else None,
                          timeout=args.timeout, max_batch=args.max_batch, max_queue=args.max_queue,
                          batching=not args.no_batching, watermark=not args.no_watermark)
