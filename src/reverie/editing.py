@@ -46,7 +46,7 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   RePaint on any model. Plain generation with a mask-aware model works
   (``reverie.sampling.conditions`` gives it an all-ones mask: nothing known), as training kept 10 % of such
   masks. Measured on the shapes benchmark (``benchmarks/editing.py``, 104 scenes): the fine-tuned shapes model
-  drew the new object right in 90.4 %, RePaint on the text-to-image model in 93.3 %, so none is shipped.
+  drew the new object right in 90.4 %, RePaint on the text-to-image model in 92.3 %, so none is shipped.
 
 * **Prompt edits** (:func:`edit`): invert under the source prompt, then regenerate from that noise under the
   target prompt (with the exact method's residuals, which carry the image's structure). A layout model
@@ -58,7 +58,7 @@ decodes at the end), with or without text, and for every parameterization (eps, 
   the two), so ``fresh_noise`` of its variance is drawn anew from the seed there, ``sqrt(f) z + sqrt(1 - f)
   n_inv`` (unit variance kept); the box, the residuals and the rest of the image still hold position and
   size. Measured on 104 shapes scenes at guidance 4 (``benchmarks/editing.py``): f = 0 / 0.5 / 0.75 / 1
-  gave 78.8 / 86.5 / 89.4 / 90.4 % successful edits.
+  gave 78.8 / 88.5 / 91.3 / 90.4 % successful edits.
 """
 
 from __future__ import annotations
