@@ -342,6 +342,37 @@ def test_img2img_and_inpainting_match_the_library(client, pipe):
     assert job.status_code == 202
 
 
+def test_prompt_edit_matches_the_library(client, pipe):
+    """/v1/edit is reverie.editing.edit of the same image, prompts, layout and seed, byte for byte; outside the
+    changed box the image is kept; bad requests are 422s."""
+    from reverie import editing
+    from reverie.images import to_pil
+    from reverie.sampling import SamplingOptions
+    from reverie.serve.edits import to_tensor
+
+    layout = [["red circle", [0.1, 0.1, 0.45, 0.45]], ["blue square", [0.55, 0.55, 0.9, 0.9]]]
+    source, target = "a red circle above a blue square", "a green circle above a blue square"
+    start = client.post("/sdapi/v1/txt2img", json={"prompt": source, "seed": 1, "steps": 6,
+                                                   "layout": layout}).json()["images"][0]
+    body = {"init_images": [start], "from_prompt": source, "prompt": target, "seed": 5, "steps": 6, "layout": layout}
+    r = client.post("/v1/edit", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])["reverie"][0]
+    assert info["mode"] == "prompt_edit" and info["from_prompt"] == source and info["fresh_noise"] == 0.75
+    init = to_tensor(decode(start), 3, (32, 32))
+    lay = [[(p, tuple(b)) for p, b in layout]]
+    ref = to_pil(editing.edit(pipe, init, source, target, SamplingOptions(steps=6, seed=5, layouts=lay).resolve(
+        pipe.cfg)))[0]
+    got = pixels(decode(r.json()["images"][0]))
+    assert np.array_equal(got, pixels(ref))
+    keep = np.ones((32, 32), bool)
+    keep[1:17, 1:17] = False  # the changed box (3.2..14.4 px) grown by 2 px
+    assert np.array_equal(got[keep], pixels(decode(start))[keep])
+    assert client.post("/v1/edit", json={**body, "fresh_noise": 2}).status_code == 422
+    assert client.post("/v1/edit", json={k: v for k, v in body.items() if k != "from_prompt"}).status_code == 422
+    assert client.post("/v1/jobs/edit", json=body).status_code == 202
+
+
 def _wait(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -494,10 +494,25 @@ def local_blend_step(trajectory: list[Tensor], mask: Tensor, callback=None):
     return step
 
 
+def _chain(first, then):
+    """A sampler callback running ``first`` and then ``then`` on its result (either may be None)."""
+    if first is None or then is None:
+        return first or then
+
+    def both(step: SamplerStep):
+        out = first(step)
+        if out is not None:
+            step = dataclasses.replace(step, x=out)
+        out = then(step)
+        return step.x if out is None else out
+
+    return both
+
+
 def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
          options: SamplingOptions | None = None, method: str = "exact", class_labels: Tensor | None = None,
          progress: bool = False, local_blend: bool | str = "auto", blend_margin: float = 2.0,
-         fresh_noise: float = 0.75, **settings) -> Tensor:
+         fresh_noise: float = 0.75, callback=None, **settings) -> Tensor:
     """A prompt edit: invert ``image`` under ``source_prompt`` (``method``: see :func:`invert`), regenerate
     under ``target_prompt`` from the same noise (and residuals); images in [-1, 1].
 
@@ -508,7 +523,8 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
     ``True`` refuses a model without layouts; ``False``: the whole image is regenerated. ``fresh_noise`` in
     [0, 1]: with local blending, the share of the start noise's variance drawn anew (from ``options.seed``)
     inside the regenerated boxes, so that the old object's colour does not leak into the new one (0: the
-    inverted noise only; see the module docstring for what each gave)."""
+    inverted noise only; see the module docstring for what each gave). ``callback``: a sampler callback run
+    after each step of the regeneration (progress, cancelling), after the residuals and the blend."""
     if local_blend not in (True, False, "auto"):
         raise ValueError(f"local_blend must be True, False or 'auto', got {local_blend!r}")
     if isinstance(fresh_noise, bool) or not isinstance(fresh_noise, (int, float)) or not 0 <= fresh_noise <= 1:
@@ -520,7 +536,7 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
                  progress=progress, **settings)
     targets = prompt_list(target_prompt, len(inv.prompts))
     options = target_layouts(model, inv.options, targets)
-    callback = inv.callback()
+    outer, callback = callback, inv.callback()
     mask = changed_boxes_mask(model, inv.options, options, blend_margin) if local_blend else None
     noise = inv.noise
     if mask is not None:
@@ -531,7 +547,7 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
             fresh = _noise(model, noise.shape[0], options.seed)[1].to(noise.device)
             noise = inside * (fresh_noise ** 0.5 * fresh + (1 - fresh_noise) ** 0.5 * noise) + (1 - inside) * noise
     out = sample_images(model, len(targets), options, prompts=_text_prompts(model, targets), class_labels=class_labels,
-                        callback=callback, progress=progress, noise=noise)
+                        callback=_chain(callback, outer), progress=progress, noise=noise)
     if mask is None:
         return out
     images = check_images(model, image).to(out.device)

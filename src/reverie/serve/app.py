@@ -36,6 +36,7 @@ from .images import BadImage, b64, decode_image, png_bytes, preview_jpeg
 from .schemas import (
     MAX_BODY_BYTES,
     MAX_IMAGES,
+    EditRequest,
     Img2ImgRequest,
     LayoutRequest,
     OptionsRequest,
@@ -522,7 +523,7 @@ def _add_a1111_routes(app: FastAPI, server: Server) -> None:
         return {"info": im.info.get("parameters", "") if hasattr(im, "info") else "", "items": {}}
 
 
-def _img2img_job(server: Server, req: Img2ImgRequest) -> Job:
+def _img2img_job(server: Server, req: Img2ImgRequest | EditRequest) -> Job:
     if importlib.util.find_spec("reverie.editing") is None:
         for i, text in enumerate(req.init_images):  # still a 4xx for a malformed request
             decode_image(text, f"init_images[{i}]")
@@ -602,6 +603,17 @@ def _add_own_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/jobs/img2img", tags=["reverie"], status_code=202)
     async def submit_img2img(req: Img2ImgRequest) -> dict:
         """Queue an img2img or inpainting request; poll as for txt2img."""
+        return queue(_img2img_job(server, req))
+
+    @app.post("/v1/edit", tags=["reverie"])
+    async def prompt_edit(req: EditRequest, request: Request) -> dict:
+        """A prompt edit: ``init_images[0]`` inverted under ``from_prompt``, regenerated under ``prompt``
+        (``reverie edit IMAGE --from-prompt P --to-prompt Q``); the reply is img2img's."""
+        return await wait_for(server, _img2img_job(server, req), request)
+
+    @app.post("/v1/jobs/edit", tags=["reverie"], status_code=202)
+    async def submit_edit(req: EditRequest) -> dict:
+        """Queue a prompt edit; poll as for txt2img."""
         return queue(_img2img_job(server, req))
 
     @app.get("/v1/jobs/{job_id}", tags=["reverie"])

@@ -1,11 +1,14 @@
-"""img2img and inpainting for the server (``/sdapi/v1/img2img``, ``/v1/jobs/img2img``), on ``reverie.editing``.
+"""img2img, inpainting and prompt edits for the server (``/sdapi/v1/img2img``, ``/v1/jobs/img2img``; ``/v1/edit``,
+``/v1/jobs/edit``), on ``reverie.editing``.
 
 A1111's fields: ``init_images`` (the first is the image every output starts from), ``denoising_strength``
 (img2img's strength: how many of the steps run, diffusers' convention), ``mask`` (white = repaint, black =
 keep; ``inpainting_mask_invert=1`` swaps them). The image is resized to the model's size (the mask with
 nearest-neighbour), as A1111's ``resize_mode=0`` does. Image ``i`` uses seed ``seed + i``, like txt2img;
 an edit job runs alone (it is never batched with others). ``mask_blur`` is accepted and not used: the
-mask is binary (RePaint pastes the kept pixels back exactly).
+mask is binary (RePaint pastes the kept pixels back exactly). A prompt edit (:class:`EditRequest`) inverts the
+image under ``from_prompt`` and regenerates it under ``prompt`` (``reverie edit --from-prompt --to-prompt``); its
+progress counts the regeneration's steps (the inversion before them is not shown).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from PIL import Image as PILImage
 
 from ..images import to_pil
 from .images import decode_image
-from .schemas import Img2ImgRequest
+from .schemas import EditRequest, Img2ImgRequest
 from .worker import Job, JobError
 
 
@@ -37,19 +40,22 @@ def mask_tensor(mask: PILImage.Image, size: tuple[int, int], invert: bool) -> to
     return torch.from_numpy(m.astype(np.float32))[None, None]
 
 
-def make_edit_job(server, req: Img2ImgRequest, make_job) -> Job:
-    """The job of an img2img / inpainting request; every problem (an unreadable image, a strength that runs no
-    step, an empty or full mask) is a 4xx before anything is queued."""
+def make_edit_job(server, req: Img2ImgRequest | EditRequest, make_job) -> Job:
+    """The job of an img2img / inpainting request or a prompt edit; every problem (an unreadable image, a
+    strength that runs no step, an empty or full mask, local blending on a model without layouts) is a 4xx
+    before anything is queued."""
     from .. import editing
 
     images = [decode_image(text, f"init_images[{i}]") for i, text in enumerate(req.init_images)]
-    mask = decode_image(req.mask, "mask") if req.mask is not None else None
+    mask = decode_image(req.mask, "mask") if getattr(req, "mask", None) is not None else None
     job = make_job(server, req)
     pipe = server.pipes[job.model_name]
     channels, height, width = pipe.image_shape
     if job.sample_size is not None:
         width, height = job.sample_size
     init = to_tensor(images[0], channels, (width, height))
+    if isinstance(req, EditRequest):
+        return _prompt_edit(job, pipe, req, init)
     strength = float(req.denoising_strength)
     try:
         job.steps = editing.strength_steps(strength, job.options.steps)
@@ -71,6 +77,32 @@ def make_edit_job(server, req: Img2ImgRequest, make_job) -> Job:
             else:
                 x = editing.inpaint(pipe, init, m, spec.prompt, options=options, strength=strength, callback=callback)
             out += to_pil(x)
+        return out
+
+    job.custom = run
+    return job
+
+
+def _prompt_edit(job: Job, pipe, req: EditRequest, init: torch.Tensor) -> Job:
+    from .. import editing
+
+    if req.local_blend and not pipe.takes_layouts:
+        raise JobError(422, "InvalidRequest", f"local_blend needs a layout-conditioned model (its boxes are the mask); "
+                                              f"{pipe.name!r} takes no layouts")
+    if pipe.conditioning != "text" and req.from_prompt:
+        raise JobError(422, "InvalidRequest", f"model {pipe.name!r} is not text-conditioned; leave from_prompt empty")
+    local_blend = "auto" if req.local_blend is None else req.local_blend
+    job.extra = {"mode": "prompt_edit", "from_prompt": req.from_prompt, "fresh_noise": float(req.fresh_noise),
+                 "local_blend": local_blend,
+                 "init_image_sha256": hashlib.sha256(init.numpy().tobytes()).hexdigest()[:16]}
+
+    def run(callback) -> list:
+        out = []
+        for spec in job.images:
+            layouts = [spec.layout] if isinstance(spec.layout, list) else spec.layout
+            options = dataclasses.replace(job.options, seed=spec.seed, layouts=layouts)
+            out += to_pil(editing.edit(pipe, init, req.from_prompt, spec.prompt, options, local_blend=local_blend,
+                                       fresh_noise=float(req.fresh_noise), callback=callback))
         return out
 
     job.custom = run

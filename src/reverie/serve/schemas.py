@@ -74,6 +74,18 @@ class Img2ImgRequest(Txt2ImgRequest):
     resize_mode: Annotated[StrictInt, Field(ge=0, le=3)] = 0
 
 
+class EditRequest(Txt2ImgRequest):
+    """``POST /v1/edit``: a prompt edit of ``init_images[0]`` (``reverie.editing.edit``): inverted under
+    ``from_prompt`` (its ``layout`` is the image's, on a layout model), then regenerated under ``prompt``.
+    ``local_blend`` (layout models; null: on) regenerates only the boxes whose phrase changes, with
+    ``fresh_noise`` of the start noise's variance drawn anew there."""
+
+    init_images: Annotated[list[Base64Image], Field(min_length=1, max_length=MAX_IMAGES)]
+    from_prompt: Prompt
+    fresh_noise: Annotated[Number, Field(ge=0, le=1)] = 0.75
+    local_blend: StrictBool | None = None
+
+
 class OptionsRequest(BaseModel):
     """``POST /sdapi/v1/options``: only the model choice is a setting here."""
 
