@@ -52,6 +52,87 @@ def test_bidirectional_model_uses_positions_at_low_mask_rates():
     assert masked_bits(net, 0.1, torch.Generator().manual_seed(1)) < 1.0
 
 
+# A Markov chain over V symbols, each followed by (x + 1) or (x + 5) mod V with probability 1/2: the stationary
+# law is uniform (log2 V bits a symbol), yet a masked symbol is nearly fixed by its nearest visible neighbours.
+MARKOV_V, MARKOV_L, MARKOV_JUMPS = 12, 32, (1, 5)
+
+
+def markov_batch(n, g):
+    x = [torch.randint(0, MARKOV_V, (n,), generator=g)]
+    for _ in range(MARKOV_L - 1):
+        jump = torch.tensor(MARKOV_JUMPS)[torch.randint(0, len(MARKOV_JUMPS), (n,), generator=g)]
+        x.append((x[-1] + jump) % MARKOV_V)
+    return torch.stack(x, 1)
+
+
+def markov_optimal_bits(x, masked):
+    """The optimal denoiser's mean -log2 p(x_l | visible tokens) over masked l, in closed form: with nearest
+    visible a at distance d1 on the left and c at d2 on the right, p(x_l) is proportional to
+    P^d1[a, x_l] P^d2[x_l, c] (a missing side contributes the uniform stationary law)."""
+    P = torch.zeros(MARKOV_V, MARKOV_V, dtype=torch.float64)
+    for a in range(MARKOV_V):
+        for j in MARKOV_JUMPS:
+            P[a, (a + j) % MARKOV_V] += 1 / len(MARKOV_JUMPS)
+    bits = []
+    for row, hidden in zip(x, masked):
+        visible = (~hidden).nonzero().flatten().tolist()
+        for pos in hidden.nonzero().flatten().tolist():
+            p = torch.ones(MARKOV_V, dtype=torch.float64)
+            left, right = [j for j in visible if j < pos], [j for j in visible if j > pos]
+            if left:
+                p = p * torch.linalg.matrix_power(P, pos - left[-1])[row[left[-1]]]
+            if right:
+                p = p * torch.linalg.matrix_power(P, right[0] - pos)[:, row[right[0]]]
+            bits.append(-math.log2(p[row[pos]] / p.sum()))
+    return sum(bits) / len(bits)
+
+
+def test_trainer_network_reads_its_neighbours_on_a_markov_chain():
+    """The MDLM the trainer builds (its default network), trained 250 steps on the NELBO, must predict masked
+    symbols at 15% masking within 0.45 bits of the closed-form optimal denoiser (0.66 bits here; the
+    stationary law costs 3.58). Measured: rotary positions 0.90 bits at 250 steps (0.75 at 400); a learned
+    position table 1.59 from step 150 to 400, a plateau, the way the 9062e3c Shakespeare MDLM sat at the
+    unigram entropy (reverie.nets.text_transformer's docstring)."""
+    from reverie.train.text import TextModelSection, TextTrainConfig, network_config
+
+    cfg = TextTrainConfig(model=TextModelSection(seq_len=MARKOV_L, hidden_size=32, depth=2, num_heads=2))
+    torch.manual_seed(0)
+    net = TextTransformer(network_config(cfg, MARKOV_V))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    g, schedule = torch.Generator().manual_seed(0), LogLinearSchedule(cfg.model.schedule_eps)
+    for _ in range(250):
+        loss = text_loss(net, markov_batch(32, g), "mdlm", g, schedule, cfg.model.t_min).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ge = torch.Generator().manual_seed(1)
+    x = markov_batch(128, ge)
+    z, masked = mask_tokens(x, torch.full((len(x),), 0.85, dtype=torch.float64), MARKOV_V, ge)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(net.eval()(z).transpose(1, 2), x, reduction="none")
+    optimal = markov_optimal_bits(x, masked)
+    assert 0.4 < optimal < 0.9
+    assert float(ce[masked].mean()) / math.log(2) < optimal + 0.45
+
+
+def test_rotary_attention_sees_relative_positions():
+    """RoFormer's property: q_m . k_n depends on m - n only, so a sequence of identical tokens gives a Toeplitz
+    score matrix; and rotary models keep no position weights in their state dict."""
+    from reverie.nets.layers import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(16, 8)
+    q = apply_rotary(torch.randn(8).expand(1, 16, 8), cos, sin)
+    k = apply_rotary(torch.randn(8).expand(1, 16, 8), cos, sin)
+    scores = (q @ k.transpose(-1, -2))[0]
+    assert torch.allclose(scores[1:, 1:], scores[:-1, :-1], atol=1e-5)
+    assert not torch.allclose(scores[0, 1], scores[0, 2], atol=1e-3)
+    net = TextTransformer(TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=1, num_heads=2,
+                                                positions="rotary"))
+    assert net.pos_embed is None and not any("rotary" in k or "pos" in k for k in net.state_dict())
+    with pytest.raises(ValueError, match="positions must be one of"):
+        TextTransformerConfig(positions="alibi")
+
+
 def test_causal_model_does_not_look_ahead():
     net = TextTransformer(TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=2, num_heads=2,
                                                 causal=True))

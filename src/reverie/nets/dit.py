@@ -105,10 +105,11 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
-        # x (B, N, D), c (B, D) -> six (B, 1, D) modulation vectors
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, context_mask: Tensor | None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        # x (B, N, D), c (B, D) -> six (B, 1, D) modulation vectors; rotary: tables for the self-attention
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rotary=rotary)
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context, context_mask)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))

@@ -52,6 +52,8 @@ __all__ = [
     "GroupNorm",
     "Dropout",
     "attention",
+    "rotary_tables",
+    "apply_rotary",
     "Attention",
     "AttentionBlock",
     "ResBlock",
@@ -424,8 +426,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        """``is_causal``: token i attends to tokens <= i only (autoregressive text models; self-attention)."""
+                is_causal: bool = False, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``is_causal``: token i attends to tokens <= i only (autoregressive text models; self-attention).
+        ``rotary``: ``rotary_tables`` of at least N positions, applied to queries and keys (self-attention)."""
         B, N, C = x.shape
         H = self.num_heads
         if self.is_cross:
@@ -435,6 +438,8 @@ class Attention(nn.Module):
             k, v = self.kv(context).view(B, -1, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, d)
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         attn_mask, keep = key_padding_mask(mask)
         out = attention(q, k, v, attn_mask, is_causal)  # (B, H, N, d)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -462,6 +467,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+
+
+def rotary_tables(n: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin (n, head_dim / 2) of rotary position embedding (Su et al. 2021, RoFormer, eq. 34): position
+    m turns channel pair i by the angle m * base^(-2i / head_dim). Float64 arithmetic, float32 tables."""
+    if head_dim % 2:
+        raise ValueError(f"rotary position embedding needs an even head width, got {head_dim}")
+    half = head_dim // 2
+    angles = torch.arange(n, dtype=torch.float64)[:, None] / base ** (torch.arange(half, dtype=torch.float64) / half)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate heads x (..., N, d) by position: the pairs (x_i, x_{i + d/2}) of token m by m's angles (the
+    half-split pairing), in float32, returned in x's dtype. Then q_m . k_n depends on m - n only through the
+    rotation: attention sees relative positions."""
+    N, half = x.shape[-2], x.shape[-1] // 2
+    cos, sin = cos[:N].to(x.device), sin[:N].to(x.device)
+    a, b = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
 
 
 def sincos_position_embedding(shape: tuple[int, ...], channels: int, extent: float | None = None,

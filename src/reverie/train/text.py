@@ -48,6 +48,9 @@ class TextModelSection:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     time_conditioning: bool = False     # MDLM only; without it the caching sampler applies
+    # rotary: relative positions in attention (a bidirectional model with a learned table sat at the unigram
+    # entropy for hundreds of steps: reverie.nets.text_transformer); learned: GPT-2's position table
+    positions: Literal["learned", "rotary"] = "rotary"
     schedule_eps: float = 1e-3          # alpha_1 = eps in training (MDLM); likelihoods use eps = 0
     t_min: float = 1e-3                 # smallest training time (the weight 1/t is bounded by 1/t_min)
     # nelbo: the bound's own weight 1/t per masked token (MDLM eq. 11); masked_mean: the row's mean cross-entropy
@@ -121,7 +124,8 @@ def network_config(cfg: TextTrainConfig, vocab_size: int) -> TextTransformerConf
     m = cfg.model
     return TextTransformerConfig(vocab_size=vocab_size, max_len=m.seq_len, hidden_size=m.hidden_size,
                                  depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                                 causal=m.objective == "ar", time_conditioning=m.time_conditioning)
+                                 causal=m.objective == "ar", time_conditioning=m.time_conditioning,
+                                 positions=m.positions)
 
 
 def ar_inputs(x: torch.Tensor, bos_id: int) -> torch.Tensor:
