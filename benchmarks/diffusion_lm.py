@@ -11,6 +11,14 @@
     python benchmarks/diffusion_lm.py --mdlm M --ar A --judge J [--samples 64] [--quick]
 
 Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
+
+4. The training curve: test bits per character of every kept checkpoint of the two runs against their
+   training time (the MDLM's NELBO bound and the AR model's exact value), into diffusion_lm_curve.json/.png:
+
+    python benchmarks/diffusion_lm.py --curve RUN_MDLM,RUN_AR [--curve-ckpts DIR_MDLM,DIR_AR] [--windows 128]
+
+   RUN_* are the training runs' out_dir (their ``model`` directory gives network and tokenizer); checkpoints
+   are read from ``--curve-ckpts`` (default RUN/checkpoints; a run prunes to its last few, so keep copies).
 """
 
 from __future__ import annotations
@@ -101,6 +109,47 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     return out
 
 
+def training_curve(runs: list[Path], ckpt_dirs: list[Path], windows: int) -> dict:
+    """Test bits per character at each checkpoint of each run, with the training seconds it had taken."""
+    from reverie.modeldir import load_module_weights
+    from reverie.train.checkpoint import list_checkpoints, load_checkpoint
+
+    out = {"windows": windows}
+    for run, ckpts in zip(runs, ckpt_dirs):
+        lm = TextLM.load(run / "model")
+        x = test_windows(lm, windows)
+        points = []
+        for ckpt in list_checkpoints(ckpts):
+            state = load_checkpoint(ckpt, ("step", "model"))
+            load_module_weights(lm.net, state["model"], source=str(ckpt))
+            points.append({"step": state["step"], "train_seconds": state.get("elapsed_s"),
+                           "test_bpc": bits_per_char(lm, x, draws=4)})
+            print(json.dumps({"objective": lm.objective, **points[-1]}), flush=True)
+        out[lm.objective] = points
+    return out
+
+
+def plot_curve(curve: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for objective, label in (("mdlm", "MDLM (NELBO bound)"), ("ar", "AR (exact)")):
+        points = curve.get(objective, [])
+        bpc = [p["test_bpc"] for p in points]
+        axes[0].plot([p["train_seconds"] / 60 for p in points], bpc, "o-", ms=3, label=label)
+        axes[1].plot([p["step"] for p in points], bpc, "o-", ms=3, label=label)
+    xlabels = ("training minutes (1 CPU thread, shared machine)", "optimizer steps (32 x 128 characters)")
+    for ax, xlabel in zip(axes, xlabels):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test bits per character")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -133,7 +182,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mdlm", default="shakespeare-mdlm")
     p.add_argument("--ar", default="shakespeare-ar")
-    p.add_argument("--judge", required=True)
+    p.add_argument("--judge")
+    p.add_argument("--curve", help="RUN_MDLM,RUN_AR: only the training curve (docstring, item 4)")
+    p.add_argument("--curve-ckpts", help="DIR_MDLM,DIR_AR: where the runs' checkpoints are kept")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--windows", type=int, default=256, help="test windows for bits per character")
     p.add_argument("--steps", default="8,32,128,1024", help="ancestral/caching step counts")
@@ -144,6 +195,19 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "diffusion_lm.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.curve:
+        runs = [Path(r) for r in a.curve.split(",")]
+        ckpts = [Path(c) for c in a.curve_ckpts.split(",")] if a.curve_ckpts else [r / "checkpoints" for r in runs]
+        if len(runs) != 2 or len(ckpts) != 2:
+            p.error("--curve takes RUN_MDLM,RUN_AR (and --curve-ckpts DIR_MDLM,DIR_AR)")
+        curve = training_curve(runs, ckpts, a.windows)
+        out = RESULTS / "diffusion_lm_curve.json"
+        out.write_text(json.dumps(curve, indent=1))
+        plot_curve(curve, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+        return
+    if not a.judge:
+        p.error("--judge is required (a separately trained AR model directory)")
     mdlm, ar, judge = TextLM.load(a.mdlm), TextLM.load(a.ar), TextLM.load(a.judge)
     result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path),
               "mdlm_metrics": mdlm.config.get("metrics"), "ar_metrics": ar.config.get("metrics"),

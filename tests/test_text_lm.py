@@ -129,6 +129,17 @@ def test_rotary_attention_sees_relative_positions():
     net = TextTransformer(TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=1, num_heads=2,
                                                 positions="rotary"))
     assert net.pos_embed is None and not any("rotary" in k or "pos" in k for k in net.state_dict())
+    dit = TextTransformer(TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=1, num_heads=2,
+                                                positions="rotary", time_conditioning=True))
+    torch.nn.init.normal_(dit.head.weight)
+    for block in dit.blocks:
+        torch.nn.init.normal_(block.adaLN[-1].weight)
+    x, c = torch.randint(0, 9, (2, 16)), torch.rand(2)
+    y = torch.cat([x[:, 8:], x[:, :8]], dim=1)  # the same tokens with their positions moved
+    assert not torch.allclose(dit(x, c)[:, :8], dit(y, c)[:, 8:], atol=1e-4)  # the DiT blocks see positions
+    dit.rotary_cos.fill_(1.0)
+    dit.rotary_sin.zero_()  # angle 0 everywhere: no positions, a bag of tokens, permutation-equivariant
+    assert torch.allclose(dit(x, c)[:, :8], dit(y, c)[:, 8:], atol=1e-5)
     with pytest.raises(ValueError, match="positions must be one of"):
         TextTransformerConfig(positions="alibi")
 
