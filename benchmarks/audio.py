@@ -11,6 +11,9 @@ on real clips (train split); its accuracy on the real test clips, on the test cl
 spectrogram and Griffin-Lim (the pipeline's ceiling), and on ``--per-digit`` generated clips of each
 digit; the Fréchet distance of its features, real test vs each. Target: generated accuracy >= 80% of real.
 
+A layout model (a piano roll per note, ``reverie.data.sounds.plan_sound_layout``) is measured with the rolls
+planned from each caption (``--layouts auto``, the default) and, for comparison, without (``--layouts none``).
+
 Generation time per second of audio: the sampler's and Griffin-Lim's wall time over one batch, divided by
 the seconds of audio made.
 
@@ -47,7 +50,7 @@ def timed_generate(pipe, batch: int, options: SamplingOptions, **kwargs):
     return waves, images, time.perf_counter() - start
 
 
-def sounds_part(model: str, limit: int, seed: int, batch: int) -> dict:
+def sounds_part(model: str, limit: int, seed: int, batch: int, layouts: str = "auto") -> dict:
     pipe = Pipeline.from_pretrained(model)
     mel = audio_spec(pipe)
     held = [s for s in SoundsDataset(split="test", length=1).specs if s.kind != "drums"]
@@ -55,8 +58,8 @@ def sounds_part(model: str, limit: int, seed: int, batch: int) -> dict:
     rng = random.Random(seed)
     held = held[:limit] if limit else held
     seen = rng.sample(train, len(held))
-    out = {"model": model, "captions": {"held_out": len(held), "train": len(seen)}}
-    options = SamplingOptions(seed=seed)
+    out = {"model": model, "captions": {"held_out": len(held), "train": len(seen)}, "layouts": layouts}
+    options = SamplingOptions(seed=seed, layouts=layouts)
     timing = {"sampling_and_griffin_lim_s": 0.0, "audio_s": 0.0}
     for name, specs in (("held_out", held), ("train", seen)):
         waves = []
@@ -66,7 +69,7 @@ def sounds_part(model: str, limit: int, seed: int, batch: int) -> dict:
             waves += list(w)
             timing["sampling_and_griffin_lim_s"] += elapsed
             timing["audio_s"] += len(chunk) * mel.seconds
-            if name == "held_out" and a == 0:
+            if name == "held_out" and a == 0 and layouts == "auto":
                 spectrogram_png(images[:4], mel, RESULTS / "audio_sounds.png", [s.caption for s in chunk[:4]])
         out[name] = note_accuracy(waves, specs, mel.sample_rate)
         print(name, json.dumps(out[name]), flush=True)
@@ -80,7 +83,7 @@ def sounds_part(model: str, limit: int, seed: int, batch: int) -> dict:
     out["real_clips"] = note_accuracy(clips, held, mel.sample_rate)
     del real
     out["seconds_per_audio_second"] = timing["sampling_and_griffin_lim_s"] / timing["audio_s"]
-    out["sampling"] = SamplingOptions().resolve(pipe.cfg).to_metadata()
+    out["sampling"] = SamplingOptions(layouts=layouts).resolve(pipe.cfg).to_metadata()
     return out
 
 
@@ -157,6 +160,9 @@ def main() -> None:
     p.add_argument("--sounds", default=None, help="a sounds model directory")
     p.add_argument("--speech", default=None, help="a class-conditioned speech model directory ('' : classifier only)")
     p.add_argument("--nets", action="store_true", help="also time the 2-D mel vs 1-D waveform U-Net step")
+    p.add_argument("--layouts", choices=("auto", "none"), default="auto",
+                   help="a layout model's piano rolls: planned from each caption (auto) or none (the caption alone; "
+                        "results under sounds_without_layouts)")
     p.add_argument("--limit", type=int, default=0, help="at most this many held-out captions (0: all)")
     p.add_argument("--per-digit", type=int, default=20, help="generated clips per digit")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs")
@@ -171,7 +177,8 @@ def main() -> None:
     if args.nets:
         result["nets"] = nets_part()
     if args.sounds:
-        result["sounds"] = sounds_part(args.sounds, args.limit, args.seed, args.batch)
+        key = "sounds" if args.layouts == "auto" else "sounds_without_layouts"
+        result[key] = sounds_part(args.sounds, args.limit, args.seed, args.batch, args.layouts)
     if args.speech is not None:
         result["speech"] = speech_part(args.speech, args.per_digit, args.seed, args.batch, args.epochs)
     path = Path(args.output)

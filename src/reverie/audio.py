@@ -10,6 +10,14 @@ alpha = 0.99). The STFT is normalized by the window's sum, so a sinusoid of ampl
 Pitch: YIN (de Cheveigné & Kawahara 2002): the cumulative-mean-normalized difference function
 d'(tau) (eq. 8), the first dip under ``threshold`` (step 4), refined by parabolic interpolation (step
 5). MIDI note numbers: ``69 + 12 log2(f / 440)``.
+
+Frequency rows (``MelSpec.scale``): ``"mel"``, triangular filters with centers equally spaced in mel
+(edges ``fmin`` and ``fmax``); or ``"log"``, centers equally spaced in log frequency, row ``r`` centered at
+``fmin (fmax / fmin) ** ((r + 0.5) / n_mels)``, each filter reaching to its neighbours' centers and at least
+one FFT bin either side (rows narrower than a bin interpolate the spectrum). On the log scale a pitch
+change is a shift along the rows and a note's harmonics keep fixed row offsets (``12 log2 k`` semitones
+for the k-th), which a convolutional network learns once for every pitch; with ``fmin``/``fmax`` half a
+semitone outside MIDI notes and one row per semitone, every equal-tempered note sits on a row's center.
 """
 
 from __future__ import annotations
@@ -38,6 +46,24 @@ def hz_to_midi(f) -> np.ndarray:
     return 69.0 + 12.0 * np.log2(np.asarray(f, dtype=np.float64) / 440.0)
 
 
+def log_centers(n_rows: int, fmin: float, fmax: float, offset: float = 0.5) -> np.ndarray:
+    """Centers (Hz) of log-frequency rows ``r + offset - 0.5`` for ``r`` in ``range(n_rows)``."""
+    return fmin * (fmax / fmin) ** ((np.arange(n_rows) + offset) / n_rows)
+
+
+def log_filterbank(sample_rate: int, n_fft: int, n_rows: int, fmin: float, fmax: float) -> np.ndarray:
+    """Triangular filters ``[n_rows, n_fft // 2 + 1]`` with peak 1 at log-spaced centers (see the module
+    docstring), each at least one FFT bin wide on either side so that no row is empty."""
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    bin_hz = sample_rate / n_fft
+    center = log_centers(n_rows, fmin, fmax)[:, None]
+    lo = np.minimum(log_centers(n_rows, fmin, fmax, offset=-0.5)[:, None], center - bin_hz)
+    hi = np.maximum(log_centers(n_rows, fmin, fmax, offset=1.5)[:, None], center + bin_hz)
+    rise = (freqs[None] - lo) / (center - lo)
+    fall = (hi - freqs[None]) / (hi - center)
+    return np.clip(np.minimum(rise, fall), 0, None).astype(np.float32)
+
+
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
     """Triangular filters ``[n_mels, n_fft // 2 + 1]`` with peak 1, centers equally spaced in mel."""
     freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
@@ -60,6 +86,13 @@ class MelSpec:
     fmin: float = 40.0
     fmax: float = 4000.0
     db_range: float = 80.0
+    scale: str = "mel"   # frequency rows: "mel" or "log" (see the module docstring)
+
+    def __post_init__(self):
+        if self.scale not in ("mel", "log"):
+            raise ValueError(f"scale must be 'mel' or 'log', got {self.scale!r}")
+        if not 0 < self.fmin < self.fmax <= self.sample_rate / 2:
+            raise ValueError(f"need 0 < fmin < fmax <= sample_rate / 2, got fmin={self.fmin}, fmax={self.fmax}")
 
     @property
     def num_samples(self) -> int:
@@ -81,7 +114,22 @@ class MelSpec:
         return cls(**d)
 
     def filters(self) -> torch.Tensor:
-        return torch.from_numpy(mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax))
+        bank = log_filterbank if self.scale == "log" else mel_filterbank
+        return torch.from_numpy(bank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax))
+
+    def centers(self) -> np.ndarray:
+        """Each row's center frequency (Hz), lowest first (row 0 is the image's first row)."""
+        if self.scale == "log":
+            return log_centers(self.n_mels, self.fmin, self.fmax)
+        return mel_to_hz(np.linspace(hz_to_mel(self.fmin), hz_to_mel(self.fmax), self.n_mels + 2))[1:-1]
+
+    def row(self, freq) -> np.ndarray:
+        """The fractional row index whose center is at ``freq`` Hz (inverse of :meth:`centers`)."""
+        if self.scale == "log":
+            octaves = np.log2(np.asarray(freq, dtype=np.float64) / self.fmin) / np.log2(self.fmax / self.fmin)
+            return self.n_mels * octaves - 0.5
+        lo, hi = hz_to_mel(self.fmin), hz_to_mel(self.fmax)
+        return (hz_to_mel(freq) - lo) / (hi - lo) * (self.n_mels + 1) - 1
 
     def _window(self) -> torch.Tensor:
         return torch.hann_window(self.n_fft, dtype=torch.float64)

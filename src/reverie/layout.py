@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .data.moving_shapes import plan_motion_layout
 from .data.shapes import plan_layout
+from .data.sounds import plan_sound_layout
 
 Box = tuple[float, float, float, float]
 Layout = Sequence[tuple[str, Box]]  # one image's objects: (phrase, (x0, y0, x1, y1))
@@ -129,7 +130,8 @@ def pad_clip_layouts(layouts, max_objects: int) -> tuple[list[list[str]], Tensor
 Planner = Callable[[str, random.Random], "list[tuple[str, Box]] | None"]
 
 
-PLANNERS: dict[str, Planner] = {"shapes": plan_layout, "moving_shapes": plan_motion_layout}  # the latter: per frame
+PLANNERS: dict[str, Planner] = {"shapes": plan_layout, "moving_shapes": plan_motion_layout,  # the latter: per frame
+                                 "sounds": plan_sound_layout}  # piano rolls (notes' rows and times)
 
 
 def get_planner(data_name: str) -> Planner | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .audio import MelSpec
 from .build import DiffusionModel, build_dataset
 from .conditioning import inpaint_condition
 from .guidance import CFGDenoiser
@@ -189,6 +190,8 @@ def resolve_layouts(model: DiffusionModel, prompts: list[str], layouts="auto", s
         planner = get_planner(model.cfg.data.name)
         if planner is not None and model.info.get("frames"):  # a video planner: per-frame layouts
             planner = functools.partial(planner, frames=model.info["frames"])
+        elif planner is not None and model.info.get("audio"):  # a sound planner: the model's spectrogram rows
+            planner = functools.partial(planner, mel=MelSpec.from_dict(model.info["audio"]["mel"]))
         return plan_layouts(planner, prompts, seed)
     if not model.takes_layouts:
         raise ValueError("this model takes no layouts (it was trained without model.layout_channels)")

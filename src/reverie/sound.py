@@ -59,11 +59,9 @@ def spectrogram_png(images: torch.Tensor, mel: MelSpec, path: str | Path, titles
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .audio import hz_to_mel, mel_to_hz
-
     n = images.shape[0]
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-    edges = mel_to_hz(np.linspace(hz_to_mel(mel.fmin), hz_to_mel(mel.fmax), mel.n_mels + 2))[1:-1]
+    edges = mel.centers()
     ticks = [k for k in (0, 15, 31, 47, 63) if k < mel.n_mels]
     for i, ax in enumerate(axes[0]):
         db = (images[i, 0].float().numpy() - 1) * (mel.db_range / 2)
@@ -72,7 +70,7 @@ def spectrogram_png(images: torch.Tensor, mel: MelSpec, path: str | Path, titles
         ax.set_yticks(ticks, [f"{edges[k]:.0f}" for k in ticks])
         ax.set_xlabel("time (s)")
         if i == 0:
-            ax.set_ylabel("frequency (Hz, mel scale)")
+            ax.set_ylabel(f"frequency (Hz, {mel.scale} scale)")
         if titles:
             ax.set_title(_wrap(titles[i % len(titles)]), fontsize=8)
     fig.tight_layout()

@@ -27,6 +27,10 @@ def add_commands(sub, fmt) -> None:
     g.add_argument("--label", type=at_least(0), default=None, help="class-conditioned models: the class to make")
     g.add_argument("--spectrogram", default=None, metavar="PNG", help="also draw the clips' spectrograms into this PNG")
     g.add_argument("--griffin-lim-iters", type=at_least(1), default=64, help="Griffin-Lim iterations (phase recovery)")
+    g.add_argument("--layout", default="auto",
+                   help="layout models: auto (plan each note's row and time from the prompt: a piano roll), none "
+                        "(the prompt alone), or a JSON list (or .json file) of [phrase, [t0, y0, t1, y1]] in "
+                        "fractions of the clip and of the spectrogram's rows, low to high")
     g.add_argument("--from-wav", default=None, help="reproduce a clip from a WAV's stored parameters")
     g.set_defaults(func=generate_audio)
 
@@ -61,13 +65,15 @@ def _request(args):
     of the command line or of --from-wav (which makes its whole batch again and keeps its clip)."""
     from ..provenance.wav import read_wav_parameters
     from ..sampling import SamplingOptions
+    from .generate import layout_arg
 
     if not args.from_wav:
         if args.num_clips > MAX_CLIPS:
             raise UserError(f"--num-clips must be between 1 and {MAX_CLIPS}, got {args.num_clips}")
-        return args.prompt, args.label, args.num_clips, None, args.griffin_lim_iters, sampling_options(args, "none")
+        options = sampling_options(args, layout_arg(args.layout))
+        return args.prompt, args.label, args.num_clips, None, args.griffin_lim_iters, options
     meta = read_wav_parameters(Path(args.from_wav))
-    options = dataclasses.replace(SamplingOptions.from_metadata(meta, args.from_wav), layouts="none")
+    options = SamplingOptions.from_metadata(meta, args.from_wav)  # the stored layout (auto plans it again alike)
     iters = meta.get("griffin_lim_iters", 64)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise UserError(f"{args.from_wav}: griffin_lim_iters must be a positive integer, got {iters!r}")

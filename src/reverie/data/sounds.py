@@ -14,7 +14,21 @@ snare: noise plus a tone; hat: high-passed noise). Roots are the 12 pitch classe
 60 = 261.6 Hz); arpeggios climb to octave 5.
 
 Every item keeps its ground truth: ``notes`` (MIDI note, onset s, offset s) and ``hits`` (drum, onset).
-Items are pure functions of ``(seed, index)``. The caption of an item is drawn first; captions whose
+Items are pure functions of ``(seed, index)``.
+
+Spectrogram: by default (``scale="log"``) the rows are log-frequency, one semitone each at resolution 64,
+centered on MIDI 40 to 103 (82 Hz to 2.5 kHz; ``LOG_RANGE_MIDI``), so that every note of the set sits on a
+row and a change of pitch is a shift along the rows (``reverie.audio``); ``scale="mel"`` gives the
+earlier 40 Hz to 4 kHz mel rows, on which the notes (262 to 988 Hz) fall between rows 8 and 30, at
+1.8 semitones a row at C4.
+
+Layouts (``reverie.layout``): ``ds[i]["layout"]`` is the clip as a piano roll, one ``(phrase, box)`` per
+note, its box spanning the note's time (x) and its fundamental's row (y, the band half a row either side
+of the row of its frequency; y grows with frequency here, as the image's row index does); a drum hit's
+box spans its 0.22 s and every row. :func:`plan_sound_layout` is the planner: it reads a caption back
+(:func:`parse_caption`), draws what the caption leaves open (root, quality, direction, speed, drums),
+and lays the notes out on the default spectrogram, so a layout model is told at which rows and times the
+notes sound, as the shapes model is told where its objects go. The caption of an item is drawn first; captions whose
 hash falls in the held-out tenth (:func:`is_held_out`) appear only in ``split="test"``, so evaluation
 asks the model for captions it never heard. ``ds[i]["image"]`` is the clip's log-mel image
 (``reverie.audio.MelSpec``); ``ds.wave(i)`` the waveform. Images of a dataset are computed once and
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +57,8 @@ KINDS = ("note", "chord", "arpeggio", "drums")
 SPEEDS = {"fast": 0.16, "slow": 0.24}   # seconds between arpeggio notes
 ROOT_OCTAVE_MIDI = 60                    # C4
 HELD_OUT_TENTHS = 1
+LOG_RANGE_MIDI = (39.5, 103.5)           # the log spectrogram's edges: rows centered on MIDI 40 .. 103
+DRUM_SECONDS = 0.22
 
 
 @dataclass
@@ -187,21 +204,98 @@ def render(spec: SoundSpec, sample_rate: int, num_samples: int, rng: np.random.G
         out[a:b] += tone(spec.timbre, float(midi_to_hz(midi)), sample_rate, b - a, rng)
     for name, onset in spec.hits():
         a = int(onset * sample_rate)
-        b = min(num_samples, a + int(0.22 * sample_rate))
+        b = min(num_samples, a + int(DRUM_SECONDS * sample_rate))
         out[a:b] += drum(name, sample_rate, b - a, rng)
     peak = np.abs(out).max()
     return (out / peak * rng.uniform(0.4, 0.8)).astype(np.float32) if peak > 0 else out.astype(np.float32)
 
 
+Box = tuple[float, float, float, float]
+
+
+def spec_layout(spec: SoundSpec, mel: MelSpec) -> list[tuple[str, Box]]:
+    """The clip as a ``reverie.layout`` layout on ``mel``'s image (see the module docstring): per note
+    ``("C sharp on a square wave", (onset, y0, offset, y1))`` in fractions of the clip and of the rows."""
+    out = []
+    for midi, onset, offset in spec.notes():
+        row = float(mel.row(midi_to_hz(midi)))
+        y0, y1 = row / mel.n_mels, (row + 1) / mel.n_mels
+        out.append((f"{NOTE_NAMES[midi % 12]} on {TIMBRE_WORDS[spec.timbre]}",
+                    (onset / mel.seconds, y0, min(offset / mel.seconds, 1.0), y1)))
+    for name, onset in spec.hits():
+        out.append((f"a {name} drum", (onset / mel.seconds, 0.0, min((onset + DRUM_SECONDS) / mel.seconds, 1.0), 1.0)))
+    return out
+
+
+_ROOT = re.compile(r"\b(?:([A-G])|([b-g]))(?:\s+(sharp|flat)|(#))?(?=\s+(?:major|minor|note|chord|arpeggio)\b)")
+
+
+def parse_caption(text: str) -> dict | None:
+    """What a caption says of a clip: ``{"kind", "root", "quality", "direction", "speed", "timbre", "pattern"}``
+    with None for what it leaves open, or None when it names no kind (note, chord, arpeggio, drums). The root
+    is a letter right before "major", "minor", "note", "chord" or "arpeggio", optionally with "sharp" or
+    "flat"; a lowercase "a" there is read as the article, not the note A."""
+    low = text.lower()
+    kind = next((k for k, words in (("drums", ("drum", "kick", "snare")), ("arpeggio", ("arpeggio",)),
+                                    ("chord", ("chord",)), ("note", ("note",))) if any(w in low for w in words)), None)
+    if kind is None:
+        return None
+    root = None
+    m = _ROOT.search(text)
+    if m:
+        root = "C D EF G A B".index((m.group(1) or m.group(2)).upper())
+        root = (root + {"sharp": 1, "#": 1, "flat": -1}.get(m.group(3) or m.group(4), 0)) % 12
+
+    def word(options: dict):
+        return next((v for k, v in options.items() if re.search(rf"\b{k}", low)), None)
+
+    return {"kind": kind, "root": root, "quality": word({"minor": "minor", "major": "major"}),
+            "direction": word({"falling": "falling", "descending": "falling", "down": "falling",
+                               "rising": "rising", "ascending": "rising", "up": "rising"}),
+            "speed": word({"fast": "fast", "quick": "fast", "slow": "slow"}),
+            "timbre": word({"sine": "sine", "square": "square", "pluck": "pluck", "string": "pluck"}),
+            "pattern": tuple(re.findall(r"\b(kick|snare|hat)", low))[:4]}
+
+
+def plan_sound_layout(text: str, rng: random.Random, mel: MelSpec | None = None):
+    """A ``reverie.layout`` planner for ``sounds`` captions: the caption's notes (what it leaves open drawn
+    from ``rng``) laid out on ``mel`` (the dataset's default spectrogram); None when it names no kind."""
+    parsed = parse_caption(text)
+    if parsed is None:
+        return None
+    if parsed["kind"] == "drums":
+        pattern = parsed["pattern"] + tuple(rng.choice(DRUMS) for _ in range(4 - len(parsed["pattern"])))
+        spec = SoundSpec("drums", pattern=pattern)
+    else:
+        def pick(key, options):
+            return parsed[key] if parsed[key] is not None else rng.choice(options)
+
+        spec = SoundSpec(parsed["kind"], pick("root", range(12)), pick("quality", list(QUALITIES)),
+                         pick("direction", ["rising", "falling"]), pick("speed", list(SPEEDS)),
+                         pick("timbre", TIMBRES))
+    return spec_layout(spec, mel or default_spectrogram())
+
+
+def default_spectrogram(resolution: int = 64, sample_rate: int = 8000, scale: str = "log") -> MelSpec:
+    """The spectrogram of :class:`SoundsDataset` (see the module docstring)."""
+    hop = round(sample_rate / resolution)
+    if scale == "mel":
+        return MelSpec(sample_rate=sample_rate, n_mels=resolution, frames=resolution, hop=hop)
+    fmin, fmax = (float(midi_to_hz(m)) for m in LOG_RANGE_MIDI)
+    return MelSpec(sample_rate=sample_rate, n_mels=resolution, frames=resolution, hop=hop, fmin=fmin, fmax=fmax,
+                   scale="log")
+
+
 class SoundsDataset(Dataset):
     """Captioned one-second clips: ``{"image": [1, n_mels, frames] in [-1, 1], "text", "label": kind index,
-    "spec": SoundSpec}``; ``split`` is ``train`` (captions outside the held-out tenth), ``test`` (held-out
-    captions only) or ``all``. ``resolution`` is the spectrogram's mel bands and frames (a square image)."""
+    "layout"}``; ``split`` is ``train`` (captions outside the held-out tenth), ``test`` (held-out captions only)
+    or ``all``. ``resolution`` is the spectrogram's rows and frames (a square image); ``scale`` its frequency
+    rows, ``log`` or ``mel`` (the module docstring)."""
 
     num_classes = len(KINDS)
 
     def __init__(self, resolution: int = 64, split: str = "train", length: int = 8000, seed: int = 0,
-                 sample_rate: int = 8000, kinds=None, timbres=None):
+                 sample_rate: int = 8000, kinds=None, timbres=None, scale: str = "log"):
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be train, test or all, got {split!r}")
         kinds = tuple(kinds or KINDS)
@@ -211,8 +305,9 @@ class SoundsDataset(Dataset):
                 raise ValueError(f"unknown {name} {sorted(set(chosen) - set(valid))}; valid: {', '.join(valid)}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        self.mel = MelSpec(sample_rate=sample_rate, n_mels=resolution, frames=resolution,
-                           hop=round(sample_rate / resolution))
+        if scale not in ("log", "mel"):
+            raise ValueError(f"scale must be log or mel, got {scale!r}")
+        self.mel = default_spectrogram(resolution, sample_rate, scale)
         self.split, self.length, self.seed = split, length, seed
         self.specs = [s for s in all_specs() if s.kind in kinds and (s.kind == "drums" or s.timbre in timbres)
                       and (split == "all" or is_held_out(s.caption) == (split == "test"))]
@@ -246,4 +341,5 @@ class SoundsDataset(Dataset):
             raise IndexError(index)
         spec = self.spec(index)
         image = self._chunk(index // 64)[index % 64]
-        return {"image": image.float(), "text": spec.caption, "label": KINDS.index(spec.kind)}
+        return {"image": image.float(), "text": spec.caption, "label": KINDS.index(spec.kind),
+                "layout": spec_layout(spec, self.mel)}
