@@ -181,6 +181,9 @@ def main() -> None:
         result[key] = sounds_part(args.sounds, args.limit, args.seed, args.batch, args.layouts)
     if args.speech is not None:
         result["speech"] = speech_part(args.speech, args.per_digit, args.seed, args.batch, args.epochs)
+    for part in ("nets", "sounds", "sounds_without_layouts", "speech"):  # each part keeps the command that made it
+        if part in result:
+            result[part]["command"] = result["command"]
     path = Path(args.output)
     previous = json.loads(path.read_text()) if path.is_file() else {}
     previous.update({k: v for k, v in result.items()})
