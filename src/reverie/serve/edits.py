@@ -65,18 +65,29 @@ def make_edit_job(server, req: Img2ImgRequest | EditRequest, make_job) -> Job:
     except ValueError as e:
         raise JobError(422, "InvalidRequest", str(e)) from None
     job.extra = {"mode": "inpaint" if m is not None else "img2img", "strength": strength,
-                 "init_image_sha256": hashlib.sha256(init.numpy().tobytes()).hexdigest()[:16]}
+                 "init_image_sha256": _digest(init)}
+
+    def one(prompt, options, callback):
+        if m is None:
+            return editing.img2img(pipe, init, prompt, strength, options=options, callback=callback)
+        return editing.inpaint(pipe, init, m, prompt, options=options, strength=strength, callback=callback)
+
+    return _each_image(job, one)
+
+
+def _digest(init: torch.Tensor) -> str:
+    return hashlib.sha256(init.numpy().tobytes()).hexdigest()[:16]
+
+
+def _each_image(job: Job, one) -> Job:
+    """Make ``job`` run ``one(prompt, options, callback)`` (an image tensor) per image, with the image's seed and
+    layout."""
 
     def run(callback) -> list:
         out = []
         for spec in job.images:
             layouts = [spec.layout] if isinstance(spec.layout, list) else spec.layout
-            options = dataclasses.replace(job.options, seed=spec.seed, layouts=layouts)
-            if m is None:
-                x = editing.img2img(pipe, init, spec.prompt, strength, options=options, callback=callback)
-            else:
-                x = editing.inpaint(pipe, init, m, spec.prompt, options=options, strength=strength, callback=callback)
-            out += to_pil(x)
+            out += to_pil(one(spec.prompt, dataclasses.replace(job.options, seed=spec.seed, layouts=layouts), callback))
         return out
 
     job.custom = run
@@ -93,17 +104,7 @@ def _prompt_edit(job: Job, pipe, req: EditRequest, init: torch.Tensor) -> Job:
         raise JobError(422, "InvalidRequest", f"model {pipe.name!r} is not text-conditioned; leave from_prompt empty")
     local_blend = "auto" if req.local_blend is None else req.local_blend
     job.extra = {"mode": "prompt_edit", "from_prompt": req.from_prompt, "fresh_noise": float(req.fresh_noise),
-                 "local_blend": local_blend,
-                 "init_image_sha256": hashlib.sha256(init.numpy().tobytes()).hexdigest()[:16]}
-
-    def run(callback) -> list:
-        out = []
-        for spec in job.images:
-            layouts = [spec.layout] if isinstance(spec.layout, list) else spec.layout
-            options = dataclasses.replace(job.options, seed=spec.seed, layouts=layouts)
-            out += to_pil(editing.edit(pipe, init, req.from_prompt, spec.prompt, options, local_blend=local_blend,
-                                       fresh_noise=float(req.fresh_noise), callback=callback))
-        return out
-
-    job.custom = run
-    return job
+                 "local_blend": local_blend, "init_image_sha256": _digest(init)}
+    return _each_image(job, lambda prompt, options, callback: editing.edit(
+        pipe, init, req.from_prompt, prompt, options, local_blend=local_blend, fresh_noise=float(req.fresh_noise),
+        callback=callback))
