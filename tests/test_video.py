@@ -284,3 +284,30 @@ def test_mp4_without_ffmpeg_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs ffmpeg on the PATH"):
         save_video(frames, tmp_path / "a.mp4", {"prompt": "x"})
     assert not (tmp_path / "a.json").exists()
+
+
+def test_frame_noise_is_randn_at_zero_and_shares_rho_of_each_frames_variance():
+    from reverie.process import frame_noise
+
+    shape = (2, 3, 4, 8, 8)
+    assert torch.equal(frame_noise(shape, 0.0, torch.Generator().manual_seed(3)),
+                       torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    n = frame_noise((4000, 1, 3, 2, 2), 0.6, torch.Generator().manual_seed(0))
+    a, b = n[:, :, 0].flatten(), n[:, :, 2].flatten()  # 16,000 draws of two frames of a clip
+    assert abs(float(a.var()) - 1) < 0.05 and abs(float(b.var()) - 1) < 0.05
+    assert abs(float((a * b).mean()) - 0.6) < 0.04  # iid frames would give 0 +- 0.01
+    with pytest.raises(ValueError, match=r"needs clips \(B, C, T, H, W\)"):
+        frame_noise((2, 3, 8, 8), 0.5)
+
+
+def test_a_video_model_with_frame_noise_correlation_starts_from_correlated_noise(make_model_dir):
+    from reverie.pipeline import Pipeline
+    from reverie.sampling import start_noise
+
+    path = make_model_dir("pyoco", (*VIDEO_MODEL, "--model.frame_noise_correlation=0.9"), VIDEO16)
+    model = Pipeline.from_pretrained(path)
+    assert model.cfg.model.frame_noise_correlation == 0.9  # stored in config.json, read back
+    x = start_noise(model, 64, 1.0, torch.Generator().manual_seed(0))  # scaled by sqrt(1 + 1) (VP)
+    frames = x.transpose(1, 2).flatten(2) / 2 ** 0.5  # (B, T, C*H*W)
+    corr = (frames[:, 0] * frames[:, 3]).mean()
+    assert 0.8 < float(corr) < 1.0

@@ -57,3 +57,19 @@ class ForwardProcess:
         var = self._gather(self.posterior_variance, t, x_t)
         log_var = self._gather(self.posterior_log_variance_clipped, t, x_t)
         return mean, var, log_var
+
+
+def frame_noise(shape, rho: float, generator: torch.Generator | None = None) -> Tensor:
+    """Unit Gaussian noise for clips ``(B, C, T, H, W)`` whose frames share a fraction ``rho`` of their variance.
+
+    Ge et al. 2023 ("Preserve Your Own Correlation", Sec. 3.2, the mixed noise model): every frame's noise is
+    eps_t = sqrt(rho) * eps_shared + sqrt(1 - rho) * eps_t_ind, so each frame is N(0, I) and any two frames of a
+    clip correlate by rho (the paper's alpha: rho = alpha^2 / (1 + alpha^2)). The per-frame part is drawn first,
+    so ``rho = 0`` draws exactly ``torch.randn(shape)`` and nothing more."""
+    ind = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if rho == 0:
+        return ind
+    if len(shape) != 5:
+        raise ValueError(f"frame-correlated noise needs clips (B, C, T, H, W), got shape {tuple(shape)}")
+    shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, dtype=torch.float32)
+    return rho ** 0.5 * shared + (1 - rho) ** 0.5 * ind

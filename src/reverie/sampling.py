@@ -27,6 +27,7 @@ from .images import save_grid
 from .layout import check_layout, get_planner, is_clip_layout, plan_layouts
 from .limits import MAX_GUIDANCE, MAX_STEPS
 from .pfgm import pfgm_noise
+from .process import frame_noise
 from .samplers import GRIDS, SIGMA_GRIDS, TunedGrid, check_grid, check_sampler, get_sigmas, sample, tune_sigmas
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range (Karras et al. 2022)
@@ -266,7 +267,8 @@ def start_noise(model: DiffusionModel, num_images: int, sigma_top: float, genera
     if model.cfg.model.pfgm_d:  # PFGM++: the prior is the perturbation kernel at sigma_top (reverie.pfgm)
         noise = pfgm_noise(noise_shape(model, num_images), model.cfg.model.pfgm_d, generator=generator)
     else:
-        noise = torch.randn(noise_shape(model, num_images), generator=generator, dtype=torch.float32)
+        # a video model's frames may share part of their noise (model.frame_noise_correlation; rho = 0: plain randn)
+        noise = frame_noise(noise_shape(model, num_images), model.cfg.model.frame_noise_correlation, generator)
     return noise * noise_scale(model, sigma_top)
 
 

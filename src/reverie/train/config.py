@@ -34,6 +34,8 @@ class ModelSection:
     # processes with their own loss and sampler (reverie.heat, settings in the heat section)
     process: Literal["gaussian", "ihdm", "blurring"] = "gaussian"
     pfgm_d: int = 0                     # PFGM++ (reverie.pfgm): D extra dimensions of the training noise; 0: Gaussian
+    # video: share of each frame's training and sampling noise common to its clip (reverie.process.frame_noise)
+    frame_noise_correlation: float = 0.0
 
 
 @dataclass
@@ -257,6 +259,7 @@ class TrainConfig(RunConfig):
             (self.sample.num_images >= 1, "sample.num_images must be >= 1"),
             (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
             (self.model.pfgm_d >= 0, "model.pfgm_d must be >= 0 (0: Gaussian noise, D = infinity)"),
+            (0 <= self.model.frame_noise_correlation < 1, "model.frame_noise_correlation must be in [0, 1)"),
             (self.heat.num_levels >= 1, "heat.num_levels must be >= 1"),
             (0 < self.heat.blur_min <= self.heat.blur_max, "heat: need 0 < blur_min <= blur_max"),
             (self.heat.noise >= 0 and 0 < self.heat.d_min < 1, "heat: need noise >= 0 and 0 < d_min < 1"),

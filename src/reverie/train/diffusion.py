@@ -35,6 +35,7 @@ from ..heat import IHDM, BlurringSchedule
 from ..latent import LatentCache, encode_batch, latent_info
 from ..losses import LogNormalSigmas, LossAwareTimesteps, UniformTimesteps, denoising_loss
 from ..pfgm import pfgm_noise
+from ..process import frame_noise
 from ..sampling import check_batch, save_sample_grid
 from ..sde import UniformTime
 from .checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint
@@ -192,7 +193,7 @@ class DiffusionTrainer(Trainer):
             return heat_loss(self.heat, model, x0, g), {}
         lv = self.levels(x0.shape[0], g)
         noise = pfgm_noise(x0.shape, cfg.model.pfgm_d, generator=g) if cfg.model.pfgm_d else \
-            torch.randn(x0.shape, generator=g)
+            frame_noise(x0.shape, cfg.model.frame_noise_correlation, g)
         noise = noise.to(self.device, x0.dtype)
         cond = self._condition(batch, g)
         if cfg.model.inpainting:  # random masks; the masked image and the mask stay when the caption is dropped
