@@ -62,7 +62,7 @@ class ForwardProcess:
 def frame_noise(shape, rho: float, generator: torch.Generator | None = None) -> Tensor:
     """Unit Gaussian noise for clips ``(B, C, T, H, W)`` whose frames share a fraction ``rho`` of their variance.
 
-    Ge et al. 2023 ("Preserve Your Own Correlation", Sec. 3.2, the mixed noise model): every frame's noise is
+    Ge et al. 2023 ("Preserve Your Own Correlation", arXiv 2305.10474, its mixed noise model): every frame's noise is
     eps_t = sqrt(rho) * eps_shared + sqrt(1 - rho) * eps_t_ind, so each frame is N(0, I) and any two frames of a
     clip correlate by rho (the paper's alpha: rho = alpha^2 / (1 + alpha^2)). The per-frame part is drawn first,
     so ``rho = 0`` draws exactly ``torch.randn(shape)`` and nothing more."""
