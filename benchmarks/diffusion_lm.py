@@ -62,9 +62,11 @@ def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int
     return row
 
 
-def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int) -> dict:
+def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
+               sampler: str = "caching", k: int = 4) -> dict:
     """Windows of the test plays whose masked span starts at a line start after a left context of half the
-    window; score -log p_judge(span, right | left) per character for both methods."""
+    window; score -log p_judge(span, right | left) per character for both methods. With ``sampler`` edlm the
+    MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included."""
     x = test_windows(mdlm, None)
     nl = mdlm.tokenizer.encode("\n")[0]
     half, L = mdlm.max_len // 2, mdlm.max_len
@@ -80,7 +82,8 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     for i, (_, s) in enumerate(rows):
         z[i, s:s + span] = mdlm.mask_id
     t0 = time.perf_counter()
-    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler="caching")
+    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k,
+                              energy_model=ar.log_likelihood if sampler == "edlm" else None)
     t_mdlm = time.perf_counter() - t0
     continued = torch.stack([w.clone() for w, _ in rows])
     t0 = time.perf_counter()
@@ -97,7 +100,8 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
             chars += L - s
         return math.exp(nats / chars)
 
-    out = {"lines": len(rows), "span": span, "steps": steps, "mdlm_infill_ppl": score(filled),
+    out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if sampler == "edlm" else None,
+           "mdlm_infill_ppl": score(filled),
            "ar_continuation_ppl": score(continued), "original_ppl": score(torch.stack([w for w, _ in rows])),
            "mdlm_seconds": t_mdlm, "ar_seconds": t_ar,
            "examples": [{"left": mdlm.decode(w[:s].tolist())[-60:], "original": mdlm.decode(w[s:s + span].tolist()),
@@ -227,6 +231,7 @@ def main() -> None:
         for s in [int(x) for x in a.edlm_steps.split(",")]:
             result["samples"].append(sample_run(mdlm, ar, judge, "edlm", s, k, a.samples, seed=1))
     result["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
+    result["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm", k=4)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
