@@ -11,6 +11,9 @@ on real clips (train split); its accuracy on the real test clips, on the test cl
 spectrogram and Griffin-Lim (the pipeline's ceiling), and on ``--per-digit`` generated clips of each
 digit; the Fréchet distance of its features, real test vs each. Target: generated accuracy >= 80% of real.
 
+Sounds with ``--vague``: instead, prompts that leave a held-out caption's root and speed open, each clip scored against
+the roll the planner drew for it.
+
 A layout model (a piano roll per note, ``reverie.data.sounds.plan_sound_layout``) is measured with the rolls
 planned from each caption (``--layouts auto``, the default) and, for comparison, without (``--layouts none``).
 
@@ -33,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reverie.data.sounds import SoundsDataset
+from reverie.data.sounds import SoundsDataset, plan_sound
 from reverie.data.speech import WORDS, SpeechDataset
 from reverie.eval.audio import classify, feature_distance, note_accuracy, reanalyse, train_classifier
+from reverie.layout import planner_rng
 from reverie.pipeline import Pipeline
 from reverie.sampling import SamplingOptions
 from reverie.sound import audio_spec, generate_audio, spectrogram_png
@@ -84,6 +88,24 @@ def sounds_part(model: str, limit: int, seed: int, batch: int, layouts: str = "a
     del real
     out["seconds_per_audio_second"] = timing["sampling_and_griffin_lim_s"] / timing["audio_s"]
     out["sampling"] = SamplingOptions(layouts=layouts).resolve(pipe.cfg).to_metadata()
+    return out
+
+
+def vague_part(model: str, seed: int, batch: int) -> dict:
+    """Prompts that leave the root (and an arpeggio's speed) open: each clip is scored against the clip its
+    planned piano roll stands for (``plan_sound`` replayed with the generator sampling gave the planner)."""
+    pipe = Pipeline.from_pretrained(model)
+    mel = audio_spec(pipe)
+    held = [s for s in SoundsDataset(split="test", length=1).specs if s.kind != "drums"]
+    prompts = [s.describe(root=False, speed=False) for s in held]
+    waves, planned = [], []
+    for a in range(0, len(prompts), batch):
+        chunk = prompts[a:a + batch]
+        waves += list(timed_generate(pipe, len(chunk), SamplingOptions(seed=seed), prompt=chunk)[0])
+        planned += [plan_sound(p, planner_rng(seed, i, p)) for i, p in enumerate(chunk)]
+    out = {"model": model, "prompts": len(prompts), "examples": prompts[:3]}
+    out.update(note_accuracy(waves, planned, mel.sample_rate))
+    print("vague", json.dumps(out), flush=True)
     return out
 
 
@@ -163,6 +185,9 @@ def main() -> None:
     p.add_argument("--layouts", choices=("auto", "none"), default="auto",
                    help="a layout model's piano rolls: planned from each caption (auto) or none (the caption alone; "
                         "results under sounds_without_layouts)")
+    p.add_argument("--vague", action="store_true",
+                   help="also score prompts that leave the root and speed open against their planned rolls "
+                        "(sounds_vague_prompts)")
     p.add_argument("--limit", type=int, default=0, help="at most this many held-out captions (0: all)")
     p.add_argument("--per-digit", type=int, default=20, help="generated clips per digit")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs")
@@ -176,12 +201,14 @@ def main() -> None:
               " ".join(f"--{k.replace('_', '-')}={v}" for k, v in shown.items())}
     if args.nets:
         result["nets"] = nets_part()
-    if args.sounds:
+    if args.sounds and not args.vague:
         key = "sounds" if args.layouts == "auto" else "sounds_without_layouts"
         result[key] = sounds_part(args.sounds, args.limit, args.seed, args.batch, args.layouts)
     if args.speech is not None:
         result["speech"] = speech_part(args.speech, args.per_digit, args.seed, args.batch, args.epochs)
-    for part in ("nets", "sounds", "sounds_without_layouts", "speech"):  # each part keeps the command that made it
+    if args.sounds and args.vague:
+        result["sounds_vague_prompts"] = vague_part(args.sounds, args.seed, args.batch)
+    for part in ("nets", "sounds", "sounds_without_layouts", "sounds_vague_prompts", "speech"):  # with its command
         if part in result:
             result[part]["command"] = result["command"]
     path = Path(args.output)

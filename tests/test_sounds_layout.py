@@ -20,12 +20,13 @@ from reverie.data.sounds import (
     all_specs,
     default_spectrogram,
     parse_caption,
+    plan_sound,
     plan_sound_layout,
     render,
     spec_layout,
 )
 from reverie.eval.audio import note_accuracy
-from reverie.layout import box_masks, get_planner
+from reverie.layout import box_masks, get_planner, plan_layouts, planner_rng
 from reverie.provenance.wav import read_wav_parameters
 from reverie.sampling import resolve_layouts
 
@@ -117,6 +118,28 @@ def test_the_planner_fills_in_what_the_caption_leaves_open():
     drums = plan_sound_layout("kick, snare", random.Random(0))
     assert [p for p, _ in drums][:2] == ["a kick drum", "a snare drum"] and len(drums) == 4
     assert all(box[1] == 0.0 and box[3] == 1.0 for _, box in drums)
+
+
+def test_vague_captions_leave_words_out_and_keep_the_layout():
+    ds, full = SoundsDataset(length=200, vague=0.5), SoundsDataset(length=200)
+    captions = [ds.caption(i) for i in range(200)]
+    changed = [i for i in range(200) if captions[i] != ds.spec(i).caption]
+    assert 60 < len(changed) < 100 and all(full.caption(i) == full.spec(i).caption for i in range(200))
+    for i in changed:
+        spec, parsed = ds.spec(i), parse_caption(captions[i])
+        assert spec.kind != "drums" and (parsed["root"] is None or parsed["speed"] is None)
+        assert parsed["root"] in (None, spec.root) and parsed["speed"] in (None, spec.speed)
+        assert parsed["timbre"] == spec.timbre
+    assert ds[changed[0]]["layout"] == spec_layout(ds.spec(changed[0]), ds.mel)
+    assert SoundSpec("arpeggio", 2, "minor", "falling", "slow", "square").describe(root=False, speed=False) == \
+        "a falling minor arpeggio on a square wave"
+
+
+def test_a_plan_replays_from_its_generator():
+    prompts = ["a rising minor arpeggio on a sine wave"] * 4
+    layouts = plan_layouts(plan_sound_layout, prompts, seed=4)
+    assert [spec_layout(plan_sound(p, planner_rng(4, i, p)), LOG) for i, p in enumerate(prompts)] == layouts
+    assert len({str(lay) for lay in layouts}) > 1  # each clip of a batch gets its own draw
 
 
 @pytest.mark.parametrize("scale", ["log", "mel"])

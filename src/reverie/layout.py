@@ -144,4 +144,9 @@ def plan_layouts(planner: Planner | None, prompts: Sequence[str], seed: int) -> 
     seed gives the same layouts, and images of one batch get different ones."""
     if planner is None:
         return [None] * len(prompts)
-    return [planner(p, random.Random(f"reverie.layout/{seed}/{i}/{p}")) if p else None for i, p in enumerate(prompts)]
+    return [planner(p, planner_rng(seed, i, p)) if p else None for i, p in enumerate(prompts)]
+
+
+def planner_rng(seed: int, index: int, prompt: str) -> random.Random:
+    """The generator :func:`plan_layouts` gives the planner for image ``index`` of a batch (to replay a plan)."""
+    return random.Random(f"reverie.layout/{seed}/{index}/{prompt}")

@@ -75,13 +75,18 @@ class SoundSpec:
 
     @property
     def caption(self) -> str:
-        name, sound = NOTE_NAMES[self.root], TIMBRE_WORDS.get(self.timbre, "")
+        return self.describe()
+
+    def describe(self, root: bool = True, speed: bool = True) -> str:
+        """The caption; ``root=False`` / ``speed=False`` leave the root / an arpeggio's speed out ("a falling
+        minor arpeggio on a square wave"), as a user might."""
+        name, sound = (NOTE_NAMES[self.root] + " " if root else ""), TIMBRE_WORDS.get(self.timbre, "")
         if self.kind == "note":
-            return f"a single {name} note on {sound}"
+            return f"a single {name}note on {sound}"
         if self.kind == "chord":
-            return f"a {name} {self.quality} chord on {sound}"
+            return f"a {name}{self.quality} chord on {sound}"
         if self.kind == "arpeggio":
-            return f"a {self.direction} {name} {self.quality} arpeggio on {sound}, {self.speed}"
+            return f"a {self.direction} {name}{self.quality} arpeggio on {sound}" + (f", {self.speed}" if speed else "")
         return "a drum pattern: " + ", ".join(self.pattern)
 
     def notes(self, start: float = 0.02) -> list[tuple[int, float, float]]:
@@ -257,23 +262,27 @@ def parse_caption(text: str) -> dict | None:
             "pattern": tuple(re.findall(r"\b(kick|snare|hat)", low))[:4]}
 
 
-def plan_sound_layout(text: str, rng: random.Random, mel: MelSpec | None = None):
-    """A ``reverie.layout`` planner for ``sounds`` captions: the caption's notes (what it leaves open drawn
-    from ``rng``) laid out on ``mel`` (the dataset's default spectrogram); None when it names no kind."""
+def plan_sound(text: str, rng: random.Random) -> SoundSpec | None:
+    """The clip a caption asks for, what it leaves open drawn from ``rng``; None when it names no kind."""
     parsed = parse_caption(text)
     if parsed is None:
         return None
     if parsed["kind"] == "drums":
         pattern = parsed["pattern"] + tuple(rng.choice(DRUMS) for _ in range(4 - len(parsed["pattern"])))
-        spec = SoundSpec("drums", pattern=pattern)
-    else:
-        def pick(key, options):
-            return parsed[key] if parsed[key] is not None else rng.choice(options)
+        return SoundSpec("drums", pattern=pattern)
 
-        spec = SoundSpec(parsed["kind"], pick("root", range(12)), pick("quality", list(QUALITIES)),
-                         pick("direction", ["rising", "falling"]), pick("speed", list(SPEEDS)),
-                         pick("timbre", TIMBRES))
-    return spec_layout(spec, mel or default_spectrogram())
+    def pick(key, options):
+        return parsed[key] if parsed[key] is not None else rng.choice(options)
+
+    return SoundSpec(parsed["kind"], pick("root", range(12)), pick("quality", list(QUALITIES)),
+                     pick("direction", ["rising", "falling"]), pick("speed", list(SPEEDS)), pick("timbre", TIMBRES))
+
+
+def plan_sound_layout(text: str, rng: random.Random, mel: MelSpec | None = None):
+    """A ``reverie.layout`` planner for ``sounds`` captions: the notes of :func:`plan_sound` laid out on ``mel``
+    (default: the dataset's default spectrogram); None when the caption names no kind."""
+    spec = plan_sound(text, rng)
+    return None if spec is None else spec_layout(spec, mel or default_spectrogram())
 
 
 def default_spectrogram(resolution: int = 64, sample_rate: int = 8000, scale: str = "log") -> MelSpec:
@@ -290,12 +299,13 @@ class SoundsDataset(Dataset):
     """Captioned one-second clips: ``{"image": [1, n_mels, frames] in [-1, 1], "text", "label": kind index,
     "layout"}``; ``split`` is ``train`` (captions outside the held-out tenth), ``test`` (held-out captions only)
     or ``all``. ``resolution`` is the spectrogram's rows and frames (a square image); ``scale`` its frequency
-    rows, ``log`` or ``mel`` (the module docstring)."""
+    rows, ``log`` or ``mel`` (the module docstring); ``vague`` the share of captions that leave words out
+    (:meth:`caption`)."""
 
     num_classes = len(KINDS)
 
     def __init__(self, resolution: int = 64, split: str = "train", length: int = 8000, seed: int = 0,
-                 sample_rate: int = 8000, kinds=None, timbres=None, scale: str = "log"):
+                 sample_rate: int = 8000, kinds=None, timbres=None, scale: str = "log", vague: float = 0.0):
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be train, test or all, got {split!r}")
         kinds = tuple(kinds or KINDS)
@@ -305,6 +315,9 @@ class SoundsDataset(Dataset):
                 raise ValueError(f"unknown {name} {sorted(set(chosen) - set(valid))}; valid: {', '.join(valid)}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
+        if not 0 <= vague <= 1:
+            raise ValueError(f"vague must be in [0, 1], got {vague}")
+        self.vague = vague
         if scale not in ("log", "mel"):
             raise ValueError(f"scale must be log or mel, got {scale!r}")
         self.mel = default_spectrogram(resolution, sample_rate, scale)
@@ -341,5 +354,16 @@ class SoundsDataset(Dataset):
             raise IndexError(index)
         spec = self.spec(index)
         image = self._chunk(index // 64)[index % 64]
-        return {"image": image.float(), "text": spec.caption, "label": KINDS.index(spec.kind),
+        return {"image": image.float(), "text": self.caption(index), "label": KINDS.index(spec.kind),
                 "layout": spec_layout(spec, self.mel)}
+
+    def caption(self, index: int) -> str:
+        """Item ``index``'s caption: with probability ``vague`` it leaves out the root, the speed or both (the
+        layout still holds them), so that a layout model learns to take what the caption does not say from
+        the roll."""
+        rng = random.Random(f"sounds.vague/{self.seed}/{index}")
+        spec = self.spec(index)
+        if rng.random() >= self.vague:
+            return spec.caption
+        drop = rng.randrange(3)  # 0: the root, 1: the speed, 2: both
+        return spec.describe(root=drop == 1, speed=drop == 0)
