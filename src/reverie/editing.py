@@ -476,22 +476,20 @@ def changed_boxes_mask(model: DiffusionModel, source: SamplingOptions, target: S
     return torch.stack(masks)[:, None] if any_changed else None
 
 
-def local_blend_step(trajectory: list[Tensor], mask: Tensor, callback=None):
-    """Prompt-to-Prompt's local blending (Hertz et al. 2022, Sec. 3.3) with a given mask: a sampler callback that,
-    after ``callback`` (the inversion's residuals), keeps the region where ``mask`` is 0 on the source trajectory,
-    ``x <- m x + (1 - m) x_src(sigma_next)``; ``trajectory`` is :attr:`Inversion.trajectory` (lowest first)."""
+def local_blend_step(trajectory: list[Tensor], mask: Tensor):
+    """Prompt-to-Prompt's local blending (Hertz et al. 2022, Sec. 3.3) with a given mask: a sampler callback that
+    keeps the region where ``mask`` is 0 on the source trajectory, ``x <- m x + (1 - m) x_src(sigma_next)``;
+    ``trajectory`` is :attr:`Inversion.trajectory` (lowest first)."""
     targets = trajectory[::-1][1:]  # the source states after sampler steps 0, 1, ..., last (sigma 0)
 
     def step(s: SamplerStep):
-        x = s.x
-        if callback is not None:
-            out = callback(s)
-            x = x if out is None else out
-        source = targets[s.i].to(x.device, x.dtype)
-        m = mask.to(x.device, x.dtype)
-        return m * x + (1 - m) * source
+        m = mask.to(s.x.device, s.x.dtype)
+        return m * s.x + (1 - m) * targets[s.i].to(s.x.device, s.x.dtype)
 
     return step
+
+
+FRESH_NOISE = 0.75  # edit()'s default share of fresh start noise in the changed boxes (module docstring)
 
 
 def _chain(first, then):
@@ -512,7 +510,7 @@ def _chain(first, then):
 def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
          options: SamplingOptions | None = None, method: str = "exact", class_labels: Tensor | None = None,
          progress: bool = False, local_blend: bool | str = "auto", blend_margin: float = 2.0,
-         fresh_noise: float = 0.75, callback=None, **settings) -> Tensor:
+         fresh_noise: float = FRESH_NOISE, callback=None, **settings) -> Tensor:
     """A prompt edit: invert ``image`` under ``source_prompt`` (``method``: see :func:`invert`), regenerate
     under ``target_prompt`` from the same noise (and residuals); images in [-1, 1].
 
@@ -541,7 +539,7 @@ def edit(model: DiffusionModel, image: Tensor, source_prompt: str | list[str], t
     noise = inv.noise
     if mask is not None:
         inside = latent_mask(model, mask)
-        callback = local_blend_step(inv.trajectory, inside, callback)
+        callback = _chain(callback, local_blend_step(inv.trajectory, inside))  # after the residuals
         if fresh_noise > 0:
             inside = inside.to(noise.device, noise.dtype)
             fresh = _noise(model, noise.shape[0], options.seed)[1].to(noise.device)

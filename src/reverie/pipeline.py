@@ -195,7 +195,7 @@ class Pipeline(DiffusionModel):
 
     def edit(self, image, source_prompt: str | list[str], target_prompt: str | list[str],
              options: SamplingOptions | None = None, method: str = "exact", local_blend: bool | str = "auto",
-             fresh_noise: float = 0.75, **settings) -> torch.Tensor:
+             fresh_noise: float = editing.FRESH_NOISE, **settings) -> torch.Tensor:
         """A prompt edit (``reverie.editing.edit``): invert under ``source_prompt``, regenerate under the target
         (``local_blend``: only the layout boxes the edit changes, on a layout model, with ``fresh_noise`` of
         the start noise's variance there drawn anew)."""

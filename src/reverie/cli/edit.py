@@ -222,7 +222,7 @@ def edit_command(args) -> int:
                             f"takes no layouts")
         local_blend = "auto" if args.local_blend is None else args.local_blend
         # an edit recorded before fresh noise existed reproduces without it
-        fresh_noise = args.fresh_noise if args.fresh_noise is not None else 0.0 if made_by else 0.75
+        fresh_noise = args.fresh_noise if args.fresh_noise is not None else 0.0 if made_by else editing.FRESH_NOISE
         if options.sampler is None:  # invert's default, recorded as such so that --from-png reproduces the edit
             options = dataclasses.replace(options, sampler="ddim")
         out = editing.edit(pipe, image, args.from_prompt, args.to_prompt, options, method=args.method,

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..editing import FRESH_NOISE
 from ..limits import MAX_GUIDANCE, MAX_STEPS
 
 MAX_PROMPT_CHARS = 2000      # the text encoder reads far fewer tokens; longer is a mistake or an attack
@@ -82,7 +83,7 @@ class EditRequest(Txt2ImgRequest):
 
     init_images: Annotated[list[Base64Image], Field(min_length=1, max_length=MAX_IMAGES)]
     from_prompt: Prompt
-    fresh_noise: Annotated[Number, Field(ge=0, le=1)] = 0.75
+    fresh_noise: Annotated[Number, Field(ge=0, le=1)] = FRESH_NOISE
     local_blend: StrictBool | None = None
 
 
