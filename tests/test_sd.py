@@ -360,3 +360,34 @@ def test_save_pretrained_refuses_a_stable_diffusion_model(folders, tmp_path):
     with pytest.raises(ValueError, match="is a Stable Diffusion checkpoint: copy its folder or file"):
         _load(folders["tiny-sd1"]).save_pretrained(tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+def test_sd2_single_file_without_a_hint_is_a_visible_guess(folders, tmp_path, capsys):
+    """An SD 2 file that says neither eps nor v loads as v with one warning naming --prediction; the argument (or
+    --prediction) decides without a warning, and also overrides a folder's scheduler config."""
+    import warnings
+
+    from reverie.cli import main
+    from reverie.sd import PredictionGuessWarning
+
+    file = to_single_file(folders["tiny-sd2"], tmp_path / "sd2.safetensors")
+    (tmp_path / "tokenizer").symlink_to(folders["tiny-sd2"] / "tokenizer")
+    with pytest.warns(PredictionGuessWarning, match="guessed v .* pass --prediction eps"):
+        assert load_stable_diffusion(file).cfg.model.prediction == "v"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PredictionGuessWarning)
+        eps = load_stable_diffusion(file, prediction="eps")
+        sd1 = to_single_file(folders["tiny-sd1"], tmp_path / "sd1.safetensors")
+        assert load_stable_diffusion(sd1).cfg.model.prediction == "eps"  # SD 1 files are eps: no guess to show
+    assert eps.cfg.model.prediction == "eps" and eps.info["image_resolution"] == 512
+    assert load_stable_diffusion(folders["tiny-sd2"], prediction="eps").cfg.model.prediction == "eps"
+    common = ["generate", "x", "--model", str(file), "--width", "16", "--steps", "1", "--num-images", "1", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "v.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reverie: warning: sd2.safetensors does not say") and \
+        "--prediction eps" in err[0], err
+    assert main([*common, "--prediction", "eps", "-o", str(tmp_path / "eps.png")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["generate", "x", "--prediction", "v", "-o", str(tmp_path / "own.png")]) == 2  # not an SD model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "options of Stable Diffusion checkpoints" in err[0], err

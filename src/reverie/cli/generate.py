@@ -39,6 +39,9 @@ def add_commands(sub, fmt) -> None:
                      help="Stable Diffusion models: image width in pixels, a multiple of 8 (default: the model's own)")
     gen.add_argument("--height", type=at_least(8), default=None,
                      help="Stable Diffusion models: image height in pixels (default: --width, or the model's own)")
+    gen.add_argument("--prediction", choices=["eps", "v"], default=None,
+                     help="Stable Diffusion models: what the U-Net predicts (default: the checkpoint's own; a single "
+                          "SD 2 file without metadata or a .yaml beside it is taken as v, with a warning)")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (a grid for several images)")
     gen.add_argument("--out-dir", default=None, help="write one PNG per image into this folder instead")
     gen.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG's stored parameters")
@@ -124,7 +127,6 @@ def _request(args):
 
 def generate(args) -> int:
     from ..images import make_grid
-    from ..pipeline import Pipeline
     from ..sampling import check_batch
 
     prompt, num_images, index, options = _request(args)
@@ -133,7 +135,7 @@ def generate(args) -> int:
     else:
         output_file(args.output, (".png",))
     t_load = time.perf_counter()
-    pipe = Pipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
+    pipe = _load_model(Path(args.model) if args.model else DEFAULT_MODEL, args.prediction)
     t_load = time.perf_counter() - t_load
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
     size = _image_size(pipe, args, made_by)
@@ -173,6 +175,25 @@ def generate(args) -> int:
               f"({len(images)} image(s), {used.steps} step(s) of {used.sampler}); writing "
               f"{time.perf_counter() - t_write:.2f} s")
     return 0
+
+
+def _load_model(path: Path, prediction: str | None):
+    """``Pipeline.from_pretrained``, with ``--prediction`` for SD checkpoints; the loader's guess of eps or v
+    (``reverie.sd.PredictionGuessWarning``) as one warning line."""
+    import warnings
+
+    from ..pipeline import Pipeline
+    from ..sd import PredictionGuessWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PredictionGuessWarning)
+        pipe = Pipeline.from_pretrained(path, **({} if prediction is None else {"prediction": prediction}))
+    for w in caught:
+        if issubclass(w.category, PredictionGuessWarning):
+            print(f"reverie: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return pipe
 
 
 def since_process_start() -> float | None:

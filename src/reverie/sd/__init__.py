@@ -2,7 +2,15 @@
 (``convert``). The networks are reverie's own (``reverie.nets.sd_unet``, ``reverie.nets.sd_vae``) and the text
 encoder is ``reverie.text.clip``; ``reverie.pipeline.Pipeline.from_pretrained`` dispatches here."""
 
-from .load import FAMILY, SDSettings, is_stable_diffusion, load_stable_diffusion, schedule_from_config, set_image_size
+from .load import (
+    FAMILY,
+    PredictionGuessWarning,
+    SDSettings,
+    is_stable_diffusion,
+    load_stable_diffusion,
+    schedule_from_config,
+    set_image_size,
+)
 
-__all__ = ["FAMILY", "SDSettings", "is_stable_diffusion", "load_stable_diffusion", "schedule_from_config",
-           "set_image_size"]
+__all__ = ["FAMILY", "PredictionGuessWarning", "SDSettings", "is_stable_diffusion", "load_stable_diffusion",
+           "schedule_from_config", "set_image_size"]

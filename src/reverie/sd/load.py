@@ -39,8 +39,8 @@ from ..text.clip import CLIPTextEncoder, load_clip_tokenizer
 from ..weights import check_safetensors
 from . import convert
 
-__all__ = ["FAMILY", "is_stable_diffusion", "load_stable_diffusion", "SDSettings", "schedule_from_config",
-           "set_image_size"]
+__all__ = ["FAMILY", "is_stable_diffusion", "load_stable_diffusion", "PredictionGuessWarning", "SDSettings",
+           "schedule_from_config", "set_image_size"]
 
 FAMILY = "stable-diffusion"  # model.info["family"] of every model loaded here
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
@@ -110,8 +110,10 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
                           channels_last: bool = False) -> DiffusionModel:
     """A diffusers folder or a single ``.safetensors`` file as a reverie :class:`DiffusionModel`, its ``net`` and
     ``vae`` in eval mode without gradients, on ``device`` in ``dtype`` (``torch.bfloat16`` with ``channels_last``
-    is the fast path on CPUs with AMX; samplers keep float32 states either way). ``prediction`` ("eps" / "v") and
-    ``tokenizer`` (a folder with CLIP's ``vocab.json`` and ``merges.txt``) matter for single files only.
+    is the fast path on CPUs with AMX; samplers keep float32 states either way). ``prediction`` ("eps" / "v")
+    overrides the checkpoint's own (a folder's scheduler config; a single file's hints, see
+    :func:`_prediction_hint`); ``tokenizer`` (a folder with CLIP's ``vocab.json`` and ``merges.txt``) matters for
+    single files only.
 
     Its ``cfg`` is :class:`SDSettings`, the config fields this layer knows; ``Pipeline.from_pretrained`` turns it
     into a full training config (every field the sampling layer reads, at its default), so sample through a
@@ -123,7 +125,8 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
         parts = _load_folder(path, dtype)
     else:
         parts = load_single_file(path, prediction=prediction, tokenizer=tokenizer, dtype=dtype)
-    unet, vae, encoder, schedule, prediction, weights_hash = parts
+    unet, vae, encoder, schedule, found, weights_hash = parts
+    prediction = found if prediction is None else _check_prediction(prediction)  # the argument wins (folders too)
     cfg = SDSettings(model=SDModelSection(prediction=prediction),
                      schedule=SDScheduleSection(num_timesteps=schedule.num_timesteps,
                                                 zero_terminal_snr=schedule.zero_terminal_snr),
@@ -338,14 +341,28 @@ def _split(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+class PredictionGuessWarning(UserWarning):
+    """An SD 2 single file said neither eps nor v: the loader guessed v (``reverie generate`` prints it as one
+    ``reverie: warning:`` line)."""
+
+
+def _check_prediction(prediction: str) -> str:
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    return prediction
+
+
 def _prediction_hint(path: Path, header: dict, is_sd2: bool, prediction: str | None) -> str:
-    """eps or v: the argument, the file's metadata (``modelspec.prediction_type`` / ``prediction_type``), a YAML
-    beside it (``<name>.yaml`` with ``parameterization: "v"``, A1111's convention), else eps for SD 1 and v for
-    SD 2 (the 768-px SD 2.x models; the 512-px ``-base`` ones are eps and need one of the hints)."""
+    """eps or v, in this order: the argument, the file's metadata (``modelspec.prediction_type`` /
+    ``prediction_type``), a YAML beside it (``<name>.yaml`` with ``parameterization: "v"``, A1111's convention),
+    else eps for SD 1 and v for SD 2 (the 768-px SD 2.x models; the 512-px ``-base`` ones are eps and need one
+    of the hints). The SD 2 guess warns (:class:`PredictionGuessWarning`): a wrong guess gives noise, not an error.
+
+    A1111 instead runs the U-Net once at t = 999 on a constant latent and calls the file v when the output is
+    far from the eps a trained network gives there; that needs trained weights (random ones, as in the tests,
+    answer at random), so reverie asks instead."""
     if prediction is not None:
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-        return prediction
+        return _check_prediction(prediction)
     meta = header.get("__metadata__") or {}
     for key in ("modelspec.prediction_type", "prediction_type"):
         value = str(meta.get(key, "")).lower()
@@ -355,7 +372,14 @@ def _prediction_hint(path: Path, header: dict, is_sd2: bool, prediction: str | N
     if yaml_file.is_file():
         text = yaml_file.read_text(encoding="utf-8", errors="replace")
         return "v" if 'parameterization: "v"' in text or "parameterization: v" in text else "eps"
-    return "v" if is_sd2 else "eps"
+    if is_sd2:
+        import warnings
+
+        warnings.warn(f"{path.name} does not say whether it predicts eps or v: guessed v (the 768-px SD 2.x models); "
+                      f"a 512-px SD 2 '-base' model is eps: pass --prediction eps (prediction='eps')",
+                      PredictionGuessWarning, stacklevel=2)
+        return "v"
+    return "eps"
 
 
 def _find_tokenizer(path: Path, tokenizer: str | Path | None, is_sd2: bool):
