@@ -135,6 +135,24 @@ def test_inception_fid_is_zero_on_itself_and_grows_with_noise(mnist_images):
     assert math.isfinite(fids[2])
 
 
+def test_bf16_inception_stays_close_to_float32(mnist_images):
+    """The bf16 network (bfloat16 weights, channels-last input) gives features within a few percent of
+    float32's, and the FID between two sets moves by a small fraction of itself."""
+    ref32, refb = get_inception(), get_inception(precision="bf16")
+    assert refb is get_inception("cpu", "bf16") and refb is not ref32
+    a, b = mnist_images[:24], mnist_images[24:]
+    f32 = [ref32(x) for x in (a, b)]
+    fb = [refb(x) for x in (a, b)]
+    for x32, xb in zip(f32, fb):
+        assert xb.dtype == torch.float64
+        assert float((xb - x32).norm() / x32.norm()) < 0.05
+    d32 = frechet_distance(*(t for f in f32 for t in (f.mean(0), f.T.cov())))
+    db = frechet_distance(*(t for f in fb for t in (f.mean(0), f.T.cov())))
+    assert abs(db - d32) < 0.05 * d32, (db, d32)
+    with pytest.raises(ValueError, match="precision"):
+        get_inception(precision="fp16")
+
+
 def test_dataset_reference_caches_and_sample_features_is_seeded(tmp_path, monkeypatch):
     monkeypatch.setenv("REVERIE_CACHE", str(tmp_path))
     calls = []
@@ -151,6 +169,11 @@ def test_dataset_reference_caches_and_sample_features_is_seeded(tmp_path, monkey
     again = dataset_reference("digits", resolution=8, n=30, batch_size=8, progress=False)
     assert sum(calls) == 30 and torch.equal(again.sigma, stats.sigma)  # served from the cache
     assert len(list((tmp_path / "fid").glob("*.safetensors"))) == 1
+    dataset_reference("digits", resolution=8, n=30, batch_size=8, progress=False, precision="bf16")
+    assert sum(calls) == 60  # another precision is another cache entry, never served float32's
+    assert len(list((tmp_path / "fid").glob("*-bf16.safetensors"))) == 1
+    with pytest.raises(ValueError, match="precision"):
+        dataset_reference("digits", resolution=8, n=30, precision="int8")
 
     def sampler(num, seed):
         return torch.randn(num, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)

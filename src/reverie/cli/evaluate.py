@@ -26,6 +26,9 @@ def add_commands(sub, fmt) -> None:
     ev.add_argument("--compile", action="store_true",
                     help="torch.compile the denoising network first (Pipeline.compile; pays off for long runs)")
     ev.add_argument("--ref-n", type=at_least(1), default=10000, help="reference images (statistics are cached)")
+    ev.add_argument("--fid-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the Inception network's precision: fp32 (the standard) or bf16 (2.4x faster on a CPU with "
+                         "AMX, FID within ~1.5%%; compare FIDs only within one precision)")
     ev.add_argument("--batch-size", type=at_least(1), default=100, help="images per sampling batch")
     ev.add_argument("--per-prompt", type=at_least(1), default=4, help="images per prompt for adherence")
     ev.add_argument("--layout", choices=("auto", "none", "only"), default="auto",
@@ -63,6 +66,7 @@ def run_eval(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = EvalSettings(n=args.n, batch_size=args.batch_size, ref=args.ref, ref_split=args.ref_split,
                             ref_root=args.ref_root, ref_n=args.ref_n, device=device, per_prompt=args.per_prompt,
+                            fid_precision=args.fid_precision,
                             layout=args.layout, paraphrase=args.paraphrase, nll_n=args.nll_n, probe_n=args.probe_n,
                             progress=show_progress(args))
     pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=device, compile=args.compile)

@@ -37,6 +37,7 @@ class EvalSettings:
     ref_root: str | None = None   # imagefolder reference
     ref_n: int = 10_000
     device: str = "cpu"
+    fid_precision: str = "fp32"   # the Inception network's precision: fp32 (standard) | bf16 (2.4x faster on AMX)
     per_prompt: int = 4           # adherence: images per prompt
     layout: str = "auto"          # adherence of a layout model: auto | none | only
     paraphrase: bool = False
@@ -95,7 +96,7 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
     name, data_options = reference_spec(pipe, settings)
     resolution = pipe.image_shape[-1]
     ref = dataset_reference(name, resolution=resolution, n=settings.ref_n, device=settings.device,
-                            progress=settings.progress, **data_options)
+                            precision=settings.fid_precision, progress=settings.progress, **data_options)
     prompts = None
     if pipe.conditioning == "text":  # captions of the reference images, as COCO FID does
         data = get_dataset(name, resolution=resolution, **data_options)
@@ -111,7 +112,8 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
                            prompts=prompts[start:start + num] if prompts else None)
 
     feats = sample_features(draw, settings.n, batch_size=settings.batch_size, seed=options.seed,
-                            desc=f"sampling {pipe.name}", extractor=get_inception(settings.device),
+                            desc=f"sampling {pipe.name}",
+                            extractor=get_inception(settings.device, settings.fid_precision),
                             progress=settings.progress)
     res = evaluate_samples(feats, ref, tuple(m for m in metrics if m in SAMPLE_METRICS))
     res["reference"] = f"{name} {data_options.get('split', '')}".strip()

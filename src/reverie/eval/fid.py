@@ -79,20 +79,37 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return x / 128.0 - 1.0
 
 
-class InceptionFeatures(torch.nn.Module):
-    """``images [-1, 1] -> [B, 2048]`` pool3 features (float64)."""
+FID_PRECISIONS = ("fp32", "bf16")
 
-    def __init__(self, path: str | Path | None = None):
+
+class InceptionFeatures(torch.nn.Module):
+    """``images [-1, 1] -> [B, 2048]`` pool3 features (float64).
+
+    ``precision="bf16"`` runs the network with bfloat16 weights on channels-last inputs: 2.4x faster on
+    a CPU with AMX, features within ~2% (relative) of float32's, and FIDs within ~1.5% of the float32
+    FIDs (MNIST, 500 vs 1,000 images: 17.09 vs 17.19 clean, 163.3 vs 160.9 noisy, 106.8 vs 106.5
+    blurred). Compare FIDs only within one precision: :func:`dataset_reference` caches each apart.
+    """
+
+    def __init__(self, path: str | Path | None = None, precision: str = "fp32"):
         super().__init__()
+        if precision not in FID_PRECISIONS:
+            raise ValueError(f"FID precision must be one of {', '.join(FID_PRECISIONS)}, not {precision!r}")
+        self.precision = precision
         with warnings.catch_warnings():  # torch.jit.load's deprecation notice; the file is TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)
             self.net = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+        if precision == "bf16":
+            self.net = self.net.to(torch.bfloat16)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.net.parameters())).device
+        x = preprocess(images).to(device)
+        if self.precision == "bf16":
+            x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convolutions perturb features
-            feats = self.net(preprocess(images).to(device))
+            feats = self.net(x)
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
         return feats.double().cpu()
@@ -101,11 +118,11 @@ class InceptionFeatures(torch.nn.Module):
 _INCEPTION: dict[str, InceptionFeatures] = {}
 
 
-def get_inception(device: str | torch.device = "cpu") -> InceptionFeatures:
-    """A process-wide cached :class:`InceptionFeatures` on ``device``."""
-    key = str(device)
+def get_inception(device: str | torch.device = "cpu", precision: str = "fp32") -> InceptionFeatures:
+    """A process-wide cached :class:`InceptionFeatures` on ``device`` in ``precision`` (fp32 | bf16)."""
+    key = f"{device}-{precision}"
     if key not in _INCEPTION:
-        _INCEPTION[key] = InceptionFeatures().to(device)
+        _INCEPTION[key] = InceptionFeatures(precision=precision).to(device)
     return _INCEPTION[key]
 
 
@@ -248,10 +265,12 @@ def reference_indices(size: int | None, n: int) -> list[int]:
 
 def dataset_reference(name: str, resolution: int = 32, n: int | None = None, batch_size: int = 100,
                       progress: bool = True, refresh: bool = False, extractor: Callable | None = None,
-                      device: str | torch.device = "cpu", **options) -> FeatureStats:
+                      device: str | torch.device = "cpu", precision: str = "fp32", **options) -> FeatureStats:
     """Inception statistics of ``n`` images of a ``reverie.data`` dataset (all if None; see
-    :func:`reference_indices`), computed once and cached; ``options`` go to the dataset (e.g.
-    ``split="test"``)."""
+    :func:`reference_indices`), computed once and cached (per Inception ``precision``); ``options`` go to
+    the dataset (e.g. ``split="test"``)."""
+    if precision not in FID_PRECISIONS:
+        raise ValueError(f"FID precision must be one of {', '.join(FID_PRECISIONS)}, not {precision!r}")
     dataset = get_dataset(name, resolution=resolution, **options)
     try:
         size = len(dataset)
@@ -265,6 +284,7 @@ def dataset_reference(name: str, resolution: int = 32, n: int | None = None, bat
     indices = reference_indices(size, n)
     subset = "" if size is None or n >= size else "-s0"
     key = f"{name}-{resolution}-{n}{subset}-" + hashlib.sha1(repr(sorted(options.items())).encode()).hexdigest()[:10]
+    key += "" if precision == "fp32" else f"-{precision}"  # float32 keys unchanged: existing caches stay valid
     path = cache_dir() / f"{key}.safetensors"
     if path.is_file() and not refresh and extractor is None:  # a custom extractor is never served the cache
         try:
@@ -278,7 +298,7 @@ def dataset_reference(name: str, resolution: int = 32, n: int | None = None, bat
             yield torch.stack([item["image"] for item in items])
 
     custom = extractor is not None  # a stand-in feature map: never cached
-    extractor = extractor or get_inception(device)
+    extractor = extractor or get_inception(device, precision)
 
     stats = FeatureStats.from_features(image_features(batches(), extractor, total=n, desc=f"{name} reference",
                                                       progress=progress))
