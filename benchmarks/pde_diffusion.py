@@ -73,7 +73,8 @@ def resize(args) -> list[str]:
 
 
 def stage_train(args) -> None:
-    for name, (_, config, extra) in MODELS.items():
+    for name in selected(args):
+        _, config, extra = MODELS[name]
         target = run_dir(args.out, name)
         if (target / "model" / "config.json").is_file():
             print(f"{name}: trained ({target}/model)")
@@ -82,7 +83,7 @@ def stage_train(args) -> None:
                f"--train.steps={args.train_steps}", f"--data.batch_size={args.batch_size}",
                f"--data.resolution={args.resolution}", f"--optim.warmup_steps={min(200, args.train_steps // 6)}",
                f"--train.threads={args.threads}", "--sample.every=0", *resize(args),
-               "--train.checkpoint_every=0", f"--train.out_dir={target}", "--quiet", *extra]
+               f"--train.checkpoint_every={args.checkpoint_every}", f"--train.out_dir={target}", "--quiet", *extra]
         print(" ".join(cmd[2:]), flush=True)
         start = time.time()
         subprocess.run(cmd, check=True)
@@ -133,7 +134,7 @@ def stage_fid(args, results: dict) -> None:
     from reverie.gmm import sliced_w2
     from reverie.pipeline import Pipeline
 
-    extractor = get_inception() if args.metric == "fid" else None
+    extractor = get_inception("cpu", args.fid_precision) if args.metric == "fid" else None
     table = results.setdefault(args.metric, {})
     pending = {}
     if args.metric == "sw2":
@@ -173,8 +174,8 @@ def stage_fid(args, results: dict) -> None:
         return
     # the reference last: sampling needs none (another process may be computing the cached statistics)
     options = {} if args.resolution == 32 else {"mode": "resize"}
-    ref = dataset_reference("mnist", resolution=args.resolution, n=args.ref_n, split="test", progress=False,
-                            **options)
+    ref = dataset_reference("mnist", resolution=args.resolution, n=args.ref_n, split="test",
+                            precision=args.fid_precision, **options)
     for key, (feats, row) in pending.items():
         res = evaluate_samples(feats, ref, ("fid",))
         table[key] = {**row, "fid": res["fid"], "n": res["n"], "n_ref": res["n_ref"]}
@@ -324,12 +325,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="generated images per FID (the issue asks 5000)")
     p.add_argument("--metric", choices=("fid", "sw2"), default="fid",
                    help="sw2: sliced W2 in pixel space to as many test images (when Inception is too slow)")
-    p.add_argument("--ref-n", type=int, default=2000, help="MNIST test images of the FID reference")
+    p.add_argument("--ref-n", type=int, default=10000, help="MNIST test images of the FID reference")
+    p.add_argument("--fid-precision", choices=("fp32", "bf16"), default="bf16",
+                   help="Inception precision (bf16: 2.4x faster on AMX, FIDs within ~1.5%% of fp32's)")
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--levels", type=int, default=20, help="PC levels (NFE 2x); the other samplers get 2x steps")
     p.add_argument("--nll-n", type=int, default=16)
     p.add_argument("--points", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="training checkpoints (a stopped run resumes)")
     p.add_argument("--models", default="", help="run directories to evaluate (default: all)")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON file (parallel partial runs: one each)")
     p.add_argument("--merge", type=Path, nargs="*", default=None, help="merge these partial JSON files into RESULTS")

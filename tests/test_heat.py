@@ -147,7 +147,7 @@ def test_blurring_coefficients_are_the_heat_equation_under_a_cosine_schedule():
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     alpha, sigma = s.alpha_sigma(t)
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(3, dtype=torch.float64))
-    tau = 400 * torch.sin(math.pi * t / 2) ** 2 / 2
+    tau = (20 * torch.sin(math.pi * t / 2) ** 2) ** 2 / 2  # sigma_B(t) = 20 sin^2(pi t / 2)
     no_noise = s.noised(x0, t, torch.zeros_like(x0))
     for i in range(3):
         torch.testing.assert_close(no_noise[i] / alpha[i], heat(x0[i:i + 1], float(tau[i]))[0], atol=1e-10, rtol=0)

@@ -26,8 +26,10 @@ The last sampling step (k = 1) adds no noise, so the output is the network's noi
 
 **Blurring diffusion** (:class:`BlurringSchedule`). Gaussian diffusion in DCT space with a per-frequency
 signal scale: u_t = alpha_t d_t u_0 + sigma_t eps, with the cosine schedule alpha_t = cos(pi t / 2),
-sigma_t = sin(pi t / 2), and d_t = (1 - d_min) exp(-lambda tau_t) + d_min, tau_t = sigma_B,max^2
-sin^2(pi t / 2) / 2 (their Sec. 3-4; sigma_B,max = 20, d_min = 0.001). The network predicts eps (white
+sigma_t = sin(pi t / 2), and d_t = (1 - d_min) exp(-lambda tau_t) + d_min, tau_t = sigma_B(t)^2 / 2 with
+the blur width sigma_B(t) = sigma_B,max sin^2(pi t / 2) (their Sec. 4 and appendix code; sigma_B,max = 20,
+d_min = 0.001). Earlier reverie commits used sigma_B,max sin(pi t / 2), which blurs more at every t
+in (0, 1) than the paper (at t = 0.5, width 14.1 instead of 10). The network predicts eps (white
 noise is white in both bases: the DCT is orthonormal); sampling is the ancestral step of their Sec. 3.2,
 per frequency: alpha_{t|s} = a_t / a_s, sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2, mean
 (alpha_{t|s} sigma_s^2 / sigma_t^2) u_t + (a_s sigma_{t|s}^2 / sigma_t^2) u0_hat, variance
@@ -184,9 +186,10 @@ class BlurringSchedule:
         return torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)
 
     def dissipation(self, t, height: int, width: int) -> Tensor:
-        """d_t [..., H, W] = (1 - d_min) exp(-lambda tau_t) + d_min, tau_t = sigma_B,max^2 sin^2(pi t / 2) / 2."""
+        """d_t [..., H, W] = (1 - d_min) exp(-lambda tau_t) + d_min, tau_t = sigma_B(t)^2 / 2 with the paper's
+        blur width sigma_B(t) = sigma_B,max sin^2(pi t / 2)."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        tau = self.blur_max**2 * torch.sin(math.pi * t / 2) ** 2 / 2
+        tau = (self.blur_max * torch.sin(math.pi * t / 2) ** 2) ** 2 / 2
         lam = eigenvalues(height, width, self.laplacian)
         return (1 - self.d_min) * torch.exp(-lam * tau[..., None, None]) + self.d_min
 
