@@ -49,17 +49,18 @@ def run_dir(out: Path, name: str) -> Path:
     return out / MODELS[name][0]
 
 
-def rows_for(name: str, levels: int) -> list[tuple[str, dict]]:
-    """(sampler label, sampling settings) to evaluate per model: the SDEs get every sampler at equal NFE."""
+def rows_for(name: str, args) -> list[tuple[str, dict]]:
+    """(sampler label, sampling settings) to evaluate per model, the model's main row first (FID at ``--n``;
+    the others at ``--n-extra``): the SDEs get PC, Euler-Maruyama at the same NFE and the ODE."""
+    levels = args.levels
     if name.endswith("sde"):
-        rows = [(f"pc {levels}x(1+1)", {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": 0.16}),
-                (f"euler_maruyama {2 * levels}", {"sampler": "euler_maruyama", "steps": 2 * levels}),
+        pc = {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": args.snr, "grid": args.pc_grid}
+        em = {"sampler": "euler_maruyama", "steps": 2 * levels, "grid": args.pc_grid}
+        return [(f"pc {levels}x(1+1) snr {args.snr:g} {args.pc_grid}", pc),
+                (f"euler_maruyama {2 * levels} {args.pc_grid}", em),
                 ("ode rk45 1e-3", {"sampler": "ode", "rtol": 1e-3, "atol": 1e-3})]
-        if name == "vp-sde":
-            rows.append((f"reverse_diffusion {2 * levels}", {"sampler": "reverse_diffusion", "steps": 2 * levels}))
-        return rows
     if name == "blurring":
-        return [(f"ancestral {2 * levels}", {"steps": 2 * levels})]
+        return [(f"ancestral {s} clip {c}", {"steps": s, "clip": c == "on"}) for s, c in args.blurring_rows]
     if name.startswith("heat"):
         return [("ihdm noisy (K)", {})]
     if name.startswith("eps"):
@@ -101,26 +102,52 @@ class Counter:
         self.calls += 1
 
 
+def explicit_grid(pipe, steps: int, grid: str) -> torch.Tensor:
+    """The sigma grid of ``steps`` levels; ``uniform-t``: sigma(t) at t uniform from t_max to t_min, as Song
+    et al. sample their SDEs (geometric sigmas for VE)."""
+    from reverie.sampling import sigma_grid
+
+    if grid != "uniform-t":
+        return sigma_grid(pipe, steps, grid)
+    sde = pipe.schedule
+    t = torch.linspace(sde.t_max, sde.t_min, steps, dtype=torch.float64)
+    return torch.cat([sde.sigma_from_t(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+DIRECT = ("rtol", "atol")  # the ODE's tolerances: not sampling options, passed to ``sample`` as they are
+
+
 def draw_fn(pipe, settings: dict, timing: dict):
     """``draw(num, seed)``: images in [-1, 1] with the settings; NFE and sampler time accumulate in ``timing``."""
+    from reverie.heat import BlurringSchedule, blurring_sample
     from reverie.samplers import sample
-    from reverie.sampling import SamplingOptions, heat_images, sample_images, sigma_grid, start_noise
+    from reverie.sampling import SamplingOptions, heat_images, run_sampler, start_noise
 
-    extra = {k: settings[k] for k in ("rtol", "atol") if k in settings}
-    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in extra})
+    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "grid")})
+    kwargs = {k: settings[k] for k in DIRECT if k in settings}
     counter = Counter(pipe.net)
+
+    def generate(num: int, options: SamplingOptions) -> torch.Tensor:
+        g = torch.Generator().manual_seed(options.seed)
+        if pipe.cfg.model.process == "blurring":
+            h = pipe.cfg.heat
+            noise = torch.randn(num, pipe.cfg.model.network_overrides.get("in_channels", 1), pipe.cfg.data.resolution,
+                                pipe.cfg.data.resolution, generator=g)
+            return blurring_sample(pipe.net, noise, BlurringSchedule(blur_max=h.blur_max, d_min=h.d_min),
+                                   options.steps, generator=g, clip=settings.get("clip", True))
+        if pipe.cfg.model.process != "gaussian":
+            return heat_images(pipe, num, options)
+        sigmas = explicit_grid(pipe, options.steps, settings.get("grid", options.grid))
+        x = start_noise(pipe, num, float(sigmas[0]), g)
+        if kwargs:
+            return sample(options.sampler, pipe.denoiser, x, sigmas, generator=g, **kwargs)
+        return run_sampler(pipe, x, sigmas, options, generator=g)
 
     def draw(num: int, seed: int) -> torch.Tensor:
         options = SamplingOptions.make(opts, seed=seed).resolve(pipe.cfg)
         before, start = counter.calls, time.perf_counter()
-        if pipe.cfg.model.process != "gaussian":
-            images = heat_images(pipe, num, options)
-        elif extra:  # the ODE's tolerances are not sampling options: call the sampler directly
-            sigmas = sigma_grid(pipe, options.steps, options.grid)
-            x = start_noise(pipe, num, float(sigmas[0]), torch.Generator().manual_seed(seed))
-            images = sample(options.sampler, pipe.denoiser, x, sigmas, **extra).clamp(-1, 1)
-        else:
-            images = sample_images(pipe, num, options)
+        with torch.no_grad():
+            images = generate(num, options).clamp(-1, 1)
         timing["seconds"] += time.perf_counter() - start
         timing["calls"] += counter.calls - before
         timing["images"] += num
@@ -130,57 +157,60 @@ def draw_fn(pipe, settings: dict, timing: dict):
 
 
 def stage_fid(args, results: dict) -> None:
-    from reverie.eval.fid import dataset_reference, evaluate_samples, get_inception, sample_features
-    from reverie.gmm import sliced_w2
+    """One row per (model, sampler) of :func:`rows_for`: FID (or sliced W2, ``--metric``), NFE, seconds per image;
+    each row is saved as soon as it is measured (a stopped run resumes where it was)."""
     from reverie.pipeline import Pipeline
 
-    extractor = get_inception("cpu", args.fid_precision) if args.metric == "fid" else None
     table = results.setdefault(args.metric, {})
-    pending = {}
-    if args.metric == "sw2":
-        test = test_images(args, 2 * args.n)
-        test = (test[: args.n], test[args.n:])
+    score = make_scorer(args)
     for name in selected(args):
         path = run_dir(args.out, name) / "model"
         if not path.is_dir():
             print(f"{name}: not trained, skipped")
             continue
         pipe = Pipeline.from_pretrained(path)
-        for label, settings in rows_for(name, args.levels):
+        for i, (label, settings) in enumerate(rows_for(name, args)):
             key = f"{name} | {label}"
-            if key in table and table[key]["n"] >= args.n:
+            n = args.n if i == 0 else args.ode_n if settings.get("sampler") == "ode" else args.n_extra
+            if n <= 0 or key in table and table[key]["n"] >= n:
                 continue
             timing = {"seconds": 0.0, "calls": 0, "images": 0}
-            if args.metric == "sw2":  # pixel-space sliced W2 to test images: no Inception (see --metric)
-                draw = draw_fn(pipe, settings, timing)
-                starts = range(0, args.n, args.eval_batch)
-                images = torch.cat([draw(min(args.eval_batch, args.n - i), i) for i in starts])
-                row = {"model": name, "sampler": label, "nfe": timing["calls"] / math.ceil(args.n / args.eval_batch),
-                       "s_per_image": timing["seconds"] / timing["images"], "n": args.n,
-                       "sw2": sliced_w2(images, test[0]), "sw2_floor": sliced_w2(test[1], test[0])}
-                table[key] = row
-                print(f"{key}: sliced W2 {row['sw2']:.4f} (floor {row['sw2_floor']:.4f})  NFE {row['nfe']:.0f}  "
-                      f"{row['s_per_image'] * 1000:.0f} ms/image", flush=True)
-                save(results)
-                continue
-            feats = sample_features(draw_fn(pipe, settings, timing), args.n, batch_size=args.eval_batch, seed=0,
-                                    extractor=extractor, progress=False)
-            batches = math.ceil(args.n / args.eval_batch)
-            pending[key] = (feats, {"model": name, "sampler": label, "nfe": timing["calls"] / batches,
-                                    "s_per_image": timing["seconds"] / timing["images"]})
-            print(f"{key}: NFE {pending[key][1]['nfe']:.0f}  {pending[key][1]['s_per_image'] * 1000:.0f} ms/image",
-                  flush=True)
+            value = score(draw_fn(pipe, settings, timing), n)
+            batches = math.ceil(n / args.eval_batch)
+            table[key] = row = {"model": name, "sampler": label, "nfe": timing["calls"] / batches,
+                                "s_per_image": timing["seconds"] / timing["images"], "n": n, **value}
+            print(f"{key}: {args.metric} {row[args.metric]:.4g}  NFE {row['nfe']:.0f}  "
+                  f"{row['s_per_image'] * 1000:.0f} ms/image (n = {n})", flush=True)
+            save(results)
+
+
+def make_scorer(args):
+    """``score(draw, n) -> dict``: FID against the MNIST test split (bf16 or fp32 Inception, ``--ref-n``
+    images, the shared cached statistics), or sliced W2 in pixel space to ``n`` test images (with its floor:
+    two disjoint sets of n test images)."""
     if args.metric == "sw2":
-        return
-    # the reference last: sampling needs none (another process may be computing the cached statistics)
-    options = {} if args.resolution == 32 else {"mode": "resize"}
-    ref = dataset_reference("mnist", resolution=args.resolution, n=args.ref_n, split="test",
-                            precision=args.fid_precision, **options)
-    for key, (feats, row) in pending.items():
-        res = evaluate_samples(feats, ref, ("fid",))
-        table[key] = {**row, "fid": res["fid"], "n": res["n"], "n_ref": res["n_ref"]}
-        print(f"{key}: FID {res['fid']:.1f}", flush=True)
-    save(results)
+        from reverie.gmm import sliced_w2
+
+        def sw2(draw, n):
+            test = test_images(args, 2 * n)
+            images = torch.cat([draw(min(args.eval_batch, n - i), i) for i in range(0, n, args.eval_batch)])
+            return {"sw2": sliced_w2(images, test[:n]), "sw2_floor": sliced_w2(test[n:], test[:n])}
+        return sw2
+
+    from reverie.eval.fid import dataset_reference, evaluate_samples, get_inception, sample_features
+
+    extractor = get_inception("cpu", args.fid_precision)
+    ref = {}
+
+    def fid(draw, n):
+        feats = sample_features(draw, n, batch_size=args.eval_batch, seed=0, extractor=extractor, progress=False)
+        if not ref:  # after the first samples: another process may still be computing the cached statistics
+            options = {} if args.resolution == 32 else {"mode": "resize"}
+            ref["stats"] = dataset_reference("mnist", resolution=args.resolution, n=args.ref_n, split="test",
+                                             precision=args.fid_precision, **options)
+        res = evaluate_samples(feats, ref["stats"], ("fid",))
+        return {"fid": res["fid"], "n_ref": res["n_ref"], "fid_precision": args.fid_precision}
+    return fid
 
 
 def test_images(args, n: int) -> torch.Tensor:
@@ -329,7 +359,15 @@ def main() -> None:
     p.add_argument("--fid-precision", choices=("fp32", "bf16"), default="bf16",
                    help="Inception precision (bf16: 2.4x faster on AMX, FIDs within ~1.5%% of fp32's)")
     p.add_argument("--eval-batch", type=int, default=100)
-    p.add_argument("--levels", type=int, default=20, help="PC levels (NFE 2x); the other samplers get 2x steps")
+    p.add_argument("--n-extra", type=int, default=None, help="images per FID of the rows after each model's first "
+                   "(default: --n)")
+    p.add_argument("--ode-n", type=int, default=None, help="images per FID of the ODE rows (default: --n-extra; "
+                   "0 skips them)")
+    p.add_argument("--levels", type=int, default=20, help="PC levels (NFE 2x); Euler-Maruyama gets 2x steps")
+    p.add_argument("--snr", type=float, default=0.16, help="the PC sampler's Langevin signal-to-noise ratio")
+    p.add_argument("--pc-grid", default="karras", help="grid of the PC and Euler-Maruyama rows (uniform-t: Song et "
+                   "al.'s uniform time steps)")
+    p.add_argument("--blurring-rows", default="100:on", help="blurring rows, steps:clip (on|off), comma-separated")
     p.add_argument("--nll-n", type=int, default=16)
     p.add_argument("--points", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -338,6 +376,12 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON file (parallel partial runs: one each)")
     p.add_argument("--merge", type=Path, nargs="*", default=None, help="merge these partial JSON files into RESULTS")
     args = p.parse_args()
+    args.n_extra = args.n if args.n_extra is None else args.n_extra
+    args.ode_n = args.n_extra if args.ode_n is None else args.ode_n
+    try:
+        args.blurring_rows = [(int(r.split(":")[0]), r.split(":")[1]) for r in args.blurring_rows.split(",")]
+    except (ValueError, IndexError):
+        p.error(f"--blurring-rows: steps:on|off, comma-separated, not {args.blurring_rows!r}")
     global RESULTS_FILE
     RESULTS_FILE = args.results
     if args.merge:
