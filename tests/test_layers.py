@@ -16,7 +16,7 @@ LAYERS = {  # module or package prefix -> layer; the longest matching prefix dec
     "reverie.utils": 1, "reverie.configs": 1, "reverie.schedules": 1, "reverie.process": 1, "reverie.denoisers": 1,
     "reverie.losses": 1, "reverie.guidance": 1, "reverie.likelihood": 1, "reverie.likelihood_ode": 1,
     "reverie.gmm": 1, "reverie.images": 1, "reverie.optional": 1, "reverie.weights": 1, "reverie.limits": 1,
-    "reverie.vdm": 1, "reverie.precision": 1,
+    "reverie.vdm": 1, "reverie.mulan": 1, "reverie.precision": 1,
     "reverie.samplers": 1, "reverie.nets": 1, "reverie.text": 1, "reverie.discrete": 1,
     "reverie.sde": 1, "reverie.heat": 1, "reverie.pfgm": 1,
     "reverie.audio": 1, "reverie.sound": 4,

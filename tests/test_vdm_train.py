@@ -94,3 +94,20 @@ def test_reverie_train_sends_a_vdm_config_to_the_vdm_trainer(tmp_path):
     assert cli(args) == 0
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["vdm"]["kind"] == "learned" and saved["vdm"]["hidden"] == 16
+
+
+def test_eval_nll_of_a_vdm_model_is_its_continuous_elbo(tmp_path):
+    from reverie.data import get_dataset
+    from reverie.eval.evaluate import EvalSettings, nll_metrics, reference_spec
+    from reverie.vdm import continuous_elbo
+
+    train_vdm(_cfg(tmp_path, "--train.steps=2", "--model.conditioning=none"), resume=False, dataset=Toy(8))
+    pipe = Pipeline.from_pretrained(tmp_path / "model")
+    settings = EvalSettings(nll_n=3, progress=False)
+    res = nll_metrics(pipe, settings, seed=1)
+    name, options = reference_spec(pipe, settings)
+    data = get_dataset(name, resolution=16, **options)
+    x0 = torch.stack([data[i]["image"] for i in range(3)])
+    direct = continuous_elbo(pipe.denoiser, x0, pipe.net.gamma, torch.Generator().manual_seed(1)).bits_per_dim()
+    assert res["n"] == 3 and res["elbo_bpd"] == pytest.approx(float(direct.mean()), rel=1e-9)
+    assert res["elbo_bpd"] > 0 and res["ode_bpd"] > 0

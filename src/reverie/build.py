@@ -20,6 +20,7 @@ from .configs import ConfigError, from_dict, to_dict
 from .data import get_dataset
 from .denoisers import ConsistencyFunction, Denoiser, make_denoiser
 from .latent import image_shape
+from .mulan import MuLANNet
 from .nets import PRESETS, AutoencoderKL, create_autoencoder, create_network
 from .schedules import DiscreteVPSchedule
 from .sde import SDES, TIME_SCALE, get_sde, is_sde
@@ -41,7 +42,10 @@ EDM_SIGMA_MIN = 0.002  # Karras et al. 2022: the bottom of an EDM model's noise 
 def build_denoiser(cfg, net: torch.nn.Module, schedule: DiscreteVPSchedule) -> Denoiser:
     """``D(x, sigma, **cond) -> x0_hat`` for the config's prediction type (EDM models need no schedule; an
     SDE model's network takes the continuous time as 999 t). A distilled model (``distill.teacher`` set) is a
-    consistency function over that denoiser (``reverie.denoisers.ConsistencyFunction``)."""
+    consistency function over that denoiser (``reverie.denoisers.ConsistencyFunction``). A network with its own
+    view (``reverie.mulan.MuLANNet``: a per-pixel process) gives that."""
+    if hasattr(net, "denoiser_view"):
+        return net.denoiser_view()
     if cfg.model.prediction == "edm":
         denoiser = make_denoiser("edm", net, sigma_data=cfg.model.sigma_data)
     elif is_sde(schedule):
@@ -125,6 +129,8 @@ def network_from_config(config: dict, layout_channels: int = 0) -> torch.nn.Modu
     net = create_network(config["network"])
     if config.get("vdm"):  # a model that learned its noise schedule (reverie.vdm) carries it
         net = VDMNet(net, make_gamma(config["vdm"]))
+    if config.get("mulan"):  # an input-adaptive schedule with its latent encoder (reverie.mulan)
+        net = MuLANNet(net, **config["mulan"])
     if config.get("text_encoder"):
         net = TextConditionedNet(net, get_text_encoder(config["text_encoder"]), layout_channels=layout_channels)
     return net
@@ -184,6 +190,8 @@ def save_diffusion(path: str | Path, cfg, info: dict, net, ema_net=None, autoenc
               "autoencoder": modeldir.AUTOENCODER_DIR if autoencoder else None}
     if hasattr(net, "schedule_config"):  # reverie.vdm.VDMNet: its schedule
         config["vdm"] = net.schedule_config()
+    if hasattr(net, "mulan_config"):  # reverie.mulan.MuLANNet: its schedule and latent encoder
+        config["mulan"] = net.mulan_config()
     weights = {"model": modeldir.module_weights(net)}
     if ema_net is not None:
         weights["ema"] = modeldir.module_weights(ema_net)

@@ -211,6 +211,9 @@ def conditions(model: DiffusionModel, num_images: int, options: SamplingOptions,
     inpainting model gets ``inpaint`` (``reverie.conditioning.inpaint_condition``) on both sides of guidance
     (guidance contrasts the prompts, not what is known); without it, an all-ones mask: plain generation."""
     cond, uncond = _prompt_conditions(model, num_images, options, prompts, class_labels)
+    prior = getattr(model.net, "prior_condition", None)  # reverie.mulan: each image's latent from its prior
+    if prior is not None:
+        cond = {**cond, **prior(num_images, options.seed)}
     if model.takes_masks:
         if inpaint is None:
             size = noise_shape(model, num_images)

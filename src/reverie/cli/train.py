@@ -70,6 +70,9 @@ def train(args) -> int:
     if "vdm" in raw:  # a learned log-SNR schedule trained with the network (reverie.train.vdm)
         from ..train.vdm import VDMTrainConfig, train_vdm
         return _run(args, VDMTrainConfig, train_vdm, "model")
+    if "mulan" in raw:  # an input-adaptive per-pixel schedule with a latent (reverie.train.mulan)
+        from ..train.mulan import MuLANTrainConfig, train_mulan
+        return _run(args, MuLANTrainConfig, train_mulan, "model")
     from ..train import TrainConfig
     from ..train import train as run_training
     return _run(args, TrainConfig, run_training, "model")

@@ -18,8 +18,10 @@ import torch
 from ..data import DATASETS, get_dataset
 from ..likelihood import nll_bits_per_dim
 from ..likelihood_ode import ode_bits_per_dim
+from ..mulan import negative_elbo
 from ..sampling import SamplingOptions
 from ..sde import discretize, is_sde
+from ..vdm import VDMScheduleView, continuous_elbo
 from . import EVAL_METRICS, SAMPLE_METRICS
 from .adherence import evaluate_adherence
 from .fid import dataset_reference, evaluate_samples, get_inception, inception_path, reference_indices, sample_features
@@ -120,6 +122,15 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
     return res
 
 
+@torch.no_grad()
+def _continuous_elbo_bpd(denoiser, x0, generator, progress=False, schedule=None, mulan=False):
+    """Per-image negative ELBO in bits/dim of a VDM model (``reverie.vdm.continuous_elbo``, its own schedule)
+    or a MuLAN model (``reverie.mulan.negative_elbo``, one latent and one t per image)."""
+    if mulan:
+        return negative_elbo(denoiser.net, x0, generator).bits_per_dim()
+    return continuous_elbo(denoiser, x0, schedule, generator).bits_per_dim()
+
+
 def nll_metrics(pipe, settings: EvalSettings, seed: int = 0) -> dict:
     """Bits/dim of ``settings.nll_n`` reference images: the discrete ELBO (VP models) and the exact
     probability-flow ODE likelihood (Hutchinson trace, dequantized: an upper bound on the discrete NLL)."""
@@ -135,7 +146,13 @@ def nll_metrics(pipe, settings: EvalSettings, seed: int = 0) -> dict:
                          for i in range(0, n, batch)])
         res[key], res[key + "_sem"] = float(bpd.mean()), float(bpd.std() / n**0.5) if n > 1 else 0.0
 
-    if pipe.cfg.model.prediction == "edm":
+    if hasattr(pipe.net, "mulan_config"):  # MuLAN: its own ELBO (latent KL included); the ODE needs a latent
+        mean_sem(functools.partial(_continuous_elbo_bpd, mulan=True), "elbo_bpd")
+        res["ode_bpd"] = None
+        return res
+    if isinstance(pipe.schedule, VDMScheduleView):  # a learned schedule: the continuous-time ELBO
+        mean_sem(functools.partial(_continuous_elbo_bpd, schedule=pipe.net.gamma), "elbo_bpd")
+    elif pipe.cfg.model.prediction == "edm":
         res["elbo_bpd"] = None  # no discrete chain to bound
     elif is_sde(pipe.schedule):  # the ELBO of the SDE's 1000-level discretization (reverie.sde.discretize)
         mean_sem(functools.partial(nll_bits_per_dim, schedule=discretize(pipe.schedule)), "elbo_bpd")

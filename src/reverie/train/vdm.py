@@ -67,19 +67,25 @@ class VDMTrainConfig(TrainConfig):
     vdm: VDMSection = field(default_factory=VDMSection)
 
     def checks(self) -> list[tuple[bool, str]]:
-        return super().checks() + [
-            (self.model.prediction == "eps", "a VDM model predicts eps: set model.prediction=eps"),
-            (self.model.conditioning != "text", "the VDM trainer takes unconditional or class models"),
-            (not self.model.autoencoder, "the VDM trainer works in pixel space (model.autoencoder must be empty)"),
+        return super().checks() + pixel_eps_checks(self, "VDM") + [
             (self.vdm.gamma_min < self.vdm.gamma_max, "vdm.gamma_min must be below vdm.gamma_max"),
             (self.vdm.hidden >= 1, "vdm.hidden must be >= 1"),
             (self.vdm.speed > 0, "vdm.speed must be > 0"),
-            (not self.train.init_from, "train.init_from is not supported by the VDM trainer"),
         ]
 
     def base(self) -> TrainConfig:
         """The config without the vdm section: what a model directory stores as ``train_config``."""
         return from_dict(TrainConfig, {k: v for k, v in to_dict(self).items() if k != "vdm"})
+
+
+def pixel_eps_checks(cfg: TrainConfig, what: str) -> list[tuple[bool, str]]:
+    """What the continuous-ELBO trainers (VDM, MuLAN) need of the base config."""
+    return [
+        (cfg.model.prediction == "eps", f"a {what} model predicts eps: set model.prediction=eps"),
+        (cfg.model.conditioning != "text", f"the {what} trainer takes unconditional or class models"),
+        (not cfg.model.autoencoder, f"the {what} trainer works in pixel space (model.autoencoder must be empty)"),
+        (not cfg.train.init_from, f"train.init_from is not supported by the {what} trainer"),
+    ]
 
 
 def train_vdm(cfg: VDMTrainConfig, resume: str | bool = "auto", dataset=None) -> TrainResult:
@@ -144,16 +150,22 @@ class VDMTrainer(DiffusionTrainer):
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(argv, "vdm", VDMTrainConfig, train_vdm)
+
+
+def run_main(argv: list[str] | None, module: str, config_cls, train_fn) -> int:
+    """``python -m reverie.train.MODULE CONFIG [--section.key=value ...] [--resume=no]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m reverie.train.vdm CONFIG [--section.key=value ...] [--resume=no]", file=sys.stderr)
+        print(f"usage: python -m reverie.train.{module} CONFIG [--section.key=value ...] [--resume=no]",
+              file=sys.stderr)
         return 2
     resume = "auto"
     for a in [a for a in argv if a.startswith("--resume=")]:
         argv.remove(a)
         resume = {"auto": "auto", "no": False}.get(a.split("=", 1)[1], a.split("=", 1)[1])
-    cfg = load_config(VDMTrainConfig, argv[0], argv[1:])
-    print(f"model written to {train_vdm(cfg, resume=resume).export_dir}")
+    cfg = load_config(config_cls, argv[0], argv[1:])
+    print(f"model written to {train_fn(cfg, resume=resume).export_dir}")
     return 0
 
 
