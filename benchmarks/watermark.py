@@ -1,28 +1,36 @@
 """How well reverie's two watermarks survive common edits, and what they cost in image quality.
 
-Generated images: the shipped ``shapes-t2i`` model on ``reverie.eval.adherence.evaluation_prompts()`` at its
-own settings (dpmpp_2m, 20 steps, guidance 4), each made twice from the same seed: from the seed's plain noise
-and from the Tree-Ring-watermarked noise (``reverie.provenance.watermark_noise``). Real images: ``shapes``
-renders (a dataset seed the model never saw) and MNIST test digits, half each.
+Generated images: the shipped ``shapes-t2i`` model on the 72 held-out ``evaluation_prompts()`` x ``--per-prompt``
+at its own settings (dpmpp_2m, 20 steps, ddim-trailing) and guidance 4, made exactly as ``reverie eval --metrics
+adherence --per-prompt 8 --guidance 4 [--watermark]`` makes them (``evaluate_adherence``; batch k uses seed k), three
+times: from the seeds' plain noise, from the same seeds' Tree-Ring-watermarked noise (paired: same prompts and
+seeds) and, for the FID noise floor, from plain noise of other seeds (100 + k). Real images: ``shapes`` renders
+(a dataset seed the model never saw) and MNIST test digits, half each.
 
 * Tree-Ring (noise space, 32 px): score = the correlation rho of the inverted noise with the key in the ring
-  (``reverie.provenance.verify.detect_tree_ring``: DDIM inversion, prompt "", no guidance).
-  Positives: the watermarked images; negatives: the real images.
-* Pixel watermark (``reverie.provenance.pixelmark``, >= 256 px): positives: the watermarked generated images
-  upscaled 8x with nearest neighbour (as ``reverie generate`` upscales images in its grids) and marked;
-  negatives: shapes rendered at 256 px and MNIST digits resized to 256 px (bicubic).
+  (``reverie.provenance.verify.detect_tree_ring``: DDIM inversion, prompt "", no guidance). Positives: the first
+  ``--n`` watermarked images; negatives: ``--n`` real images; the model's own unwatermarked images are a second
+  set of negatives (clean and JPEG 75).
+* Pixel watermark (``reverie.provenance.pixelmark``, >= 256 px): positives: the watermarked images upscaled 8x
+  with nearest neighbour (as ``reverie generate`` upscales images in its grids) and marked; negatives: shapes
+  rendered at 256 px and MNIST digits resized to 256 px (bicubic).
 
 Edits, each applied to positives and negatives alike: JPEG q75 and q50; resize 0.5x (bicubic); crop 10% (a
 random 90% x 90% window, resized back); Gaussian blur (sigma 1 px at the image's own size); brightness +-10%.
-Reported per edit: AUC, TPR at 1% FPR (threshold: the negatives' 99th percentile), and the TPR / FPR at the
-detector's own analytic threshold (p < 0.01, what ``reverie verify`` uses). Quality: the adherence of the
-plain and watermarked images (same prompts, same seeds: paired), the pixel mark's PSNR, and the correlation
-between the true start noise and the inverted one per frequency radius (why Tree-Ring is weak on this model).
+Reported per edit: AUC, TPR at 1% FPR (threshold: the negatives' 99th percentile) and the TPR / FPR at the
+detector's own analytic threshold (p < 0.01, what ``reverie verify`` uses). Quality: the paired adherence of the
+plain and watermarked images, FID / KID of each set (and of the second plain set) against ``--fid-ref`` real
+``shapes`` renders (the held-out draw ``reverie eval`` uses), the pixel mark's PSNR, and the correlation between the
+true start noise and the inverted one per frequency radius (why Tree-Ring is weak on this model).
 
-    python benchmarks/watermark.py   # 144 generated vs 144 real (Tree-Ring: 48 vs 48 per edit)
-    # benchmarks/results/watermark.json: --prompts 48 --per-prompt 1 --real 96 --tree-ring-n 24 (36 min on the
-    # 2-core VM at load 30, where it got a fraction of a core)
-    python benchmarks/watermark.py --prompts 8 --per-prompt 1 --real 8 --quick -o out/wm.json   # a smoke run
+The work is split into stages that cache their results under ``--work`` (rerun to resume; two processes may run
+different stages at once, ``pixel`` waits for the images):
+
+    python benchmarks/watermark.py --stages images,treering,fid      # one CPU slot
+    python benchmarks/watermark.py --stages reference,pixel          # the other
+    python benchmarks/watermark.py --stages report                   # -> benchmarks/results/watermark.json
+    python benchmarks/watermark.py --prompts 8 --per-prompt 1 --n 8 --real 8 --fid-ref 32 --work out/wm-smoke \\
+        -o out/wm-smoke.json                                         # a smoke run (all stages, about a minute)
 """
 
 from __future__ import annotations
@@ -38,19 +46,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
+from tqdm.auto import tqdm
 
 from reverie.data.mnist import MNIST
 from reverie.data.shapes import ShapesDataset
+from reverie.data.transforms import uint8_to_tensor
 from reverie.editing import invert
-from reverie.eval.adherence import evaluation_prompts, score_images
+from reverie.eval.adherence import evaluate_adherence, evaluation_prompts
+from reverie.eval.evaluate import EvalSettings, reference_spec
+from reverie.eval.fid import dataset_reference, evaluate_samples, get_inception, image_features
 from reverie.images import to_pil
 from reverie.pipeline import Pipeline
-from reverie.provenance import pixelmark, treering, watermark_noise
+from reverie.provenance import pixelmark, treering
 from reverie.provenance.verify import detect_tree_ring
 
 MODEL = Path(__file__).resolve().parent.parent / "src" / "reverie" / "assets" / "shapes-t2i"
 KEY = bytes.fromhex("5eed" * 16)  # a fixed benchmark key (any key gives the same statistics)
 EDITS = ("clean", "jpeg75", "jpeg50", "resize0.5", "crop10", "blur", "bright+10", "bright-10")
+RUNS = {"plain": (0, False), "watermarked": (0, True), "plain_other_seeds": (100, False)}  # seed, watermark
+STAGES = ("images", "treering", "reference", "pixel", "fid", "report")
 
 
 def edit(image: Image.Image, name: str, rng: random.Random) -> Image.Image:
@@ -74,20 +88,46 @@ def edit(image: Image.Image, name: str, rng: random.Random) -> Image.Image:
     raise ValueError(name)
 
 
-def generate(pipe, prompts: list[str], per_prompt: int, batch: int = 72):
-    """(plain, watermarked, start noise of the watermarked, prompt per image)."""
-    plain, marked, noises, shown = [], [], [], []
-    for k in range(per_prompt):
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start:start + batch]
-            seed = 1000 * k + start
-            noise, _ = watermark_noise(pipe, len(chunk), seed, key=KEY)
-            plain.append(pipe.sample(len(chunk), prompts=chunk, seed=seed))
-            marked.append(pipe.sample(len(chunk), prompts=chunk, seed=seed, noise=noise))
-            noises.append(noise)
-            shown += chunk
-            print(f"  generated {len(shown)} x 2", flush=True)
-    return torch.cat(plain), torch.cat(marked), torch.cat(noises), shown
+class Recording:
+    """A Pipeline that keeps what it samples (8-bit images, and the start noise it was given)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.images, self.noise = pipe, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def sample(self, num_images, noise=None, **settings):
+        x = self.pipe.sample(num_images, noise=noise, **settings)
+        self.images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        if noise is not None:
+            self.noise.append(noise.float())
+        return x
+
+
+def stage_images(pipe, args, work: Path) -> None:
+    """Each run of ``RUNS``: the images, their prompts and adherence, cached in ``work/images-<run>.pt``."""
+    for name, (seed, marked) in RUNS.items():
+        path = work / f"images-{name}.pt"
+        if path.exists():
+            continue
+        t0 = time.time()
+        rec = Recording(pipe)
+        score = evaluate_adherence(rec, prompts=evaluation_prompts()[:args.prompts], num_per_prompt=args.per_prompt,
+                                   steps=20, sampler="dpmpp_2m", guidance_scale=4.0, seed=seed, grid="ddim-trailing",
+                                   watermark_key=KEY if marked else None)
+        images = torch.cat(rec.images)
+        torch.save({"images": images, "noise": torch.cat(rec.noise) if rec.noise else None,
+                    "adherence": score, "seconds": round(time.time() - t0)}, path)
+        print(f"{name}: {len(images)} images, all_correct {score['all_correct']:.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
+
+
+def load_images(work: Path, name: str, wait: bool = False) -> dict:
+    path = work / f"images-{name}.pt"
+    while wait and not path.exists():
+        time.sleep(30)
+    return torch.load(path)
 
 
 def real_images(n: int, size: int) -> list[Image.Image]:
@@ -99,20 +139,27 @@ def real_images(n: int, size: int) -> list[Image.Image]:
     return out
 
 
-def metrics(pos: np.ndarray, neg: np.ndarray, pos_p: np.ndarray, neg_p: np.ndarray) -> dict:
+def pil_images(data: dict, n: int) -> list[Image.Image]:
+    return to_pil(uint8_to_tensor(data["images"][:n]))
+
+
+def metrics(pos, neg, pos_p, neg_p) -> dict:
     from sklearn.metrics import roc_auc_score
 
+    pos, neg, pos_p, neg_p = map(np.asarray, (pos, neg, pos_p, neg_p))
     threshold = np.quantile(neg, 0.99)
     return {"auc": float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])),
             "tpr_at_1pct_fpr": float((pos > threshold).mean()),
-            "tpr_analytic": float((pos_p < 0.01).mean()), "fpr_analytic": float((neg_p < 0.01).mean())}
+            "tpr_analytic": float((pos_p < 0.01).mean()), "fpr_analytic": float((neg_p < 0.01).mean()),
+            "n_pos": len(pos), "n_neg": len(neg)}
 
 
-def tree_ring_scores(pipe, images: list[Image.Image], ring, steps: int, batch: int = 48) -> np.ndarray:
-    rhos = []
-    for i in range(0, len(images), batch):
-        rhos += detect_tree_ring(pipe, images[i:i + batch], KEY, ring, steps=steps)
-    return np.array(rhos)
+def cached(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value))
+    return value
 
 
 def recovery_by_radius(pipe, images: torch.Tensor, noise: torch.Tensor, steps: int) -> list[float]:
@@ -127,67 +174,156 @@ def recovery_by_radius(pipe, images: torch.Tensor, noise: torch.Tensor, steps: i
     return [round(float(corr[(radius >= r) & (radius < r + 1)].mean()), 3) for r in range(noise.shape[-1] // 2)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--per-prompt", type=int, default=2, help="images per evaluation prompt (72 prompts)")
-    ap.add_argument("--real", type=int, default=144, help="real images (half shapes, half MNIST)")
-    ap.add_argument("--prompts", type=int, default=72, help="use the first N evaluation prompts")
-    ap.add_argument("--tree-ring-n", type=int, default=48,
-                    help="Tree-Ring: images of each kind inverted per edit (inversion is the slow part)")
-    ap.add_argument("--inversion-steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="Tree-Ring on clean and jpeg75 only")
-    ap.add_argument("-o", "--output", default="benchmarks/results/watermark.json")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    pipe = Pipeline.from_pretrained(MODEL)
-    ring = treering.TreeRing()
-    prompts = evaluation_prompts()[:args.prompts]
-    plain, marked, noise, shown = generate(pipe, prompts, args.per_prompt)
-    result = {"model": pipe.name, "model_hash": pipe.weights_hash, "generated": len(marked), "real": args.real,
-              "tree_ring_n": args.tree_ring_n, "inversion_steps": args.inversion_steps,
-              "ring": treering.record(KEY, ring), "pixel_scheme": pixelmark.SCHEME, "threads": args.threads}
-    plain_score, marked_score = score_images(plain, shown), score_images(marked, shown)
-    paired = (marked_score["all_correct"] - plain_score["all_correct"]) * 100
-    result["adherence"] = {"plain": plain_score, "watermarked": marked_score,
-                           "all_correct_difference_points": round(paired, 2)}
-    print(f"adherence all_correct: plain {plain_score['all_correct']:.3f}, watermarked "
-          f"{marked_score['all_correct']:.3f} ({paired:+.1f} points)", flush=True)
-    result["noise_recovery_by_radius"] = recovery_by_radius(pipe, marked[:48], noise[:48], args.inversion_steps)
-    print("noise recovery by radius:", result["noise_recovery_by_radius"], flush=True)
+def stage_treering(pipe, args, work: Path) -> None:
+    ring, shape = treering.TreeRing(), (3, 32, 32)
+    marked = load_images(work, "watermarked")
+    pos_images, neg_images = pil_images(marked, args.n), real_images(args.real, 32)
+    plain_images = pil_images(load_images(work, "plain"), args.n)
 
-    gen_small, real_small = to_pil(marked), real_images(args.real, 32)
-    gen_big = [pixelmark.embed(im.resize((256, 256), Image.NEAREST), KEY) for im in gen_small]
-    real_big = real_images(args.real, 256)
-    psnr = [10 * math.log10(255**2 / max(1e-12, float(np.mean((np.asarray(m, float) - np.asarray(
-        im.resize((256, 256), Image.NEAREST), float)) ** 2)))) for m, im in zip(gen_big[:50], gen_small)]
-    result["pixel_psnr_db"] = round(float(np.mean(psnr)), 2)
-    shape = (3, 32, 32)
-    table = {"tree_ring": {}, "pixel": {}}
+    def rhos(images, name, what):
+        rng = random.Random(f"{name} {what}")
+        edited = [edit(im, name, rng) for im in images]
+        out = []
+        for i in tqdm(range(0, len(edited), 100), desc=f"tree-ring {name} {what}", leave=False):
+            out += detect_tree_ring(pipe, edited[i:i + 100], KEY, ring, steps=args.inversion_steps)
+        return out
+
     for name in EDITS:
-        rng = random.Random(name)
-        pos = [pixelmark.detect(edit(im, name, rng), KEY) for im in gen_big]
-        neg = [pixelmark.detect(edit(im, name, rng), KEY) for im in real_big]
-        table["pixel"][name] = metrics(np.array([d.score for d in pos]), np.array([d.score for d in neg]),
-                                       np.array([d.p_value for d in pos]), np.array([d.p_value for d in neg]))
-        print(f"pixel {name}: {table['pixel'][name]}", flush=True)
-        if args.quick and name not in ("clean", "jpeg75"):
-            continue
-        k = args.tree_ring_n  # real_small: shapes first, then MNIST; take both halves
-        real_k = real_small[:k - k // 2] + real_small[len(real_small) - k // 2:]
-        pos_rho = tree_ring_scores(pipe, [edit(im, name, rng) for im in gen_small[:k]], ring, args.inversion_steps)
-        neg_rho = tree_ring_scores(pipe, [edit(im, name, rng) for im in real_k], ring, args.inversion_steps)
-        table["tree_ring"][name] = metrics(pos_rho, neg_rho, ring.p_value(pos_rho, shape).numpy(),
-                                           ring.p_value(neg_rho, shape).numpy())
-        print(f"tree-ring {name}: {table['tree_ring'][name]}", flush=True)
-        result["table"] = table
-        result["seconds"] = round(time.time() - start)
-        Path(args.output).write_text(json.dumps(result, indent=1))
-    result["table"], result["seconds"] = table, round(time.time() - start)
+        def compute(name=name):
+            r = {"pos": rhos(pos_images, name, "pos"), "neg": rhos(neg_images, name, "neg")}
+            if name in ("clean", "jpeg75"):
+                r["plain"] = rhos(plain_images, name, "plain")
+            return r
+        r = cached(work / f"treering-{name}.json", compute)
+        m = metrics(r["pos"], r["neg"], ring.p_value(r["pos"], shape), ring.p_value(r["neg"], shape))
+        print(f"tree-ring {name}: {m}", flush=True)
+    cached(work / "recovery.json", lambda: recovery_by_radius(
+        pipe, uint8_to_tensor(marked["images"][:96]), marked["noise"][:96], args.inversion_steps))
+
+
+def stage_pixel(args, work: Path) -> None:
+    negatives = real_images(args.real, 256)
+    for name in EDITS:  # the real images first: they need nothing generated
+        def compute(name=name):
+            rng = random.Random(f"{name} neg")
+            found = [pixelmark.detect(edit(im, name, rng), KEY) for im in tqdm(negatives, desc=f"pixel {name} neg",
+                                                                               leave=False)]
+            return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
+        cached(work / f"pixel-neg-{name}.json", compute)
+    small = pil_images(load_images(work, "watermarked", wait=True), args.n)
+    positives = [pixelmark.embed(im.resize((256, 256), Image.NEAREST), KEY) for im in small]
+    psnr = [10 * math.log10(255**2 / max(1e-12, float(np.mean((np.asarray(m, float) - np.asarray(
+        im.resize((256, 256), Image.NEAREST), float)) ** 2)))) for m, im in zip(positives, small)]
+    (work / "pixel-psnr.json").write_text(json.dumps(float(np.mean(psnr))))
+    for name in EDITS:
+        def compute(name=name):
+            rng = random.Random(f"{name} pos")
+            found = [pixelmark.detect(edit(im, name, rng), KEY) for im in tqdm(positives, desc=f"pixel {name} pos",
+                                                                               leave=False)]
+            return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
+        pos, neg = cached(work / f"pixel-pos-{name}.json", compute), json.loads((work / f"pixel-neg-{name}.json")
+                                                                                .read_text())
+        print(f"pixel {name}: {metrics(pos['score'], neg['score'], pos['p'], neg['p'])}", flush=True)
+
+
+def reference(pipe, args):
+    name, options = reference_spec(pipe, EvalSettings())
+    return dataset_reference(name, resolution=32, n=args.fid_ref, **options), f"{name} {options}"
+
+
+def stage_fid(pipe, args, work: Path) -> None:
+    ref, _ = reference(pipe, args)
+    extractor = get_inception()
+    for run in RUNS:
+        def compute(run=run):
+            images = uint8_to_tensor(load_images(work, run)["images"])
+            feats = image_features((images[i:i + 100] for i in range(0, len(images), 100)), extractor,
+                                   total=len(images), desc=f"inception {run}")
+            return evaluate_samples(feats, ref, ("fid", "kid"))
+        print(f"fid {run}: {cached(work / f'fid-{run}.json', compute)}", flush=True)
+
+
+def stage_report(pipe, args, work: Path) -> dict:
+    ring, shape = treering.TreeRing(), (3, 32, 32)
+    runs = {run: load_images(work, run) for run in RUNS if (work / f"images-{run}.pt").exists()}
+    result = {"model": pipe.name, "model_hash": pipe.weights_hash, "per_prompt": args.per_prompt,
+              "inversion_steps": args.inversion_steps, "ring": treering.record(KEY, ring),
+              "pixel_scheme": pixelmark.SCHEME}
+    if "plain" in runs and "watermarked" in runs:
+        plain, marked = runs["plain"]["adherence"], runs["watermarked"]["adherence"]
+        result["adherence"] = {run: {k: v for k, v in r["adherence"].items() if k not in ("per_prompt",)}
+                               for run, r in runs.items()}
+        a, b = plain["all_correct"], marked["all_correct"]
+        n = plain["num_images"]
+        result["adherence_all_correct_points"] = {"plain": round(100 * a, 2), "watermarked": round(100 * b, 2),
+                                                  "difference": round(100 * (b - a), 2), "images": n}
+    table = {"tree_ring": {}, "pixel": {}, "tree_ring_fpr_on_plain_generated": {}}
+    for name in EDITS:
+        path = work / f"treering-{name}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            table["tree_ring"][name] = metrics(r["pos"], r["neg"], ring.p_value(r["pos"], shape),
+                                               ring.p_value(r["neg"], shape))
+            if "plain" in r:
+                plain_p = ring.p_value(r["plain"], shape).numpy()
+                table["tree_ring_fpr_on_plain_generated"][name] = {
+                    "fpr_analytic": float((plain_p < 0.01).mean()), "n": len(plain_p),
+                    "auc_vs_watermarked": metrics(r["pos"], r["plain"], ring.p_value(r["pos"], shape),
+                                                  plain_p)["auc"]}
+        pos, neg = work / f"pixel-pos-{name}.json", work / f"pixel-neg-{name}.json"
+        if pos.exists() and neg.exists():
+            p, q = json.loads(pos.read_text()), json.loads(neg.read_text())
+            table["pixel"][name] = metrics(p["score"], q["score"], p["p"], q["p"])
+    result["table"] = table
+    for name in ("recovery", "pixel-psnr"):
+        if (work / f"{name}.json").exists():
+            result[{"recovery": "noise_recovery_by_radius", "pixel-psnr": "pixel_psnr_db"}[name]] = json.loads(
+                (work / f"{name}.json").read_text())
+    fid = {run: json.loads((work / f"fid-{run}.json").read_text()) for run in RUNS
+           if (work / f"fid-{run}.json").exists()}
+    if fid:
+        result["fid"] = {**fid, "reference": reference_spec(pipe, EvalSettings())[0], "n_ref": args.fid_ref}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.output} ({result['seconds']} s)")
+    print(json.dumps({k: v for k, v in result.items() if k != "adherence"}, indent=1))
+    print(f"wrote {args.output}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of: {', '.join(STAGES)}")
+    ap.add_argument("--per-prompt", type=int, default=8, help="images per held-out prompt (72 prompts)")
+    ap.add_argument("--prompts", type=int, default=72, help="the first N held-out prompts")
+    ap.add_argument("--n", type=int, default=500, help="watermarked images per table cell")
+    ap.add_argument("--real", type=int, default=500, help="real images per table cell (half shapes, half MNIST)")
+    ap.add_argument("--inversion-steps", type=int, default=10)
+    ap.add_argument("--fid-ref", type=int, default=2000, help="real shapes renders behind the FID statistics")
+    ap.add_argument("--work", default="out/watermark-bench", help="where the stages cache their results")
+    ap.add_argument("-o", "--output", default="benchmarks/results/watermark.json")
+    args = ap.parse_args()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if set(stages) - set(STAGES):
+        raise SystemExit(f"unknown stages {sorted(set(stages) - set(STAGES))}; choose from {', '.join(STAGES)}")
+    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.from_pretrained(MODEL)
+    for stage in stages:
+        t0 = time.time()
+        if stage == "images":
+            stage_images(pipe, args, work)
+        elif stage == "treering":
+            stage_treering(pipe, args, work)
+        elif stage == "reference":
+            reference(pipe, args)
+        elif stage == "pixel":
+            stage_pixel(args, work)
+        elif stage == "fid":
+            stage_fid(pipe, args, work)
+        else:
+            stage_report(pipe, args, work)
+        print(f"stage {stage}: {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -381,3 +381,28 @@ def test_layout_only_adherence_shows_the_planned_boxes_under_an_empty_caption(cl
         evaluate_adherence(StubPipeline(), prompts=prompts, classifier=classifier, progress=False, layouts="none")
     with pytest.raises(ValueError, match="auto, none or only"):
         evaluate_adherence(stub, prompts=prompts, classifier=classifier, progress=False, layouts="boxes")
+
+
+def test_evaluate_adherence_watermarked_starts_from_the_seeds_marked_noise(classifier):
+    from reverie.provenance import treering
+
+    class Recording(StubPipeline):
+        info = {"resolution": 32, "in_channels": 3}
+
+        def sample(self, num_images, noise=None, **kwargs):
+            self.noises = getattr(self, "noises", []) + [noise]
+            return super().sample(num_images, **kwargs)
+
+    prompts, key = evaluation_prompts()[:3], bytes(range(16))
+    plain, marked = Recording(), Recording()
+    evaluate_adherence(plain, prompts=prompts, num_per_prompt=2, batch_size=4, seed=3, classifier=classifier,
+                       progress=False)
+    result = evaluate_adherence(marked, prompts=prompts, num_per_prompt=2, batch_size=4, seed=3,
+                                classifier=classifier, progress=False, watermark_key=key)
+    assert plain.noises == [None, None] and result["settings"]["watermark"] == "tree-ring"
+    assert [c[:3] for c in marked.calls] == [c[:3] for c in plain.calls]  # same prompts and seeds: paired
+    ring = treering.TreeRing()
+    for (n, _, seed, *_), noise in zip(marked.calls, marked.noises):
+        drawn = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        assert torch.allclose(noise - ring.project(noise).float(), drawn - ring.project(drawn).float(), atol=1e-5)
+        assert (ring.correlation(noise, key) > 0.999).all()

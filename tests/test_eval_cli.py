@@ -78,6 +78,30 @@ def test_eval_grid_option_samples_on_that_grid(digits_model, cheap_features, tmp
     assert res["fid"] != pytest.approx(direct("karras"), rel=1e-6)  # the option really changed the grid
 
 
+def test_eval_watermark_samples_from_the_keys_tree_ring_noise(digits_model, cheap_features, tmp_path, monkeypatch):
+    from reverie.provenance import watermark_noise
+
+    key = "ab" * 16
+    monkeypatch.setenv("REVERIE_WATERMARK_KEY", key)
+    out, common = tmp_path / "eval.json", ["--metrics", "fid", "--n", "12", "--ref-n", "40", "--steps", "3",
+                                           "--sampler", "euler", "--batch-size", "5"]
+    assert main(["eval", str(digits_model), *common, "--watermark", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["watermark"] == "tree-ring"
+    pipe = Pipeline.from_pretrained(digits_model)
+    ref = fid.dataset_reference("digits", resolution=8, n=40, split="test")
+
+    def direct(marked):
+        def draw(k, s):
+            noise = watermark_noise(pipe, k, s, key=bytes.fromhex(key))[0] if marked else None
+            return pipe.sample(k, steps=3, sampler="euler", seed=s, noise=noise)
+        return fid.evaluate_samples(fid.sample_features(draw, 12, batch_size=5, seed=0, progress=False), ref,
+                                    ("fid",))["fid"]
+
+    assert res["fid"] == pytest.approx(direct(True), rel=1e-9)
+    assert res["fid"] != pytest.approx(direct(False), rel=1e-6)  # the switch really changed the noise
+
+
 def test_eval_nll_is_the_elbo_and_the_ode_nll_of_the_test_images(digits_model, cheap_features, tmp_path):
     from reverie.data import get_dataset
     from reverie.likelihood import nll_bits_per_dim

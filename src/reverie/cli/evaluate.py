@@ -42,6 +42,9 @@ def add_commands(sub, fmt) -> None:
     ev.add_argument("--judge", default=None,
                     help="text models' genppl: the AR judge model (default: the model's energy model)")
     ev.add_argument("--text-samples", type=at_least(1), default=64, help="text models' genppl: samples")
+    ev.add_argument("--watermark", action="store_true",
+                    help="fid / adherence: sample from the Tree-Ring-watermarked start noise of your key, as reverie "
+                         "generate does (default: the seed's plain noise; the same seeds either way, so two runs pair)")
     ev.add_argument("--json", default=None, help="also write the results as JSON here")
     ev.set_defaults(func=run_eval)
 
@@ -68,7 +71,7 @@ def run_eval(args) -> int:
                             ref_root=args.ref_root, ref_n=args.ref_n, device=device, per_prompt=args.per_prompt,
                             fid_precision=args.fid_precision,
                             layout=args.layout, paraphrase=args.paraphrase, nll_n=args.nll_n, probe_n=args.probe_n,
-                            progress=show_progress(args))
+                            progress=show_progress(args), watermark=args.watermark)
     pipe = Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=device, compile=args.compile)
     check_batch(pipe, args.batch_size, guided=pipe.conditioning != "none")
     results = evaluate(pipe, metrics, options, settings)
@@ -76,6 +79,7 @@ def run_eval(args) -> int:
         results["grid"] = args.grid
     guidance = results["guidance"]
     extra = f", guidance {guidance}" if guidance is not None else ""
+    extra += ", Tree-Ring watermark" if args.watermark else ""
     print(f"{pipe.name} ({results['sampler']}, {results['steps']} steps on the {results['grid']} grid, "
           f"seed {results['seed']}{extra})")
     rows = result_rows(results, settings, pipe.takes_layouts)

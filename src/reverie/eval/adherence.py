@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from ..data import collate
 from ..data.shapes import COLORS, RELATION_WORDS, RELATIONS, SHAPES, ShapesDataset, parse_caption
 from ..layout import get_planner, plan_layouts
+from ..provenance import watermark_noise
 from .attributes import AttributeClassifier, load_classifier, relation_between
 
 _COLOR_NAMES = tuple(COLORS)
@@ -247,7 +248,7 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
                        sampler: str = "dpmpp_2m", guidance_scale: float = 4.0, seed: int = 0,
                        batch_size: int = 64, classifier: AttributeClassifier | None = None,
                        progress: bool = True, grid=None, paraphrased: bool = False,
-                       layouts: str = "auto") -> dict:
+                       layouts: str = "auto", watermark_key: bytes | None = None) -> dict:
     """Generate ``num_per_prompt`` images per prompt (default: ``evaluation_prompts()``) with a text-to-image
     ``pipeline`` (anything with ``Pipeline.sample``'s signature) and score them (see module docstring).
 
@@ -258,7 +259,9 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     own labels. ``layouts`` (layout models):
     ``"auto"`` lets the pipeline plan object boxes from each prompt, ``"none"`` generates from the prompt alone,
     ``"only"`` from the same planned boxes under an empty caption (a diagnostic: does the layout map alone say
-    which object goes where?)."""
+    which object goes where?). ``watermark_key``: start each batch from the seed's noise carrying that key's
+    Tree-Ring watermark (``reverie.provenance.watermark_noise``, as ``reverie generate`` does), so a run with and
+    one without it are paired: same prompts, same seeds."""
     if layouts not in ("auto", "none", "only"):
         raise ValueError(f"layouts must be auto, none or only, got {layouts!r}")
     if layouts != "auto" and not getattr(pipeline, "takes_layouts", False):
@@ -289,6 +292,8 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
             shown = [""]
         elif layouts != "auto":
             extra["layouts"] = layouts
+        if watermark_key is not None:
+            extra["noise"] = watermark_noise(pipeline, n, seed + k, key=watermark_key)[0]
         x = pipeline.sample(num_images=n, steps=steps, sampler=sampler, seed=seed + k,
                             prompts=shown, guidance_scale=guidance_scale, **extra)
         if len(x) != len(chunk) * num_per_prompt:
@@ -298,6 +303,7 @@ def evaluate_adherence(pipeline, prompts: list[str] | None = None, num_per_promp
     result = score_images(torch.cat(images), image_prompts, classifier)
     settings = {"num_per_prompt": num_per_prompt, "steps": steps, "sampler": sampler,
                 "guidance_scale": guidance_scale, "seed": seed, "paraphrased": paraphrased,
+                "watermark": "off" if watermark_key is None else "tree-ring",
                 **({"grid": grid} if grid else {}),
                 **({"layouts": layouts} if getattr(pipeline, "takes_layouts", False) else {})}
     return {**result, "settings": settings}

@@ -19,6 +19,7 @@ from ..data import DATASETS, get_dataset
 from ..likelihood import nll_bits_per_dim
 from ..likelihood_ode import ode_bits_per_dim
 from ..mulan import negative_elbo
+from ..provenance import watermark_noise
 from ..sampling import SamplingOptions
 from ..sde import discretize, is_sde
 from ..vdm import VDMScheduleView, continuous_elbo
@@ -46,6 +47,7 @@ class EvalSettings:
     nll_n: int = 64
     probe_n: int = 256
     progress: bool = True
+    watermark: bool = False       # fid / adherence: start from Tree-Ring-watermarked noise (the user's key)
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -105,13 +107,17 @@ def sample_metrics(pipe, metrics: list[str], options: SamplingOptions, settings:
         idx = reference_indices(len(data), min(settings.ref_n, len(data)))
         prompts = [data[idx[i % len(idx)]]["text"] for i in range(settings.n)]
     drawn = {"start": 0}
+    key = _watermark_key(settings)
+
+    def start_noise(num: int, seed: int):  # None: the seed's plain noise
+        return None if key is None else watermark_noise(pipe, num, seed, key=key)[0]
 
     def draw(num: int, seed: int):
         start = drawn["start"]
         drawn["start"] += num
         labels = torch.arange(start, start + num) % pipe.info["num_classes"] if pipe.conditioning == "class" else None
         return pipe.sample(num, options, seed=seed, class_labels=labels,
-                           prompts=prompts[start:start + num] if prompts else None)
+                           prompts=prompts[start:start + num] if prompts else None, noise=start_noise(num, seed))
 
     feats = sample_features(draw, settings.n, batch_size=settings.batch_size, seed=options.seed,
                             desc=f"sampling {pipe.name}",
@@ -129,6 +135,13 @@ def _continuous_elbo_bpd(denoiser, x0, generator, progress=False, schedule=None,
     if mulan:
         return negative_elbo(denoiser.net, x0, generator).bits_per_dim()
     return continuous_elbo(denoiser, x0, schedule, generator).bits_per_dim()
+
+
+def _watermark_key(settings: EvalSettings) -> bytes | None:
+    """The Tree-Ring key the samples carry (``settings.watermark``; ``reverie generate``'s default), or None."""
+    from ..provenance.keys import watermark_key
+
+    return watermark_key() if settings.watermark else None
 
 
 def nll_metrics(pipe, settings: EvalSettings, seed: int = 0) -> dict:
@@ -170,7 +183,8 @@ def evaluate(pipe, metrics: list[str], options: SamplingOptions | None = None,
     check_metrics(pipe, metrics, settings)
     results = {"model": pipe.name, "model_hash": pipe.weights_hash, "sampler": options.sampler,
                "steps": options.steps, "grid": options.grid if isinstance(options.grid, str) else "explicit",
-               "seed": options.seed, "guidance": options.guidance_scale if pipe.conditioning != "none" else None}
+               "seed": options.seed, "guidance": options.guidance_scale if pipe.conditioning != "none" else None,
+               "watermark": "tree-ring" if settings.watermark else "off"}
     if any(m in SAMPLE_METRICS for m in metrics):
         results.update(sample_metrics(pipe, metrics, options, settings))
     if "nll" in metrics:
@@ -179,7 +193,8 @@ def evaluate(pipe, metrics: list[str], options: SamplingOptions | None = None,
         results["adherence"] = evaluate_adherence(
             pipe, num_per_prompt=settings.per_prompt, steps=options.steps, sampler=options.sampler,
             guidance_scale=options.guidance_scale, seed=options.seed, grid=options.grid,
-            paraphrased=settings.paraphrase, layouts=settings.layout, progress=settings.progress)
+            paraphrased=settings.paraphrase, layouts=settings.layout, progress=settings.progress,
+            watermark_key=_watermark_key(settings))
     if "probe" in metrics:
         results["probe"] = caption_probe(pipe.denoiser, num_images=settings.probe_n, seed=options.seed,
                                          batch_size=settings.batch_size, resolution=pipe.cfg.data.resolution,
