@@ -23,6 +23,7 @@ configuration's own peak memory.
     python benchmarks/sd_speed.py --interleaved bfloat16 --out benchmarks/results/sd_speed_bf16.json
     python benchmarks/sd_speed.py --interleaved float32 --rounds 2 --out benchmarks/results/sd_speed_fp32.json
     python benchmarks/sd_speed.py --interleaved bfloat16 --rounds 2 --threads 1 --timer cpu   # a busy machine
+    python benchmarks/sd_speed.py --interleaved bfloat16 --compile --threads 2   # + both U-Nets torch.compiled
     python benchmarks/sd_speed.py --timed-steps 3             # separate processes: peak memory, end to end
     python benchmarks/sd_speed.py --device cuda --timed-steps 20 --configs reverie-fp16,diffusers-fp16
 """
@@ -139,10 +140,17 @@ def child(name: str, folder: Path, steps: int, size: int, device: str, threads: 
             "peak_gb": peak, "peak_kind": "GPU max allocated" if device.startswith("cuda") else "process max RSS"}
 
 
-def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int, timer: str = "wall") -> dict:
+def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int, timer: str = "wall",
+                compile: bool = False) -> dict:
     """Both libraries in one process, their guided denoiser steps (one U-Net call on a batch of 2, as each
     pipeline runs it) and VAE decodes timed alternately, so that a machine whose load drifts slows both alike.
-    seconds / image = text encoding + ``steps`` x median step + median decode."""
+    seconds / image = text encoding + ``steps`` x median step + median decode.
+
+    ``compile``: also each library's U-Net under ``torch.compile`` (inductor): reverie's through
+    ``Pipeline.compile()``, diffusers' through ``unet.compile()``, the same ``nn.Module.compile`` call. Each
+    round then times four steps (reverie eager, reverie compiled, diffusers eager, diffusers compiled); the
+    decode is eager in both. The first compiled call (compilation included) is timed apart, and the compiled
+    step's output is checked against the eager one (relative difference)."""
     import diffusers
     import torch
 
@@ -151,7 +159,7 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
     from reverie.sampling import SamplingOptions, conditions
     from reverie.sd import set_image_size
 
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype_name, dtype_name))
     fast = dtype != torch.float32  # bf16 / fp16: channels_last, the fast CPU path, for both libraries
     ours = Pipeline.from_pretrained(folder, dtype=dtype, channels_last=fast)
     set_image_size(ours, size)
@@ -161,9 +169,8 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
         ref.vae.to(memory_format=torch.channels_last)
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([float(ours.schedule.sigmas[500])])
-    times = {k: [] for k in ("reverie_encode", "diffusers_encode", "reverie_step", "diffusers_step",
-                             "reverie_decode", "diffusers_decode")}
-
+    libs = ["reverie", "diffusers"] + (["reverie-compiled", "diffusers-compiled"] if compile else [])
+    times = {f"{lib}_{part}": [] for part in ("encode", "step", "decode") for lib in libs}
     clock = time.process_time if timer == "cpu" else time.perf_counter
 
     def timed(key, fn):
@@ -185,34 +192,96 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
             eps_uncond, eps_text = eps.chunk(2)
             return eps_uncond + 7.5 * (eps_text - eps_uncond)
 
+        step = {"reverie": lambda: guided(latents, sigma, **cond), "diffusers": diffusers_step}
+        unets = {"reverie": ours.net.net, "diffusers": ref.unet}
+        extra = compile_unets(ours, ref, step, unets) if compile else {}
         for r in range(rounds + 1):  # round 0 warms both up (oneDNN primitives) and is not counted
-            timed("reverie_step", lambda: guided(latents, sigma, **cond))
-            timed("diffusers_step", diffusers_step)
+            for lib in libs:
+                with eager(unets[lib.removesuffix("-compiled")], lib.endswith("-compiled")):
+                    timed(f"{lib}_step", step[lib.removesuffix("-compiled")])
             if r % 2 == 0:
                 timed("reverie_decode", lambda: ours.vae.from_latent(latents))
                 timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
-    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "timer": timer,
-            **paired_summary(times, steps)}
+    for lib in libs[2:]:  # the decode and text encoder are the eager library's
+        for part in ("encode", "decode"):
+            times[f"{lib}_{part}"] = times[f"{lib.removesuffix('-compiled')}_{part}"]
+    return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "timer": timer, **extra,
+            **paired_summary(times, steps, libs)}
 
 
-def paired_summary(times: dict, steps: int) -> dict:
-    """Medians, seconds per image, and speedups as the median of the per-round ratios (each round's two
-    measurements ran back to back, under the same load; round 0, the warm-up, is left out)."""
+def compile_unets(ours, ref, step: dict, unets: dict) -> dict:
+    """Compile both U-Nets (``nn.Module.compile``, inductor) and run each compiled step once: the seconds of that
+    first call (tracing, code generation, C++ compilation or the on-disk cache, one run), and how far its output
+    is from the same step in float32 (relative L2), next to how far the eager step is. Both libraries hold the
+    same weights and compute the same function (the tests check it to 1e-4 in float32), so one float32 step of
+    reverie's U-Net is the reference for both; a compiled step no further from it than the eager one is right."""
+    import copy
+
+    out = {}
+    expected = {lib: fn().float() for lib, fn in step.items()}
+    unet = ours.net.net
+    exact = copy.deepcopy(unet).float()
+    ours.net.net = exact
+    reference = step["reverie"]().float()
+    ours.net.net = unet
+    del exact
+    ours.compile()
+    ref.unet.compile()
+
+    def rel(a):
+        return float((a - reference).norm() / reference.norm())
+
+    for lib, fn in step.items():
+        start = time.perf_counter()
+        got = fn().float()
+        out[f"{lib}_compile_first_call_s"] = time.perf_counter() - start
+        out[f"{lib}_eager_vs_fp32_rel"], out[f"{lib}_compiled_vs_fp32_rel"] = rel(expected[lib]), rel(got)
+        out[f"{lib}_compiled_vs_eager_rel"] = float((got - expected[lib]).norm() / expected[lib].norm())
+        print(f"{lib}: compiled first call {out[f'{lib}_compile_first_call_s']:.0f} s; relative difference to "
+              f"float32: eager {rel(expected[lib]):.2e}, compiled {rel(got):.2e}", flush=True)
+    return out
+
+
+class eager:
+    """Within the block, a compiled module (``nn.Module.compile``) runs its eager forward, unless ``compiled``."""
+
+    def __init__(self, module, compiled: bool):
+        self.module, self.compiled = module, compiled
+
+    def __enter__(self):
+        self.saved = self.module._compiled_call_impl
+        if not self.compiled:
+            self.module._compiled_call_impl = None
+
+    def __exit__(self, *exc):
+        self.module._compiled_call_impl = self.saved
+
+
+def paired_summary(times: dict, steps: int, libs=("reverie", "diffusers")) -> dict:
+    """Medians, seconds per image, and speedups as the median of the per-round ratios (each round's
+    measurements ran back to back, under the same load; round 0, the warm-up, is left out): every reverie
+    configuration against every diffusers one (``speedups["reverie-compiled/diffusers"]``); ``speedup`` and
+    ``step_speedup`` are eager reverie over eager diffusers, as before."""
     def counted(values):  # without the warm-up round, unless it is all there is
         return values[1:] if len(values) > 1 else values
 
     med = {k: statistics.median(counted(v)) for k, v in times.items()}
-    per_image = {lib: med[f"{lib}_encode"] + steps * med[f"{lib}_step"] + med[f"{lib}_decode"]
-                 for lib in ("reverie", "diffusers")}
-    ratios = {part: [d / r for r, d in zip(counted(times[f"reverie_{part}"]), counted(times[f"diffusers_{part}"]))]
-              for part in ("step", "decode")}
-    step, decode = (statistics.median(ratios[p]) for p in ("step", "decode"))
-    encode = med["diffusers_encode"] / med["reverie_encode"]
-    # per image: the diffusers time of each part, over the reverie time that part takes at its paired ratio
-    ours = med["diffusers_encode"] / encode + steps * med["diffusers_step"] / step + med["diffusers_decode"] / decode
+    per_image = {lib: med[f"{lib}_encode"] + steps * med[f"{lib}_step"] + med[f"{lib}_decode"] for lib in libs}
+    speedups, ratios = {}, {}
+    for ours in (lib for lib in libs if lib.startswith("reverie")):
+        for ref in (lib for lib in libs if lib.startswith("diffusers")):
+            pair = {part: [d / r for r, d in zip(counted(times[f"{ours}_{part}"]), counted(times[f"{ref}_{part}"]))]
+                    for part in ("step", "decode")}
+            step, decode = (statistics.median(pair[p]) for p in ("step", "decode"))
+            encode = med[f"{ref}_encode"] / med[f"{ours}_encode"]
+            # per image: the reference's time of each part, over ours at that part's paired ratio
+            mine = med[f"{ref}_encode"] / encode + steps * med[f"{ref}_step"] / step + med[f"{ref}_decode"] / decode
+            ratios[f"{ours}/{ref}"] = pair
+            speedups[f"{ours}/{ref}"] = {"step": step, "decode": decode, "image": per_image[ref] / mine}
+    base = speedups["reverie/diffusers"]
     return {"times_s": times, "median_s": med, "seconds_per_image": per_image, "paired_ratios": ratios,
-            "step_speedup": step, "decode_speedup": decode,
-            "speedup": (med["diffusers_encode"] + steps * med["diffusers_step"] + med["diffusers_decode"]) / ours}
+            "speedups": speedups, "step_speedup": base["step"], "decode_speedup": base["decode"],
+            "speedup": base["image"]}
 
 
 def summarize(result: dict, steps: int) -> dict:
@@ -240,24 +309,40 @@ def main() -> None:
     parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
                         help="--interleaved: wall clock, or this process's CPU time (steadier on a shared machine, "
                              "with --threads 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="--interleaved: also time both U-Nets under torch.compile (see compile_unets)")
+    parser.add_argument("--inductor-threads", type=int, default=0,
+                        help="--compile: threads the generated C++ kernels are built for (0: --threads); they are "
+                             "part of inductor's cache key, so a 1-thread run with 2 here fills the on-disk cache "
+                             "for a later 2-thread run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.model_dir)
     if args.interleaved:
         build_model(folder)
-        torch_module().set_num_threads(args.threads or torch_module().get_num_threads())
+        torch = torch_module()
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        if args.compile:
+            import torch._inductor.config as inductor
+
+            inductor.cpp.threads = args.inductor_threads or torch.get_num_threads()
+        load = os.getloadavg()
         result = {"model": "SD 1.5 architecture, random weights", "size": args.size, "steps": args.steps,
                   "guidance_scale": 7.5, "machine": _machine(args.device),
-                  **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps, args.timer)}
+                  **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps, args.timer,
+                                args.compile),
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "loadavg_1min_before_after": [load[0], os.getloadavg()[0]]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         med, per = result["median_s"], result["seconds_per_image"]
-        for lib in ("reverie", "diffusers"):
-            print(f"{lib:10s} {args.interleaved}: step {med[lib + '_step']:6.2f} s  "
+        for lib in per:
+            print(f"{lib:18s} {args.interleaved}: step {med[lib + '_step']:6.2f} s  "
                   f"decode {med[lib + '_decode']:6.2f} s  encode {med[lib + '_encode']:5.2f} s  "
                   f"-> {per[lib]:7.1f} s/image")
-        print(f"reverie is {result['speedup']:.2f}x diffusers per image ({result['step_speedup']:.2f}x per step) "
-              f"-> {args.out}")
+        for pair, up in result["speedups"].items():
+            print(f"{pair:37s} {up['image']:.2f}x per image ({up['step']:.2f}x per step, {up['decode']:.2f}x decode)")
+        print(f"peak RSS {result['peak_rss_gb']:.1f} GB (both libraries in this process) -> {args.out}")
         return
     if args.child:
         print(json.dumps(child(args.child, folder, args.timed_steps, args.size, args.device, args.threads)))
