@@ -217,10 +217,13 @@ def compile_unets(ours, ref, step: dict, unets: dict) -> dict:
     reverie's U-Net is the reference for both; a compiled step no further from it than the eager one is right."""
     import copy
 
+    from reverie.nets.packing import unpack_weights
+
     out = {}
     expected = {lib: fn().float() for lib, fn in step.items()}
     unet = ours.net.net
     exact = copy.deepcopy(unet).float()
+    unpack_weights(exact)  # plain float32 layers: no packed float32 copies next to them
     ours.net.net = exact
     reference = step["reverie"]().float()
     ours.net.net = unet

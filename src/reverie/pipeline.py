@@ -19,6 +19,7 @@ from . import editing, modeldir
 from .build import DiffusionModel, load_autoencoder, read_diffusion, save_autoencoder, save_diffusion
 from .configs import from_dict, to_dict
 from .images import to_pil
+from .nets.packing import unpack_weights
 from .precision import precision_dtype, resolve_precision
 from .samplers import TunedGrid
 from .sampling import SamplingOptions, sample_images, tune_grid
@@ -110,6 +111,7 @@ class Pipeline(DiffusionModel):
             raise ValueError("compiling for the CPU needs a C++ compiler (c++, g++ or clang++ on the PATH); none "
                              "was found: install one, or run without compile")
         target = getattr(self.net, "net", self.net)  # a text-conditioned model: only its image network
+        unpack_weights(target)  # inductor traces plain layers (an SD model on the CPU comes packed)
         target.compile(backend=backend, **options)
         self.compiled = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
         return self

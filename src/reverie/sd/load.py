@@ -32,6 +32,7 @@ from ..build import DiffusionModel
 from ..conditioning import TextConditionedNet
 from ..modeldir import check_state_dict, file_hash, read_json
 from ..nets.autoencoder import AutoencoderConfig
+from ..nets.packing import pack_weights
 from ..nets.sd_unet import SDUNet, SDUNetConfig
 from ..nets.sd_vae import SDAutoencoderKL
 from ..schedules import DiscreteVPSchedule
@@ -107,13 +108,14 @@ def is_stable_diffusion(path: str | Path) -> bool:
 
 def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                           prediction: str | None = None, tokenizer: str | Path | None = None,
-                          channels_last: bool = False) -> DiffusionModel:
+                          channels_last: bool = False, pack: bool | None = None) -> DiffusionModel:
     """A diffusers folder or a single ``.safetensors`` file as a reverie :class:`DiffusionModel`, its ``net`` and
     ``vae`` in eval mode without gradients, on ``device`` in ``dtype`` (``torch.bfloat16`` with ``channels_last``
     is the fast path on CPUs with AMX; samplers keep float32 states either way). ``prediction`` ("eps" / "v")
     overrides the checkpoint's own (a folder's scheduler config; a single file's hints, see
     :func:`_prediction_hint`); ``tokenizer`` (a folder with CLIP's ``vocab.json`` and ``merges.txt``) matters for
-    single files only.
+    single files only. ``pack``: reorder the U-Net's and VAE's weights once for oneDNN
+    (``reverie.nets.packing``; default: bf16 on the CPU).
 
     Its ``cfg`` is :class:`SDSettings`, the config fields this layer knows; ``Pipeline.from_pretrained`` turns it
     into a full training config (every field the sampling layer reads, at its default), so sample through a
@@ -137,6 +139,9 @@ def load_stable_diffusion(path: str | Path, device: str | torch.device = "cpu", 
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+    if pack if pack is not None else (torch.device(device).type == "cpu" and dtype == torch.bfloat16):
+        pack_weights(unet)
+        pack_weights(vae)
     info = {"family": FAMILY, "in_channels": unet.config.in_channels, "resolution": unet.config.sample_size,
             "num_classes": 0,
             "image_channels": vae.config.resolved_out_channels,
