@@ -186,19 +186,18 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
         guided = CFGDenoiser(ours.denoiser, uncond, guidance_scale=7.5)
         context = torch.cat([embeds[1], embeds[0]])  # diffusers' order: unconditional first
 
-        def diffusers_step():  # StableDiffusionPipeline.__call__'s loop body
-            model_input = torch.cat([latents.to(dtype)] * 2)
-            eps = ref.unet(model_input, 500, encoder_hidden_states=context).sample
+        def diffusers_step(unet=None):  # StableDiffusionPipeline.__call__'s loop body
+            unet = unet or ref.unet
+            model_input = torch.cat([latents.to(unet.dtype)] * 2)
+            eps = unet(model_input, 500, encoder_hidden_states=context.to(unet.dtype)).sample
             eps_uncond, eps_text = eps.chunk(2)
             return eps_uncond + 7.5 * (eps_text - eps_uncond)
 
         step = {"reverie": lambda: guided(latents, sigma, **cond), "diffusers": diffusers_step}
-        unets = {"reverie": ours.net.net, "diffusers": ref.unet}
-        extra = compile_unets(ours, ref, step, unets) if compile else {}
+        extra = compile_unets(ours, ref, step) if compile else {}
         for r in range(rounds + 1):  # round 0 warms both up (oneDNN primitives) and is not counted
             for lib in libs:
-                with eager(unets[lib.removesuffix("-compiled")], lib.endswith("-compiled")):
-                    timed(f"{lib}_step", step[lib.removesuffix("-compiled")])
+                timed(f"{lib}_step", step[lib])
             if r % 2 == 0:
                 timed("reverie_decode", lambda: ours.vae.from_latent(latents))
                 timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
@@ -209,12 +208,16 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
             **paired_summary(times, steps, libs)}
 
 
-def compile_unets(ours, ref, step: dict, unets: dict) -> dict:
-    """Compile both U-Nets (``nn.Module.compile``, inductor) and run each compiled step once: the seconds of that
-    first call (tracing, code generation, C++ compilation or the on-disk cache, one run), and how far its output
-    is from the same step in float32 (relative L2), next to how far the eager step is. Both libraries hold the
-    same weights and compute the same function (the tests check it to 1e-4 in float32), so one float32 step of
-    reverie's U-Net is the reference for both; a compiled step no further from it than the eager one is right."""
+def compile_unets(ours, ref, step: dict) -> dict:
+    """Compile both U-Nets (``nn.Module.compile``, inductor), add their steps to ``step`` ("reverie-compiled",
+    "diffusers-compiled") and run each once: the seconds of that first call (tracing, code generation, C++
+    compilation or the on-disk cache, one run), and how far its output is from the same step in float32
+    (relative L2; a float32 copy of each library's U-Net), next to how far the eager bf16 step is: a compiled
+    step no further from float32 than the eager one is right.
+
+    reverie's compiled U-Net is a copy (``Pipeline.compile`` on it), so that the eager one keeps its packed
+    weights (``reverie.nets.packing``; compiling unpacks); diffusers' eager step runs its U-Net with the compiled
+    call switched off."""
     import copy
 
     from reverie.nets.packing import unpack_weights
@@ -222,42 +225,51 @@ def compile_unets(ours, ref, step: dict, unets: dict) -> dict:
     out = {}
     expected = {lib: fn().float() for lib, fn in step.items()}
     unet = ours.net.net
+
+    def run_with(net, fn):
+        ours.net.net = net
+        try:
+            return fn()
+        finally:
+            ours.net.net = unet
+
     exact = copy.deepcopy(unet).float()
     unpack_weights(exact)  # plain float32 layers: no packed float32 copies next to them
-    ours.net.net = exact
-    reference = step["reverie"]().float()
-    ours.net.net = unet
+    reference = {"reverie": run_with(exact, step["reverie"]).float()}
     del exact
-    ours.compile()
+    exact = copy.deepcopy(ref.unet).float()
+    reference["diffusers"] = step["diffusers"](exact).float()
+    del exact
+    ours.net.net = copy.deepcopy(unet)
+    compiled = ours.compile().net.net
+    ours.net.net = unet
     ref.unet.compile()
+    eager_reverie, eager_diffusers = step["reverie"], step["diffusers"]
+    step["reverie-compiled"] = lambda: run_with(compiled, eager_reverie)
+    step["diffusers-compiled"] = eager_diffusers
 
-    def rel(a):
-        return float((a - reference).norm() / reference.norm())
+    def diffusers_eager():
+        saved, ref.unet._compiled_call_impl = ref.unet._compiled_call_impl, None
+        try:
+            return eager_diffusers()
+        finally:
+            ref.unet._compiled_call_impl = saved
 
-    for lib, fn in step.items():
+    step["diffusers"] = diffusers_eager
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    for lib in ("reverie", "diffusers"):
         start = time.perf_counter()
-        got = fn().float()
+        got = step[f"{lib}-compiled"]().float()
         out[f"{lib}_compile_first_call_s"] = time.perf_counter() - start
-        out[f"{lib}_eager_vs_fp32_rel"], out[f"{lib}_compiled_vs_fp32_rel"] = rel(expected[lib]), rel(got)
-        out[f"{lib}_compiled_vs_eager_rel"] = float((got - expected[lib]).norm() / expected[lib].norm())
+        eager_err, compiled_err = rel(expected[lib], reference[lib]), rel(got, reference[lib])
+        out[f"{lib}_eager_vs_fp32_rel"], out[f"{lib}_compiled_vs_fp32_rel"] = eager_err, compiled_err
+        out[f"{lib}_compiled_vs_eager_rel"] = rel(got, expected[lib])
         print(f"{lib}: compiled first call {out[f'{lib}_compile_first_call_s']:.0f} s; relative difference to "
-              f"float32: eager {rel(expected[lib]):.2e}, compiled {rel(got):.2e}", flush=True)
+              f"float32: eager {eager_err:.2e}, compiled {compiled_err:.2e}", flush=True)
     return out
-
-
-class eager:
-    """Within the block, a compiled module (``nn.Module.compile``) runs its eager forward, unless ``compiled``."""
-
-    def __init__(self, module, compiled: bool):
-        self.module, self.compiled = module, compiled
-
-    def __enter__(self):
-        self.saved = self.module._compiled_call_impl
-        if not self.compiled:
-            self.module._compiled_call_impl = None
-
-    def __exit__(self, *exc):
-        self.module._compiled_call_impl = self.saved
 
 
 def paired_summary(times: dict, steps: int, libs=("reverie", "diffusers")) -> dict:
