@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Attention, Downsample, GroupNorm, NetConfig, ResBlock, TimeEmbedding, Upsample
+from .packing import geglu, linear
 
 __all__ = ["SDUNetConfig", "SDUNet", "SDResBlock", "SpatialTransformer", "SD_UNET_PRESETS"]
 
@@ -100,9 +101,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
         self.out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.proj(x).chunk(2, dim=-1)
-        return self.out(F.gelu(b).mul_(a))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``residual``: added to the output (in the output GEMM when packed, ``reverie.nets.packing``)."""
+        return linear(self.out, geglu(self.proj, x), add=residual)
 
 
 def _sd_attention(dim: int, heads: int, context_dim: int | None = None) -> Attention:
@@ -125,7 +126,7 @@ class TransformerBlock(nn.Module):
         # residuals added into each branch's fresh output: no extra full-size buffer per add
         x = self.attn1(self.norm1(x)).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -143,7 +144,8 @@ class SpatialTransformer(nn.Module):
         tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # a view when channels_last
         for block in self.blocks:
             tokens = block(tokens, context)
-        return self.proj_out(tokens).view(B, H, W, C).permute(0, 3, 1, 2).add_(x)
+        skip = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when channels_last, else a copy
+        return linear(self.proj_out, tokens, add=skip).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class Level(nn.Module):
