@@ -389,6 +389,15 @@ def test_sd2_single_file_without_a_hint_is_a_visible_guess(folders, tmp_path, ca
         "--prediction eps" in err[0], err
     assert main([*common, "--prediction", "eps", "-o", str(tmp_path / "eps.png")]) == 0
     assert capsys.readouterr().err == ""
+    from PIL import Image  # the PNG records the prediction: --from-png reproduces it without the flag or the guess
+
+    assert main(["generate", "--from-png", str(tmp_path / "eps.png"), "--model", str(file), "-o",
+                 str(tmp_path / "again.png")]) == 0
+    assert capsys.readouterr().err == ""
+    with Image.open(tmp_path / "eps.png") as a, Image.open(tmp_path / "again.png") as b, \
+            Image.open(tmp_path / "v.png") as v:
+        assert a.tobytes() == b.tobytes() != v.tobytes()
+        assert '"prediction": "eps"' in a.text["reverie"] and '"prediction": "v"' in v.text["reverie"]
     assert main(["generate", "x", "--prediction", "v", "-o", str(tmp_path / "own.png")]) == 2  # not an SD model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "options of Stable Diffusion checkpoints" in err[0], err

@@ -134,10 +134,11 @@ def generate(args) -> int:
         output_dir(args.out_dir)
     else:
         output_file(args.output, (".png",))
-    t_load = time.perf_counter()
-    pipe = _load_model(Path(args.model) if args.model else DEFAULT_MODEL, args.prediction)
-    t_load = time.perf_counter() - t_load
     made_by = read_png_parameters(Path(args.from_png)) if args.from_png else {}
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    t_load = time.perf_counter()
+    pipe = _load_model(model, _prediction(args, made_by, model))
+    t_load = time.perf_counter() - t_load
     size = _image_size(pipe, args, made_by)
     check_batch(pipe, num_images, option="--num-images", guided=pipe.conditioning != "none")
     if made_by.get("model_hash") and made_by["model_hash"] != pipe.weights_hash:
@@ -151,6 +152,8 @@ def generate(args) -> int:
     _check_key(made_by, marks, args.from_png)
     params = {"prompt": prompt, "num_images": num_images, **used.to_metadata(), "model": pipe.name,
               "model_hash": pipe.weights_hash, **size, "watermark": marks}
+    if size:  # a Stable Diffusion model: what its U-Net predicts, which a single file may not say (--from-png)
+        params["prediction"] = pipe.cfg.model.prediction
     start = time.perf_counter()
     images = pipe.generate(prompt, num_images, options, progress=show_progress(args), noise=noise)
     elapsed = time.perf_counter() - start
@@ -175,6 +178,17 @@ def generate(args) -> int:
               f"({len(images)} image(s), {used.steps} step(s) of {used.sampler}); writing "
               f"{time.perf_counter() - t_write:.2f} s")
     return 0
+
+
+def _prediction(args, made_by: dict, model: Path) -> str | None:
+    """--prediction, else the one a --from-png file recorded for a Stable Diffusion model, else None."""
+    from ..sd import is_stable_diffusion
+
+    if args.prediction is not None or "prediction" not in made_by or not is_stable_diffusion(model):
+        return args.prediction
+    if made_by["prediction"] not in ("eps", "v"):
+        raise UserError(f"{args.from_png}: prediction must be 'eps' or 'v', got {made_by['prediction']!r}")
+    return made_by["prediction"]
 
 
 def _load_model(path: Path, prediction: str | None):
