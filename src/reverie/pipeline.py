@@ -65,6 +65,8 @@ class Pipeline(DiffusionModel):
             cfg = from_dict(TrainConfig, to_dict(sd.cfg))  # a full config: every field sampling reads, defaulted
             pipe = cls(sd.net, cfg, sd.info, name=path.stem, weights_hash=sd.weights_hash, vae=sd.vae)
             pipe.schedule = sd.schedule
+            dtype = next(sd.net.net.parameters()).dtype  # what the U-Net runs in (an SD dtype option wins)
+            pipe.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
             return pipe
         if sd_options:
             raise ValueError(f"{', '.join(sd_options)}: options of Stable Diffusion checkpoints, and {path} is not one")
