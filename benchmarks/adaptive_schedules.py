@@ -1,12 +1,13 @@
 """Adaptive noise schedules on MNIST at an equal training budget: bits/dim (continuous-time ELBO, and the
-probability-flow ODE where asked) and FID for the fixed cosine schedule, loss-aware timesteps, the VDM trainer
-on a fixed cosine schedule, and VDM's learned schedule (issue 27).
+probability-flow ODE where asked) and FID for the fixed cosine schedule, loss-aware timesteps, VDM's learned
+schedule and MuLAN's per-pixel, input-adaptive schedule (issue 27; the VDM trainer on a fixed cosine schedule,
+configs/mnist-vdm-cosine.yaml, is an optional extra row: --models vdm-cosine=runs/mnist-vdm-cosine/model).
 
     # the four models (same network, data, batch, optimizer, EMA and steps; configs/mnist-*.yaml):
     reverie train configs/mnist-cosine.yaml ; reverie train configs/mnist-loss-aware.yaml
-    python -m reverie.train.vdm configs/mnist-vdm-cosine.yaml ; python -m reverie.train.vdm configs/mnist-vdm.yaml
-    python benchmarks/adaptive_schedules.py --fid-n 1000 --elbo-n 512 --ode-n 16
-    # or one process per model (--out benchmarks/results/tmp/NAME.json), then --plot-only --merge FILES
+    reverie train configs/mnist-vdm.yaml ; reverie train configs/mnist-mulan.yaml
+    python benchmarks/adaptive_schedules.py --fid-n 5000 --elbo-n 512 --ode-n 16
+    # or one process per model (--out out/bench-NAME.json), then --plot-only --merge FILES
 
 Per model (``--models name=MODEL_DIR ...``, defaults: runs/mnist-*/model):
 
@@ -21,7 +22,11 @@ Per model (``--models name=MODEL_DIR ...``, defaults: runs/mnist-*/model):
 * ``ddpm_elbo_bpd`` (``--ddpm-elbo-n`` > 0, discrete-time models only): the T = 1000-step ELBO of
   ``reverie.likelihood``, whose decoder uses the network (VDM's does not).
 * ``fid`` / ``kid``: ``--fid-n`` samples, dpmpp_2m, 20 steps, karras grid over the model's sigma range,
-  against the 10k MNIST test images.
+  against the 10k MNIST test images, Inception in ``--fid-precision`` (default bf16).
+* MuLAN rows: its own ELBO (``reverie.mulan.negative_elbo``, latent KL included, ``--num-t`` draws of latent, t
+  and eps per image); loss per level along its reference level (linear in gamma between the shared
+  endpoints); gamma(c, t) of prior latents as the mean over pixels with a 5-95% band; no ODE row (log p(x) would
+  need an importance-weighted latent); samples with latents from the prior through ``reverie.mulan.MuLANDenoiser``.
 * ``loss_per_level``: the ELBO's integrand per unit gamma, 0.5 e^-gamma E|x0 - D|^2 / (n ln 2) bits/dim, on a
   gamma grid inside the model's range (``--level-n`` images per level): where each model spends its bound.
 
