@@ -106,6 +106,22 @@ def test_starts_linear_in_gamma_with_the_latent_at_its_prior():
     assert float(gaussian_kl(mu, var).detach().abs().max()) < 1e-5
 
 
+def test_speed_is_a_learning_rate_multiplier_not_a_different_schedule():
+    latent, t = torch.randn(3, 3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    torch.manual_seed(0)
+    slow = PolynomialGamma(16, 3, hidden=8, gamma_min=G0, gamma_max=G1)
+    torch.manual_seed(0)
+    fast = PolynomialGamma(16, 3, hidden=8, gamma_min=G0, gamma_max=G1, speed=30)
+    torch.testing.assert_close(fast(latent, t), slow(latent, t))
+    for model in (slow, fast):  # one plain SGD step of the same loss: the fast schedule moves 30^2 x as far
+        model(latent, t).pow(2).sum().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1e-4 * p.grad
+    moved = [float((m(latent, t).detach() - (G0 + (G1 - G0) * t)[:, None]).abs().max()) for m in (slow, fast)]
+    assert moved[1] > 100 * moved[0] > 0
+
+
 def test_latent_kl_is_the_closed_form():
     gen = torch.Generator().manual_seed(3)
     mu, var = torch.randn(6, 5, generator=gen), torch.rand(6, 5, generator=gen) * 3 + 0.01

@@ -23,7 +23,8 @@ Choices written down here:
   (gamma_1 - gamma_0) f_i(t) / f_i(1), f_i'(t) = (a_i t^2 + b_i t + c_i)^2 >= 0, so each pixel's schedule is
   increasing by construction and all pixels share the endpoints. (a, b, c) per pixel come from a two-layer MLP
   of the latent; c = 1e-3 + softplus(.) > 0 keeps f_i(1) > 0. The head starts at a = b = 0, c = 1: the
-  linear-in-gamma schedule, VDM's start. gamma'(t) is the closed form, not autograd. All float64.
+  linear-in-gamma schedule, VDM's start. gamma'(t) is the closed form, not autograd. All float64. ``speed``
+  multiplies the schedule's learning rate (its parameters are stored divided by it), as ``vdm.GammaNetwork``'s.
 * The shared, fixed endpoints (VDM's initial -13.3, 5) make the prior and reconstruction terms VDM's.
 * ``LatentEncoder``: two stride-2 convolutions and a linear head to (mu, softplus(.) variance); the head starts
   at zero weights with var = 1, so q(c | x) = p(c) and the latent term is 0 at initialization.
@@ -79,11 +80,14 @@ class PolynomialGamma(nn.Module):
     """gamma(c, t) [B, P] per pixel: MuLAN's monotone polynomial with fixed, shared endpoints (module docstring)."""
 
     def __init__(self, num_pixels: int, latent_dim: int, hidden: int = 64,
-                 gamma_min: float = GAMMA_REF[0], gamma_max: float = GAMMA_REF[1]):
+                 gamma_min: float = GAMMA_REF[0], gamma_max: float = GAMMA_REF[1], speed: float = 1.0):
         super().__init__()
         if not gamma_min < gamma_max:
             raise ValueError(f"need gamma_min < gamma_max, got {gamma_min} and {gamma_max}")
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
         self.num_pixels, self.gamma_min, self.gamma_max = num_pixels, float(gamma_min), float(gamma_max)
+        self.speed = float(speed)
         f64 = dict(dtype=torch.float64)
         self.l1, self.l2 = nn.Linear(latent_dim, hidden, **f64), nn.Linear(hidden, hidden, **f64)
         self.head = nn.Linear(hidden, 3 * num_pixels, **f64)
@@ -91,10 +95,17 @@ class PolynomialGamma(nn.Module):
             self.head.weight.zero_()
             self.head.bias.zero_()
             self.head.bias[2 * num_pixels:] = math.log(math.expm1(1 - _C_FLOOR))
+            # stored as weight / speed and used as speed x stored: Adam moves each stored value by about lr a
+            # step, so the schedule learns speed x faster (vdm.GammaNetwork's learning-rate multiplier)
+            for p in self.parameters():
+                p.div_(self.speed)
+
+    def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        return F.linear(x, layer.weight * self.speed, layer.bias * self.speed)
 
     def coefficients(self, latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h = F.silu(self.l2(F.silu(self.l1(latent.to(torch.float64)))))
-        a, b, c = self.head(h).chunk(3, dim=-1)
+        h = F.silu(self._linear(self.l2, F.silu(self._linear(self.l1, latent.to(torch.float64)))))
+        a, b, c = self._linear(self.head, h).chunk(3, dim=-1)
         return a, b, _C_FLOOR + F.softplus(c)
 
     @staticmethod
@@ -150,13 +161,15 @@ class MuLANNet(nn.Module):
     ``gamma.*``, ``latent_encoder.*``); ``mulan_config`` travels in the model directory's ``config.json``."""
 
     def __init__(self, net: nn.Module, image_shape: tuple[int, int, int], latent_dim: int = 8, hidden: int = 64,
-                 encoder_width: int = 16, gamma_min: float = GAMMA_REF[0], gamma_max: float = GAMMA_REF[1]):
+                 encoder_width: int = 16, gamma_min: float = GAMMA_REF[0], gamma_max: float = GAMMA_REF[1],
+                 speed: float = 1.0):
         super().__init__()
         self.net, self.image_shape, self.latent_dim = net, tuple(image_shape), latent_dim
-        self.gamma = PolynomialGamma(math.prod(image_shape), latent_dim, hidden, gamma_min, gamma_max)
+        self.gamma = PolynomialGamma(math.prod(image_shape), latent_dim, hidden, gamma_min, gamma_max, speed)
         self.latent_encoder = LatentEncoder(image_shape[0], image_shape[-1], latent_dim, encoder_width)
         self._settings = {"image_shape": list(image_shape), "latent_dim": latent_dim, "hidden": hidden,
-                          "encoder_width": encoder_width, "gamma_min": gamma_min, "gamma_max": gamma_max}
+                          "encoder_width": encoder_width, "gamma_min": gamma_min, "gamma_max": gamma_max,
+                          "speed": speed}
 
     @property
     def config(self):

@@ -39,10 +39,11 @@ class MuLANSection:
     gamma_min: float = GAMMA_REF[0]     # shared, fixed gamma(c, 0) of every pixel
     gamma_max: float = GAMMA_REF[1]     # shared, fixed gamma(c, 1)
     antithetic: bool = True             # low-discrepancy t: t_i = (u + i / B) mod 1
+    speed: float = 1.0                  # learning-rate multiplier of the schedule (as vdm.speed)
 
     def net_kwargs(self) -> dict:
         return {"latent_dim": self.latent_dim, "hidden": self.hidden, "encoder_width": self.encoder_width,
-                "gamma_min": self.gamma_min, "gamma_max": self.gamma_max}
+                "gamma_min": self.gamma_min, "gamma_max": self.gamma_max, "speed": self.speed}
 
 
 @dataclass
@@ -57,6 +58,7 @@ class MuLANTrainConfig(TrainConfig):
             (self.mulan.latent_dim >= 1 and self.mulan.hidden >= 1 and self.mulan.encoder_width >= 1,
              "mulan.latent_dim, mulan.hidden and mulan.encoder_width must be >= 1"),
             (self.model.conditioning != "class", "the MuLAN trainer takes unconditional models"),
+            (self.mulan.speed > 0, "mulan.speed must be > 0"),
         ]
 
     def base(self) -> TrainConfig:
@@ -71,7 +73,8 @@ def train_mulan(cfg: MuLANTrainConfig, resume: str | bool = "auto", dataset=None
 
 class MuLANTrainer(VDMTrainer):
     name = "train-mulan"
-    network_fields = ("model.", "data.resolution", "mulan.latent_dim", "mulan.hidden", "mulan.encoder_width")
+    network_fields = ("model.", "data.resolution", "mulan.latent_dim", "mulan.hidden", "mulan.encoder_width",
+                      "mulan.speed")
 
     def build(self, run: Run, resuming: bool) -> torch.nn.Module:
         cfg = self.cfg
