@@ -51,7 +51,8 @@ DEFAULT_MODELS = {"cosine": "runs/mnist-cosine/model", "loss-aware": "runs/mnist
                   "vdm-learned": "runs/mnist-vdm/model", "mulan": "runs/mnist-mulan/model"}
 LABELS = {"cosine": "cosine, L_simple (fixed)", "loss-aware": "cosine, L_simple, loss-aware t",
           "vdm-cosine": "VDM ELBO, cosine (fixed)", "vdm-learned": "VDM ELBO, learned schedule",
-          "vdm-fast": "VDM ELBO, learned, speed 30", "mulan": "MuLAN ELBO, per-pixel adaptive"}
+          "vdm-fast": "VDM ELBO, learned, speed 30", "mulan": "MuLAN ELBO, per-pixel adaptive",
+          "mulan-fast": "MuLAN ELBO, per-pixel adaptive, speed 30"}
 
 
 def bound(row: dict) -> tuple[float, float]:
@@ -248,7 +249,8 @@ def plot(results: dict, path: Path) -> None:
         a.plot(torch.linspace(0, 1, 1000), 2 * s.sigmas.log(), style, color="gray" if name != "cosine" else "k",
                label=f"{name} (DDPM betas, T=1000)")
     colors = {"cosine": "tab:blue", "loss-aware": "tab:orange", "vdm-cosine": "tab:green", "vdm-learned": "tab:red",
-              "vdm-fast": "tab:purple", "mulan": "tab:green"}
+              "vdm-fast": "tab:purple", "mulan": "tab:green",
+              "mulan-fast": "tab:brown"}
     for name, row in results["models"].items():
         if "gamma_curve" in row:
             t = torch.linspace(0, 1, len(row["gamma_curve"]))
