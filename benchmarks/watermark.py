@@ -59,6 +59,7 @@ from reverie.images import to_pil
 from reverie.pipeline import Pipeline
 from reverie.provenance import pixelmark, treering
 from reverie.provenance.verify import detect_tree_ring
+from reverie.sampling import noise_shape
 
 MODEL = Path(__file__).resolve().parent.parent / "src" / "reverie" / "assets" / "shapes-t2i"
 KEY = bytes.fromhex("5eed" * 16)  # a fixed benchmark key (any key gives the same statistics)
@@ -89,7 +90,8 @@ def edit(image: Image.Image, name: str, rng: random.Random) -> Image.Image:
 
 
 class Recording:
-    """A Pipeline that keeps what it samples (8-bit images, and the start noise it was given)."""
+    """A Pipeline that keeps what it samples: 8-bit images and their unit-variance start noise (the one given, or
+    the seed's own draw, as ``reverie.sampling.start_noise`` makes it for this image model)."""
 
     def __init__(self, pipe):
         self.pipe, self.images, self.noise = pipe, [], []
@@ -100,8 +102,10 @@ class Recording:
     def sample(self, num_images, noise=None, **settings):
         x = self.pipe.sample(num_images, noise=noise, **settings)
         self.images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        if noise is not None:
-            self.noise.append(noise.float())
+        if noise is None:
+            noise = torch.randn(noise_shape(self.pipe, num_images), generator=torch.Generator().manual_seed(
+                settings["seed"]))
+        self.noise.append(noise.float())
         return x
 
 
@@ -117,7 +121,7 @@ def stage_images(pipe, args, work: Path) -> None:
                                    steps=20, sampler="dpmpp_2m", guidance_scale=4.0, seed=seed, grid="ddim-trailing",
                                    watermark_key=KEY if marked else None)
         images = torch.cat(rec.images)
-        torch.save({"images": images, "noise": torch.cat(rec.noise) if rec.noise else None,
+        torch.save({"images": images, "noise": torch.cat(rec.noise),
                     "adherence": score, "seconds": round(time.time() - t0)}, path)
         print(f"{name}: {len(images)} images, all_correct {score['all_correct']:.4f} ({time.time() - t0:.0f} s)",
               flush=True)
@@ -162,11 +166,10 @@ def cached(path: Path, compute):
     return value
 
 
-def recovery_by_radius(pipe, images: torch.Tensor, noise: torch.Tensor, steps: int) -> list[float]:
+def recovery_by_radius(noise: torch.Tensor, inverted: torch.Tensor) -> list[float]:
     """Correlation of the true and the inverted start noise, averaged over the Fourier coefficients of each
     integer radius (cycles per image)."""
-    inv = invert(pipe, images, prompt="", steps=steps, guidance_scale=1.0, layouts="none").noise
-    a, b = torch.fft.fft2(noise.double()), torch.fft.fft2(inv.double())
+    a, b = torch.fft.fft2(noise.double()), torch.fft.fft2(inverted.double())
     power = (a.abs() ** 2).sum(dim=(0, 1)) * (b.abs() ** 2).sum(dim=(0, 1))
     corr = (a * b.conj()).real.sum(dim=(0, 1)) / power.sqrt()
     f = torch.fft.fftfreq(noise.shape[-1], d=1 / noise.shape[-1])
@@ -174,11 +177,17 @@ def recovery_by_radius(pipe, images: torch.Tensor, noise: torch.Tensor, steps: i
     return [round(float(corr[(radius >= r) & (radius < r + 1)].mean()), 3) for r in range(noise.shape[-1] // 2)]
 
 
+def inverted_noise(pipe, images: torch.Tensor, steps: int) -> torch.Tensor:
+    """What ``detect_tree_ring`` inverts a 32 px RGB image to (prompt "", no guidance, no layout)."""
+    return torch.cat([invert(pipe, images[i:i + 100], prompt="", steps=steps, guidance_scale=1.0,
+                             layouts="none").noise for i in range(0, len(images), 100)])
+
+
 def stage_treering(pipe, args, work: Path) -> None:
     ring, shape = treering.TreeRing(), (3, 32, 32)
     marked = load_images(work, "watermarked")
     pos_images, neg_images = pil_images(marked, args.n), real_images(args.real, 32)
-    plain_images = pil_images(load_images(work, "plain"), args.n)
+    plain_images = pil_images(load_images(work, "plain"), args.n)  # (JPEG 75 only; clean: the inverted noise)
 
     def rhos(images, name, what):
         rng = random.Random(f"{name} {what}")
@@ -188,17 +197,26 @@ def stage_treering(pipe, args, work: Path) -> None:
             out += detect_tree_ring(pipe, edited[i:i + 100], KEY, ring, steps=args.inversion_steps)
         return out
 
+    plain = load_images(work, "plain")
+    for run, data in (("watermarked", marked), ("plain", plain)):  # clean images' inverted noise, kept for analysis
+        path = work / f"inverted-{run}.pt"
+        if not path.exists():
+            torch.save(inverted_noise(pipe, uint8_to_tensor(data["images"][:args.n]), args.inversion_steps), path)
+    inverted, inverted_plain = torch.load(work / "inverted-watermarked.pt"), torch.load(work / "inverted-plain.pt")
+    cached(work / "recovery.json", lambda: recovery_by_radius(plain["noise"][:args.n], inverted_plain))
     for name in EDITS:
         def compute(name=name):
-            r = {"pos": rhos(pos_images, name, "pos"), "neg": rhos(neg_images, name, "neg")}
-            if name in ("clean", "jpeg75"):
+            pos = ([float(r) for r in ring.correlation(inverted, KEY)] if name == "clean"
+                   else rhos(pos_images, name, "pos"))
+            r = {"pos": pos, "neg": rhos(neg_images, name, "neg")}
+            if name == "clean":
+                r["plain"] = [float(r) for r in ring.correlation(inverted_plain, KEY)]
+            elif name == "jpeg75":
                 r["plain"] = rhos(plain_images, name, "plain")
             return r
         r = cached(work / f"treering-{name}.json", compute)
         m = metrics(r["pos"], r["neg"], ring.p_value(r["pos"], shape), ring.p_value(r["neg"], shape))
         print(f"tree-ring {name}: {m}", flush=True)
-    cached(work / "recovery.json", lambda: recovery_by_radius(
-        pipe, uint8_to_tensor(marked["images"][:96]), marked["noise"][:96], args.inversion_steps))
 
 
 def stage_pixel(args, work: Path) -> None:
