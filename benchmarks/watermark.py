@@ -290,6 +290,22 @@ def stage_fid(pipe, args, work: Path) -> None:
         print(f"fid {run}: {cached(work / f'fid-{run}.json', compute)}", flush=True)
 
 
+def _cell(m: dict | None, key: str) -> str:
+    return "-" if m is None else f"{m[key]:.3f}"
+
+
+def markdown_table(table: dict) -> str:
+    """The README's table: per edit, TPR at 1% FPR / AUC of each watermark."""
+    rows = ["| edit | pixel TPR @1% FPR | pixel AUC | Tree-Ring TPR @1% FPR | Tree-Ring AUC | "
+            "Tree-Ring TPR / FPR at p<0.01 |", "|---|---|---|---|---|---|"]
+    for name in EDITS:
+        p, t = table["pixel"].get(name), table["tree_ring"].get(name)
+        analytic = "-" if t is None else f"{t['tpr_analytic']:.3f} / {t['fpr_analytic']:.3f}"
+        rows.append(f"| {name} | {_cell(p, 'tpr_at_1pct_fpr')} | {_cell(p, 'auc')} | {_cell(t, 'tpr_at_1pct_fpr')} "
+                    f"| {_cell(t, 'auc')} | {analytic} |")
+    return "\n".join(rows)
+
+
 def stage_report(pipe, args, work: Path) -> dict:
     ring, shape = treering.TreeRing(), (3, 32, 32)
     runs = {run: load_images(work, run) for run in RUNS if (work / f"images-{run}.pt").exists()}
@@ -333,7 +349,8 @@ def stage_report(pipe, args, work: Path) -> dict:
                          "inception_precision": args.fid_precision}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "adherence"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("adherence", "table")}, indent=1))
+    print(markdown_table(table))
     print(f"wrote {args.output}")
     return result
 
