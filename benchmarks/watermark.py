@@ -27,7 +27,7 @@ The work is split into stages that cache their results under ``--work`` (rerun t
 different stages at once, ``pixel`` waits for the images):
 
     python benchmarks/watermark.py --stages images,treering          # one CPU slot
-    python benchmarks/watermark.py --stages reference,pixel,images2,fid   # the other
+    python benchmarks/watermark.py --stages reference,pixel,fid,images2,fid   # the other
     python benchmarks/watermark.py --stages report                   # -> benchmarks/results/watermark.json
     python benchmarks/watermark.py --prompts 8 --per-prompt 1 --n 8 --real 8 --fid-ref 32 --work out/wm-smoke \\
         -o out/wm-smoke.json                                         # a smoke run (all stages, about a minute)
@@ -64,7 +64,7 @@ from reverie.sampling import noise_shape
 MODEL = Path(__file__).resolve().parent.parent / "src" / "reverie" / "assets" / "shapes-t2i"
 KEY = bytes.fromhex("5eed" * 16)  # a fixed benchmark key (any key gives the same statistics)
 EDITS = ("clean", "jpeg75", "jpeg50", "resize0.5", "crop10", "blur", "bright+10", "bright-10")
-RUNS = {"plain": (0, False), "watermarked": (0, True), "plain_other_seeds": (100, False)}  # seed, watermark
+RUNS = {"watermarked": (0, True), "plain": (0, False), "plain_other_seeds": (100, False)}  # seed, watermark
 STAGES = ("images", "images2", "treering", "reference", "pixel", "fid", "report")
 
 
@@ -248,27 +248,25 @@ def stage_treering(pipe, args, work: Path) -> None:
 
 
 def stage_pixel(args, work: Path) -> None:
-    negatives = real_images(args.real, 256)
-    for name in EDITS:  # the real images first: they need nothing generated
-        def compute(name=name):
-            rng = random.Random(f"{name} neg")
-            found = [pixelmark.detect(edit(im, name, rng), KEY) for im in tqdm(negatives, desc=f"pixel {name} neg",
-                                                                               leave=False)]
-            return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
-        cached(work / f"pixel-neg-{name}.json", compute)
-    small = pil_images(load_images(work, "watermarked", wait=True), args.n)
-    positives = [pixelmark.embed(im.resize((256, 256), Image.NEAREST), KEY) for im in small]
-    psnr = [10 * math.log10(255**2 / max(1e-12, float(np.mean((np.asarray(m, float) - np.asarray(
-        im.resize((256, 256), Image.NEAREST), float)) ** 2)))) for m, im in zip(positives, small)]
-    (work / "pixel-psnr.json").write_text(json.dumps(float(np.mean(psnr))))
+    """Per edit (in ``EDITS`` order, so that a cut-short run has the first ones): the real images, then the
+    watermarked ones (waiting for the ``images`` stage of another process if need be)."""
+    negatives, positives = real_images(args.real, 256), None
+
+    def scores(images, name, what):
+        rng = random.Random(f"{name} {what}")
+        found = [pixelmark.detect(edit(im, name, rng), KEY) for im in tqdm(images, desc=f"pixel {name} {what}",
+                                                                           leave=False)]
+        return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
+
     for name in EDITS:
-        def compute(name=name):
-            rng = random.Random(f"{name} pos")
-            found = [pixelmark.detect(edit(im, name, rng), KEY) for im in tqdm(positives, desc=f"pixel {name} pos",
-                                                                               leave=False)]
-            return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
-        pos, neg = cached(work / f"pixel-pos-{name}.json", compute), json.loads((work / f"pixel-neg-{name}.json")
-                                                                                .read_text())
+        neg = cached(work / f"pixel-neg-{name}.json", lambda name=name: scores(negatives, name, "neg"))
+        if positives is None:
+            small = pil_images(load_images(work, "watermarked", wait=True), args.n)
+            positives = [pixelmark.embed(im.resize((256, 256), Image.NEAREST), KEY) for im in small]
+            psnr = [10 * math.log10(255**2 / max(1e-12, float(np.mean((np.asarray(m, float) - np.asarray(
+                im.resize((256, 256), Image.NEAREST), float)) ** 2)))) for m, im in zip(positives, small)]
+            (work / "pixel-psnr.json").write_text(json.dumps(float(np.mean(psnr))))
+        pos = cached(work / f"pixel-pos-{name}.json", lambda name=name, images=positives: scores(images, name, "pos"))
         print(f"pixel {name}: {metrics(pos['score'], neg['score'], pos['p'], neg['p'])}", flush=True)
 
 
@@ -281,7 +279,10 @@ def reference(pipe, args):
 def stage_fid(pipe, args, work: Path) -> None:
     ref, _ = reference(pipe, args)
     extractor = get_inception(precision=args.fid_precision)
-    for run in RUNS:
+    for run in RUNS:  # the floor's run only when the images2 stage made it
+        if run == "plain_other_seeds" and not (work / f"images-{run}.pt").exists():
+            continue
+
         def compute(run=run):
             images = uint8_to_tensor(load_images(work, run, wait=True)["images"])
             feats = image_features((images[i:i + 100] for i in range(0, len(images), 100)), extractor,
