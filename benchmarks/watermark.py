@@ -26,8 +26,10 @@ true start noise and the inverted one per frequency radius (why Tree-Ring is wea
 The work is split into stages that cache their results under ``--work`` (rerun to resume; two processes may run
 different stages at once, ``pixel`` waits for the images):
 
-    python benchmarks/watermark.py --stages images,treering          # one CPU slot
-    python benchmarks/watermark.py --stages reference,pixel,fid,images2,fid   # the other
+    python benchmarks/watermark.py --stages images,treering,pixel \\
+        --pixel-edits crop10,blur,bright+10,bright-10                # one CPU slot
+    python benchmarks/watermark.py --stages reference,pixel,fid,images2,fid \\
+        --pixel-edits clean,jpeg75,jpeg50,resize0.5                  # the other
     python benchmarks/watermark.py --stages report                   # -> benchmarks/results/watermark.json
     python benchmarks/watermark.py --prompts 8 --per-prompt 1 --n 8 --real 8 --fid-ref 32 --work out/wm-smoke \\
         -o out/wm-smoke.json                                         # a smoke run (all stages, about a minute)
@@ -258,7 +260,7 @@ def stage_pixel(args, work: Path) -> None:
                                                                            leave=False)]
         return {"score": [d.score for d in found], "p": [d.p_value for d in found]}
 
-    for name in EDITS:
+    for name in args.pixel_edits:
         neg = cached(work / f"pixel-neg-{name}.json", lambda name=name: scores(negatives, name, "neg"))
         if positives is None:
             small = pil_images(load_images(work, "watermarked", wait=True), args.n)
@@ -364,6 +366,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="watermarked images per table cell")
     ap.add_argument("--real", type=int, default=500, help="real images per table cell (half shapes, half MNIST)")
     ap.add_argument("--inversion-steps", type=int, default=10)
+    ap.add_argument("--pixel-edits", default=",".join(EDITS),
+                    help="the edits the pixel stage measures (two processes can split them)")
     ap.add_argument("--fid-ref", type=int, default=2000, help="real shapes renders behind the FID statistics")
     ap.add_argument("--fid-precision", choices=("fp32", "bf16"), default="bf16",
                     help="Inception precision (bf16: ~2.4x faster here; every set and the reference alike)")
@@ -371,6 +375,9 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="benchmarks/results/watermark.json")
     args = ap.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.pixel_edits = [e.strip() for e in args.pixel_edits.split(",") if e.strip()]
+    if set(args.pixel_edits) - set(EDITS):
+        raise SystemExit(f"unknown edits {sorted(set(args.pixel_edits) - set(EDITS))}; choose from {', '.join(EDITS)}")
     if set(stages) - set(STAGES):
         raise SystemExit(f"unknown stages {sorted(set(stages) - set(STAGES))}; choose from {', '.join(STAGES)}")
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
