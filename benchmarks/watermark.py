@@ -234,7 +234,7 @@ def stage_treering(pipe, args, work: Path) -> None:
     inverted, inverted_plain = torch.load(work / "inverted-watermarked.pt"), torch.load(work / "inverted-plain.pt")
     cached(work / "recovery.json", lambda: recovery_by_radius(plain["noise"][:args.n], inverted_plain))
     cached(work / "key-placement.json", lambda: key_placement(plain["noise"][:args.n], inverted_plain))
-    for name in EDITS:
+    for name in args.treering_edits:
         def compute(name=name):
             pos = ([float(r) for r in ring.correlation(inverted, KEY)] if name == "clean"
                    else rhos(pos_images, name, "pos"))
@@ -368,6 +368,7 @@ def main() -> None:
     ap.add_argument("--inversion-steps", type=int, default=10)
     ap.add_argument("--pixel-edits", default=",".join(EDITS),
                     help="the edits the pixel stage measures (two processes can split them)")
+    ap.add_argument("--treering-edits", default=",".join(EDITS), help="the edits the treering stage measures")
     ap.add_argument("--fid-ref", type=int, default=2000, help="real shapes renders behind the FID statistics")
     ap.add_argument("--fid-precision", choices=("fp32", "bf16"), default="bf16",
                     help="Inception precision (bf16: ~2.4x faster here; every set and the reference alike)")
@@ -375,9 +376,11 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="benchmarks/results/watermark.json")
     args = ap.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    args.pixel_edits = [e.strip() for e in args.pixel_edits.split(",") if e.strip()]
-    if set(args.pixel_edits) - set(EDITS):
-        raise SystemExit(f"unknown edits {sorted(set(args.pixel_edits) - set(EDITS))}; choose from {', '.join(EDITS)}")
+    for option in ("pixel_edits", "treering_edits"):
+        edits = [e.strip() for e in getattr(args, option).split(",") if e.strip()]
+        if set(edits) - set(EDITS):
+            raise SystemExit(f"unknown edits {sorted(set(edits) - set(EDITS))}; choose from {', '.join(EDITS)}")
+        setattr(args, option, edits)
     if set(stages) - set(STAGES):
         raise SystemExit(f"unknown stages {sorted(set(stages) - set(STAGES))}; choose from {', '.join(STAGES)}")
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
