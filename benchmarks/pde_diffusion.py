@@ -233,8 +233,10 @@ def stage_nll(args, results: dict) -> None:
         if not path.is_dir():
             continue
         start = time.time()
-        res = nll_metrics(Pipeline.from_pretrained(path), EvalSettings(nll_n=args.nll_n, batch_size=args.nll_n,
-                                                                      progress=False))
+        # fp32 by default: the adaptive RK45 at rtol 1e-5 takes many more steps on a bf16 network's rounding noise
+        pipe = Pipeline.from_pretrained(path, precision=args.nll_precision)
+        res = nll_metrics(pipe, EvalSettings(nll_n=args.nll_n, batch_size=args.nll_n, progress=False))
+        res["precision"] = args.nll_precision
         res["seconds"] = time.time() - start
         out[name] = res
         print(f"{name}: ODE {res['ode_bpd']:.3f} +- {res['ode_bpd_sem']:.3f} bits/dim, ELBO (T=1000) "
@@ -369,6 +371,7 @@ def main() -> None:
                    "al.'s uniform time steps)")
     p.add_argument("--blurring-rows", default="100:on", help="blurring rows, steps:clip (on|off), comma-separated")
     p.add_argument("--nll-n", type=int, default=16)
+    p.add_argument("--nll-precision", choices=("fp32", "bf16"), default="fp32", help="the network's precision for NLL")
     p.add_argument("--points", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=200, help="training checkpoints (a stopped run resumes)")
