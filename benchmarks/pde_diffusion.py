@@ -51,21 +51,22 @@ def run_dir(out: Path, name: str) -> Path:
 
 def rows_for(name: str, args) -> list[tuple[str, dict]]:
     """(sampler label, sampling settings) to evaluate per model, the model's main row first (FID at ``--n``;
-    the others at ``--n-extra``): the SDEs get PC, Euler-Maruyama at the same NFE and the ODE."""
-    levels = args.levels
+    the others at ``--n-extra``, the ODE at ``--ode-n``): the SDEs get PC, Euler-Maruyama at the same NFE and the
+    ODE. Every Gaussian row clips the x0 estimate to [-1, 1] (:func:`clipped`; blurring's sampler clips too)."""
+    levels, clip = args.levels, {"clip_x0": True}
     if name.endswith("sde"):
-        pc = {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": args.snr, "grid": args.pc_grid}
-        em = {"sampler": "euler_maruyama", "steps": 2 * levels, "grid": args.pc_grid}
+        pc = {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": args.snr, "grid": args.pc_grid, **clip}
+        em = {"sampler": "euler_maruyama", "steps": 2 * levels, "grid": args.pc_grid, **clip}
         return [(f"pc {levels}x(1+1) snr {args.snr:g} {args.pc_grid}", pc),
                 (f"euler_maruyama {2 * levels} {args.pc_grid}", em),
-                ("ode rk45 1e-3", {"sampler": "ode", "rtol": 1e-3, "atol": 1e-3})]
+                ("ode rk45 1e-3", {"sampler": "ode", "rtol": 1e-3, "atol": 1e-3, **clip})]
     if name == "blurring":
         return [(f"ancestral {s} clip {c}", {"steps": s, "clip": c == "on"}) for s, c in args.blurring_rows]
     if name.startswith("heat"):
         return [("ihdm noisy (K)", {})]
     if name.startswith("eps"):
-        return [(f"dpmpp_2m {levels}", {"sampler": "dpmpp_2m", "steps": levels})]
-    return [("heun 18 (35 NFE)", {"sampler": "heun", "steps": 18, "grid": "karras"})]
+        return [(f"dpmpp_2m {levels}", {"sampler": "dpmpp_2m", "steps": levels, **clip})]
+    return [("heun 18 (35 NFE)", {"sampler": "heun", "steps": 18, "grid": "karras", **clip})]
 
 
 def resize(args) -> list[str]:
@@ -114,6 +115,14 @@ def explicit_grid(pipe, steps: int, grid: str) -> torch.Tensor:
     return torch.cat([sde.sigma_from_t(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
 
 
+def clipped(denoiser):
+    """D'(x, sigma) = clamp(D(x, sigma), -1, 1): DDPM's ``clip_denoised`` as a denoiser wrapper. An eps network's
+    x0 estimate x - sigma eps_hat carries sigma times its eps error (RMS 5 at sigma 150 after this budget)."""
+    def clip(x, sigma, **cond):
+        return denoiser(x, sigma, **cond).clamp(-1, 1)
+    return clip
+
+
 DIRECT = ("rtol", "atol")  # the ODE's tolerances: not sampling options, passed to ``sample`` as they are
 
 
@@ -123,7 +132,7 @@ def draw_fn(pipe, settings: dict, timing: dict):
     from reverie.samplers import sample
     from reverie.sampling import SamplingOptions, heat_images, run_sampler, start_noise
 
-    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "grid")})
+    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "clip_x0", "grid")})
     kwargs = {k: settings[k] for k in DIRECT if k in settings}
     counter = Counter(pipe.net)
 
@@ -139,8 +148,9 @@ def draw_fn(pipe, settings: dict, timing: dict):
             return heat_images(pipe, num, options)
         sigmas = explicit_grid(pipe, options.steps, settings.get("grid", options.grid))
         x = start_noise(pipe, num, float(sigmas[0]), g)
-        if kwargs:
-            return sample(options.sampler, pipe.denoiser, x, sigmas, generator=g, **kwargs)
+        if kwargs or settings.get("clip_x0"):
+            denoiser = clipped(pipe.denoiser) if settings.get("clip_x0") else pipe.denoiser
+            return sample(options.sampler, denoiser, x, sigmas, generator=g, **kwargs, **options.sampler_options())
         return run_sampler(pipe, x, sigmas, options, generator=g)
 
     def draw(num: int, seed: int) -> torch.Tensor:
