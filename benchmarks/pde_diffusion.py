@@ -61,7 +61,7 @@ def rows_for(name: str, args) -> list[tuple[str, dict]]:
                 (f"euler_maruyama {2 * levels} {args.pc_grid}", em),
                 ("ode rk45 1e-3", {"sampler": "ode", "rtol": 1e-3, "atol": 1e-3, **clip})]
     if name == "blurring":
-        return [(f"ancestral {s} clip {c}", {"steps": s, "clip": c == "on"}) for s, c in args.blurring_rows]
+        return [(f"ancestral {s} clip {c}", {"steps": s, "clip": c}) for s, c in args.blurring_rows]
     if name.startswith("heat"):
         return [("ihdm noisy (K)", {})]
     if name.startswith("eps"):
@@ -130,7 +130,7 @@ def draw_fn(pipe, settings: dict, timing: dict):
     """``draw(num, seed)``: images in [-1, 1] with the settings; NFE and sampler time accumulate in ``timing``."""
     from reverie.heat import BlurringSchedule, blurring_sample
     from reverie.samplers import sample
-    from reverie.sampling import SamplingOptions, heat_images, run_sampler, start_noise
+    from reverie.sampling import SamplingOptions, blurring_bounds, heat_images, run_sampler, start_noise
 
     opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "clip_x0", "grid")})
     kwargs = {k: settings[k] for k in DIRECT if k in settings}
@@ -142,8 +142,10 @@ def draw_fn(pipe, settings: dict, timing: dict):
             h = pipe.cfg.heat
             noise = torch.randn(num, pipe.cfg.model.network_overrides.get("in_channels", 1), pipe.cfg.data.resolution,
                                 pipe.cfg.data.resolution, generator=g)
+            mode = settings.get("clip", "freq")  # freq: per-DCT-coefficient bounds, then pixels (sampling's default)
             return blurring_sample(pipe.net, noise, BlurringSchedule(blur_max=h.blur_max, d_min=h.d_min),
-                                   options.steps, generator=g, clip=settings.get("clip", True))
+                                   options.steps, generator=g, clip=mode != "off",
+                                   u0_bounds=blurring_bounds(pipe) if mode == "freq" else None)
         if pipe.cfg.model.process != "gaussian":
             return heat_images(pipe, num, options)
         sigmas = explicit_grid(pipe, options.steps, settings.get("grid", options.grid))
@@ -379,7 +381,8 @@ def main() -> None:
     p.add_argument("--snr", type=float, default=0.16, help="the PC sampler's Langevin signal-to-noise ratio")
     p.add_argument("--pc-grid", default="karras", help="grid of the PC and Euler-Maruyama rows (uniform-t: Song et "
                    "al.'s uniform time steps)")
-    p.add_argument("--blurring-rows", default="100:on", help="blurring rows, steps:clip (on|off), comma-separated")
+    p.add_argument("--blurring-rows", default="100:freq", help="blurring rows, steps:clip, comma-separated; clip: off, "
+                   "on (x0 in pixels) or freq (per DCT coefficient to the training data's mean -+ 3 std, then pixels)")
     p.add_argument("--nll-n", type=int, default=16)
     p.add_argument("--nll-precision", choices=("fp32", "bf16"), default="fp32", help="the network's precision for NLL")
     p.add_argument("--points", type=int, default=8)
@@ -394,7 +397,9 @@ def main() -> None:
     try:
         args.blurring_rows = [(int(r.split(":")[0]), r.split(":")[1]) for r in args.blurring_rows.split(",")]
     except (ValueError, IndexError):
-        p.error(f"--blurring-rows: steps:on|off, comma-separated, not {args.blurring_rows!r}")
+        p.error(f"--blurring-rows: steps:off|on|freq, comma-separated, not {args.blurring_rows!r}")
+    if any(c not in ("off", "on", "freq") for _, c in args.blurring_rows):
+        p.error(f"--blurring-rows: the clip is off, on or freq, not {args.blurring_rows!r}")
     global RESULTS_FILE
     RESULTS_FILE = args.results
     if args.merge:

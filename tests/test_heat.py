@@ -12,6 +12,7 @@ from reverie.heat import (
     BlurringSchedule,
     blurring_sample,
     dct2,
+    dct_bounds,
     dct_matrix,
     eigenvalues,
     heat,
@@ -197,3 +198,30 @@ def test_blurring_ancestral_sampler_recovers_gaussian_data_with_the_exact_eps():
                               clip=False)
         errors.append(float((dct2(out).pow(2).mean((0, 1)) / v - 1).abs().mean()))
     assert errors[1] < 0.12 and errors[1] < errors[0] / 2, errors
+
+
+def test_blurring_u0_bounds_clip_the_x0_estimate_per_frequency():
+    """``u0_bounds`` keeps every DCT coefficient of the x0 estimate inside the bounds (the last step returns it),
+    where a wild eps network puts it far outside; infinite bounds change nothing; ``dct_bounds`` is mean -+ 3 std."""
+    H = 8
+    s = BlurringSchedule(blur_max=4.0)
+    images = torch.rand(64, 1, H, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    lo, hi = dct_bounds(images)
+    u = dct2(images).flatten(0, 1)
+    torch.testing.assert_close(hi, u.mean(0) + 3 * u.std(0))
+    torch.testing.assert_close(lo, u.mean(0) - 3 * u.std(0))
+
+    def wild(x, c):  # an eps far from right: the x0 estimate (u_t - sigma eps) / a_t is huge
+        return 30 * x + 5
+
+    noise = torch.randn(16, 1, H, H, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return blurring_sample(wild, noise, s, steps=10, generator=torch.Generator().manual_seed(1), clip=False, **kw)
+
+    free = run()
+    inf = torch.full((H, H), math.inf, dtype=torch.float64)
+    torch.testing.assert_close(run(u0_bounds=(-inf, inf)), free, atol=0, rtol=0)
+    bounded = dct2(run(u0_bounds=(lo, hi)))
+    assert bool(((bounded >= lo - 1e-9) & (bounded <= hi + 1e-9)).all())
+    assert not bool(((dct2(free) >= lo) & (dct2(free) <= hi)).all())

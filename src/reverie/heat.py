@@ -53,7 +53,7 @@ from torch import Tensor
 from .utils import append_dims
 
 __all__ = ["dct_matrix", "dct2", "idct2", "eigenvalues", "heat", "IHDM", "BlurringSchedule", "ihdm_sample",
-           "blurring_sample", "LAPLACIANS"]
+           "blurring_sample", "dct_bounds", "LAPLACIANS"]
 
 LAPLACIANS = ("continuous", "discrete")
 
@@ -230,12 +230,25 @@ class BlurringSchedule:
         return (eps - noise).pow(2).reshape(x0.shape[0], -1).mean(1)
 
 
+def dct_bounds(images: Tensor, width: float = 3.0) -> tuple[Tensor, Tensor]:
+    """Per-frequency bounds [H, W] (float64) of images [B, C, H, W]: mean -+ ``width`` std of each DCT coefficient
+    (for ``blurring_sample``'s ``u0_bounds``)."""
+    u = dct2(images.to(torch.float64)).flatten(0, 1)
+    mean, std = u.mean(0), u.std(0)
+    return mean - width * std, mean + width * std
+
+
 @torch.no_grad()
 def blurring_sample(net: Callable, noise: Tensor, schedule: BlurringSchedule, steps: int,
                     generator: torch.Generator | None = None, clip: bool = True, callback=None,
-                    cond: dict | None = None) -> Tensor:
+                    cond: dict | None = None, u0_bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Ancestral sampling (Hoogeboom & Salimans 2023, Sec. 3.2) from x_{t_max} = noise (sigma_{t_max} ~ 1)
-    over ``steps`` uniform steps in t down to 0; ``callback(i, x0_hat)`` sees each step's estimate. NFE = steps."""
+    over ``steps`` uniform steps in t down to 0; ``callback(i, x0_hat)`` sees each step's estimate. NFE = steps.
+
+    ``u0_bounds`` (lo, hi) [H, W] (:func:`dct_bounds` of training images) clips the x0 estimate per DCT coefficient
+    before the pixel clip. Why: u0 = (u_t - sigma_t eps_hat) / a_t multiplies the eps error by sigma_t / a_t, up to
+    1 / (alpha_t d_min) in the frequencies blurred to the floor; after 600 training steps on MNIST that put the
+    x0 estimate's RMS error at 15 to 2000 for t >= 0.3, which a clip in pixel space turns into salt and pepper."""
     B, _, H, W = noise.shape
     ts = torch.linspace(schedule.t_max, 0.0, steps + 1, dtype=torch.float64)
     u = dct2(noise.to(torch.float64)) * schedule.alpha_sigma(ts[0])[1]
@@ -246,6 +259,8 @@ def blurring_sample(net: Callable, noise: Tensor, schedule: BlurringSchedule, st
         x_t = idct2(u).to(noise.dtype)
         eps = net(x_t, schedule.c_noise(t.expand(B)).to(noise.device), **(cond or {})).to(torch.float64)
         u0 = (u - sig_t * dct2(eps)) / a_t
+        if u0_bounds is not None:
+            u0 = torch.maximum(torch.minimum(u0, u0_bounds[1].to(u0)), u0_bounds[0].to(u0))
         x0_hat = idct2(u0)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)

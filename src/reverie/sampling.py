@@ -22,7 +22,7 @@ from .audio import MelSpec
 from .build import DiffusionModel, build_dataset
 from .conditioning import inpaint_condition
 from .guidance import CFGDenoiser
-from .heat import IHDM, BlurringSchedule, blurring_sample, ihdm_sample
+from .heat import IHDM, BlurringSchedule, blurring_sample, dct_bounds, ihdm_sample
 from .images import save_grid
 from .layout import check_layout, get_planner, is_clip_layout, plan_layouts
 from .limits import MAX_GUIDANCE, MAX_STEPS
@@ -353,6 +353,17 @@ def decode(model: DiffusionModel, out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def blurring_bounds(model: DiffusionModel, n: int = 2000):
+    """Per-DCT-coefficient bounds of the x0 estimate for blurring diffusion (``reverie.heat.dct_bounds``: mean -+ 3
+    std of the first ``n`` training images' coefficients), computed once per loaded model."""
+    bounds = getattr(model, "_blurring_bounds", None)
+    if bounds is None:
+        data = build_dataset(model.cfg)
+        bounds = dct_bounds(torch.stack([data[i]["image"] for i in range(min(n, len(data)))]))
+        model._blurring_bounds = bounds
+    return bounds
+
+
 def heat_images(model: DiffusionModel, num_images: int, options: SamplingOptions, callback=None) -> torch.Tensor:
     """Samples of a heat-equation model (``model.process``; ``reverie.heat``): blurring diffusion's ancestral
     sampler over ``options.steps`` steps, or IHDM's K-step noisy sampler from training images blurred to the
@@ -366,7 +377,8 @@ def heat_images(model: DiffusionModel, num_images: int, options: SamplingOptions
         if model.cfg.model.process == "blurring":
             schedule = BlurringSchedule(blur_max=h.blur_max, d_min=h.d_min)
             noise = torch.randn(noise_shape(model, num_images), generator=g).to(device)
-            return blurring_sample(net, noise, schedule, options.steps, generator=g, callback=callback).clamp(-1, 1)
+            return blurring_sample(net, noise, schedule, options.steps, generator=g, callback=callback,
+                                   u0_bounds=blurring_bounds(model)).clamp(-1, 1)
         process = IHDM(h.num_levels, h.blur_min, h.blur_max, h.noise)
         data = build_dataset(model.cfg)
         idx = torch.randint(0, len(data), (num_images,), generator=g)
