@@ -4,7 +4,9 @@ reverse-diffusion / probability-flow ODE samplers), heat-equation models (IHDM, 
 (and the ELBO of the SDE's discretization) for VP and sub-VP; the coarse-to-fine picture; and, with the exact
 score of a Gaussian mixture, the PC sampler against Euler-Maruyama at equal NFE.
 
-    python benchmarks/pde_diffusion.py --resolution 16 --train-steps 150 --batch-size 32 --n 200   # run here
+    python benchmarks/pde_diffusion.py --stages train --resolution 32 --train-steps 600 --batch-size 32 --out out/pde32
+    python benchmarks/pde_diffusion.py --stages fid --resolution 32 --out out/pde32 --n 1000 --n-extra 500 \
+        --ode-n 200 --snr 0.6 --pc-grid uniform-t --blurring-rows 100:freq,40:freq      # the README's table
     python benchmarks/pde_diffusion.py --resolution 32 --train-steps 2400 --batch-size 64 --n 5000  # configs' budget
 
 Stages (``--stages``, default all): ``train`` (``reverie train`` each config with the same budget overrides
