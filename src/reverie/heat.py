@@ -252,6 +252,8 @@ def blurring_sample(net: Callable, noise: Tensor, schedule: BlurringSchedule, st
     B, _, H, W = noise.shape
     ts = torch.linspace(schedule.t_max, 0.0, steps + 1, dtype=torch.float64)
     u = dct2(noise.to(torch.float64)) * schedule.alpha_sigma(ts[0])[1]
+    if u0_bounds is not None:  # once, not per step: the bounds in the sampler's dtype and device
+        lo, hi = (b.to(u) for b in u0_bounds)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
         a_t, sig_t = schedule.coefficients(t, H, W)
@@ -260,7 +262,7 @@ def blurring_sample(net: Callable, noise: Tensor, schedule: BlurringSchedule, st
         eps = net(x_t, schedule.c_noise(t.expand(B)).to(noise.device), **(cond or {})).to(torch.float64)
         u0 = (u - sig_t * dct2(eps)) / a_t
         if u0_bounds is not None:
-            u0 = torch.maximum(torch.minimum(u0, u0_bounds[1].to(u0)), u0_bounds[0].to(u0))
+            u0 = u0.clamp(lo, hi)
         x0_hat = idct2(u0)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
