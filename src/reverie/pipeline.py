@@ -133,9 +133,9 @@ class Pipeline(DiffusionModel):
                **settings) -> torch.Tensor:
         """``[num_images, C, H, W]`` samples in [-1, 1]. ``settings``: fields of :class:`SamplingOptions`
         (``sampler``, ``steps``, ``grid``, ``guidance_scale``, ``guidance_rescale``, ``negative_prompt``,
-        ``layouts``, ``seed``) over ``options``; what is left out is the model's own. ``noise``: unit-variance
-        start noise to use instead of the seed's draw (``reverie.sampling.sample_images``; e.g. a watermarked
-        one from ``reverie.provenance.watermark_noise``)."""
+        ``layouts``, ``seed``, ``clip_denoised``, ...) over ``options``; what is left out is the model's own.
+        ``noise``: unit-variance start noise to use instead of the seed's draw (``reverie.sampling.sample_images``;
+        e.g. a watermarked one from ``reverie.provenance.watermark_noise``)."""
         options = SamplingOptions.make(options, **settings)
         return sample_images(self, num_images, options, prompts=prompts, class_labels=class_labels,
                              callback=callback, progress=progress, noise=noise)

@@ -53,6 +53,8 @@ class SamplingOptions:
     seed: int = 0
     corrector_steps: int | None = None  # pc sampler: Langevin steps per level (None: the sampler's 1)
     snr: float | None = None            # pc sampler: the corrector's signal-to-noise ratio (None: 0.16)
+    # clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised, diffusers' clip_sample); pixel-space models only
+    clip_denoised: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +81,8 @@ class SamplingOptions:
         _check_number("snr", self.snr, float, 1e-6, 10.0, optional=True)
         if (self.corrector_steps is not None or self.snr is not None) and self.sampler not in (None, "pc"):
             raise ValueError(f"corrector_steps and snr are options of the pc sampler, not {self.sampler}")
+        if not isinstance(self.clip_denoised, bool):
+            raise ValueError(f"clip_denoised must be true or false, got {self.clip_denoised!r}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if isinstance(self.grid, str):
@@ -120,6 +124,8 @@ class SamplingOptions:
         else:
             meta["layouts"] = [_layout_json(lay) for lay in self.layouts]
         meta.update({k: v for k, v in (("corrector_steps", self.corrector_steps), ("snr", self.snr)) if v is not None})
+        if self.clip_denoised:  # only when on: files written without it stay as they were
+            meta["clip_denoised"] = True
         return meta
 
     @classmethod
@@ -136,6 +142,7 @@ class SamplingOptions:
                        guidance_rescale=meta.get("guidance_rescale", 0.0), seed=meta.get("seed", 0),
                        negative_prompt=meta.get("negative_prompt", ""), layouts=layouts,
                        corrector_steps=meta.get("corrector_steps"), snr=meta.get("snr"),
+                       clip_denoised=meta.get("clip_denoised", False),
                        grid=torch.tensor(grid, dtype=torch.float64) if isinstance(grid, list) else grid)
         except KeyError as e:
             raise ValueError(f"{source} lacks the generation parameter {e.args[0]!r}") from None
@@ -287,12 +294,44 @@ def check_noise(model: DiffusionModel, num_images: int, noise: torch.Tensor) -> 
 
 
 def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dict):
-    """The model's denoiser, under classifier-free guidance when it is conditioned and the scale is not 1."""
+    """The model's denoiser, under classifier-free guidance when it is conditioned and the scale is not 1, with
+    its x0 estimate clamped to [-1, 1] after guidance under ``options.clip_denoised``."""
     denoiser = model.denoiser
     if uncond and options.guidance_scale != 1.0:
         denoiser = CFGDenoiser(denoiser, uncond, guidance_scale=options.guidance_scale,
                                guidance_rescale=options.guidance_rescale)
+    if options.clip_denoised:
+        if model.vae is not None:
+            raise ValueError("clip_denoised clamps x0 estimates to the pixel range [-1, 1]; this is a latent model, "
+                             "whose x0 lives in its autoencoder's latent space")
+        wrap = ClippedVarianceDenoiser if hasattr(denoiser, "forward_with_variance") else ClippedDenoiser
+        denoiser = wrap(denoiser)
     return denoiser
+
+
+class ClippedDenoiser:
+    """D'(x, sigma) = clamp(D(x, sigma), -1, 1): DDPM's ``clip_denoised`` for any sampler that calls a denoiser.
+    An eps network's x0 estimate x - sigma eps_hat carries sigma times its eps error, which at a large sigma (VE:
+    up to 80-380) can leave the data range by far on an undertrained model; every sampler then steps toward it."""
+
+    def __init__(self, denoiser):
+        self.inner = denoiser
+
+    def __call__(self, x, sigma, **cond):
+        return self.inner(x, sigma, **cond).clamp(-1, 1)
+
+    def __getattr__(self, name):  # samplers may read attributes of the model's denoiser (e.g. its prediction)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class ClippedVarianceDenoiser(ClippedDenoiser):
+    """``ClippedDenoiser`` of a denoiser that also predicts its variance (``ddpm`` with ``variance="learned"``)."""
+
+    def forward_with_variance(self, x, sigma, **cond):
+        denoised, frac = self.inner.forward_with_variance(x, sigma, **cond)
+        return denoised.clamp(-1, 1), frac
 
 
 @torch.no_grad()
@@ -309,6 +348,9 @@ def sample_images(model: DiffusionModel, num_images: int, options: SamplingOptio
     The seed still drives the per-step noise of ancestral samplers, as it would after drawing the noise."""
     options = (options or SamplingOptions()).resolve(model.cfg)
     if model.cfg.model.process != "gaussian":
+        if options.clip_denoised:
+            raise ValueError(f"clip_denoised is an option of Gaussian diffusion models; this {model.cfg.model.process} "
+                             f"model's sampler bounds its own estimates")
         return heat_images(model, num_images, options, callback=callback)
     sigmas = sigma_grid(model, options.steps, options.grid)
     device = next(model.net.parameters()).device

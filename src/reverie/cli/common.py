@@ -87,6 +87,8 @@ def sampling_parent() -> argparse.ArgumentParser:
                    help="--sampler pc: Langevin corrector steps per level (default 1)")
     g.add_argument("--snr", type=number_in(1e-6, 10), default=None,
                    help="--sampler pc: the corrector's signal-to-noise ratio (default 0.16)")
+    g.add_argument("--clip-denoised", action="store_true",
+                   help="clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised; pixel-space models)")
     return p
 
 
@@ -110,7 +112,7 @@ def sampling_options(args, layouts="auto"):
     return SamplingOptions(sampler=args.sampler, steps=steps, grid=grid, guidance_scale=args.guidance_scale,
                            guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
                            layouts=layouts, seed=args.seed, corrector_steps=getattr(args, "corrector_steps", None),
-                           snr=getattr(args, "snr", None))
+                           snr=getattr(args, "snr", None), clip_denoised=getattr(args, "clip_denoised", False))
 
 
 def show_progress(args) -> bool:
