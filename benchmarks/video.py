@@ -198,18 +198,29 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", nargs="+", default=["auto", "none"], choices=["auto", "none"])
     p.add_argument("--no-reference", action="store_true", help="skip the image-model-per-frame reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=1, help="draw of held-out captions (1: the README's 40 clips; "
+                   "2: a second draw, whose 64 first clips hold 10 white objects to the first 40's one)")
+    p.add_argument("--frame-noise-correlation", type=float, default=None,
+                   help="start noise shared across frames at sampling (default: the model's config.json)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's 20)")
     p.add_argument("--out", default=str(RESULTS / "video.json"))
     p.add_argument("--showcase", action="store_true", help="also write docs/video.gif and docs/video_frames.png")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    data = MovingShapesDataset(split="test", seed=1)
+    data = MovingShapesDataset(split="test", seed=args.data_seed)
     items = [data[i] for i in range(args.clips)]
     detector = load_classifier()
     models = {"video": Pipeline.from_pretrained(args.model)}
     if not args.no_reference:
         models["image_per_frame"] = image_model_per_frame(Path(args.model))
-    result = {"split": "moving_shapes test (held-out colour-shape-motion combos), seed 1", "clips": args.clips,
+    if args.frame_noise_correlation is not None:
+        if not 0 <= args.frame_noise_correlation < 1:
+            p.error("--frame-noise-correlation must be in [0, 1)")
+        for pipe in models.values():  # the reference too: the same start noise for both
+            pipe.cfg.model.frame_noise_correlation = args.frame_noise_correlation
+    rho = models["video"].cfg.model.frame_noise_correlation
+    result = {"split": f"moving_shapes test (held-out colour-shape-motion combos), seed {args.data_seed}",
+              "clips": args.clips, "frame_noise_correlation": rho,
               "batch": args.batch, "steps": args.steps or "model default", "threads": torch.get_num_threads(),
               "sampling": "model defaults (dpmpp_2m, 20 steps, ddim-trailing, guidance 4), seed = first clip index "
               "of the batch",
