@@ -5,8 +5,9 @@ reverse-diffusion / probability-flow ODE samplers), heat-equation models (IHDM, 
 score of a Gaussian mixture, the PC sampler against Euler-Maruyama at equal NFE.
 
     python benchmarks/pde_diffusion.py --stages train --resolution 32 --train-steps 600 --batch-size 32 --out out/pde32
-    python benchmarks/pde_diffusion.py --stages fid --resolution 32 --out out/pde32 --n 1000 --n-extra 500 \
-        --ode-n 200 --snr 0.6 --pc-grid uniform-t --blurring-rows 100:freq,40:freq      # the README's table
+    python benchmarks/pde_diffusion.py --stages fid --resolution 32 --out out/pde32 --models M --n 5000 \
+        --n-extra 5000 --ode-n 0 --snr 0.6 --pc-grid uniform-t --results out/pde32/fid5k/M.json  # the README's
+        # n = 5,000 rows, one model M per process (then --merge); --sde-heun adds a 35-NFE ODE row at --ode-n
     python benchmarks/pde_diffusion.py --resolution 32 --train-steps 2400 --batch-size 64 --n 5000  # configs' budget
 
 Stages (``--stages``, default all): ``train`` (``reverie train`` each config with the same budget overrides
@@ -54,8 +55,10 @@ def run_dir(out: Path, name: str) -> Path:
 def rows_for(name: str, args) -> list[tuple[str, dict]]:
     """(sampler label, sampling settings) to evaluate per model, the model's main row first (FID at ``--n``;
     the others at ``--n-extra``, the ODE at ``--ode-n``): the SDEs get PC, Euler-Maruyama at the same NFE and the
-    ODE. Every Gaussian row clips the x0 estimate to [-1, 1] (:func:`clipped`; blurring's sampler clips too)."""
-    levels, clip = args.levels, {"clip_x0": True}
+    ODE. Every Gaussian row clips the x0 estimate to [-1, 1] (the sampling option ``clip_denoised``: an eps network's
+    x0 estimate x - sigma eps_hat carries sigma times its eps error, RMS 5 at sigma 150 after this budget);
+    blurring's sampler clips too."""
+    levels, clip = args.levels, {"clip_denoised": True}
     if name.endswith("sde"):
         pc = {"sampler": "pc", "steps": levels, "corrector_steps": 1, "snr": args.snr, "grid": args.pc_grid, **clip}
         em = {"sampler": "euler_maruyama", "steps": 2 * levels, "grid": args.pc_grid, **clip}
@@ -120,14 +123,6 @@ def explicit_grid(pipe, steps: int, grid: str) -> torch.Tensor:
     return torch.cat([sde.sigma_from_t(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
 
 
-def clipped(denoiser):
-    """D'(x, sigma) = clamp(D(x, sigma), -1, 1): DDPM's ``clip_denoised`` as a denoiser wrapper. An eps network's
-    x0 estimate x - sigma eps_hat carries sigma times its eps error (RMS 5 at sigma 150 after this budget)."""
-    def clip(x, sigma, **cond):
-        return denoiser(x, sigma, **cond).clamp(-1, 1)
-    return clip
-
-
 DIRECT = ("rtol", "atol")  # the ODE's tolerances: not sampling options, passed to ``sample`` as they are
 
 
@@ -135,9 +130,16 @@ def draw_fn(pipe, settings: dict, timing: dict):
     """``draw(num, seed)``: images in [-1, 1] with the settings; NFE and sampler time accumulate in ``timing``."""
     from reverie.heat import BlurringSchedule, blurring_sample
     from reverie.samplers import sample
-    from reverie.sampling import SamplingOptions, blurring_bounds, heat_images, run_sampler, start_noise
+    from reverie.sampling import (
+        SamplingOptions,
+        blurring_bounds,
+        guided_denoiser,
+        heat_images,
+        run_sampler,
+        start_noise,
+    )
 
-    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "clip_x0", "grid")})
+    opts = SamplingOptions(**{k: v for k, v in settings.items() if k not in (*DIRECT, "clip", "grid")})
     kwargs = {k: settings[k] for k in DIRECT if k in settings}
     counter = Counter(pipe.net)
 
@@ -155,9 +157,9 @@ def draw_fn(pipe, settings: dict, timing: dict):
             return heat_images(pipe, num, options)
         sigmas = explicit_grid(pipe, options.steps, settings.get("grid", options.grid))
         x = start_noise(pipe, num, float(sigmas[0]), g)
-        if kwargs or settings.get("clip_x0"):
-            denoiser = clipped(pipe.denoiser) if settings.get("clip_x0") else pipe.denoiser
-            return sample(options.sampler, denoiser, x, sigmas, generator=g, **kwargs, **options.sampler_options())
+        if kwargs:  # the ODE's tolerances go to ``sample`` directly (unconditional models: no guidance)
+            return sample(options.sampler, guided_denoiser(pipe, options, {}), x, sigmas, generator=g, **kwargs,
+                          **options.sampler_options())
         return run_sampler(pipe, x, sigmas, options, generator=g)
 
     def draw(num: int, seed: int) -> torch.Tensor:
