@@ -2,13 +2,15 @@
 
 1. Test-split bits per character: the MDLM NELBO (an upper bound) beside the AR model's exact value (same
    width, depth, tokens and steps), and the T-step discrete-time bound for several T.
-2. Generative perplexity under a separately trained, larger AR judge, with the samples' unigram entropy
-   and distinct word 4-grams, against sampling steps, for ancestral, caching and EDLM (k = 2, 4, 8), with
-   wall-clock seconds per sample; the test text's entropy as the reference. One plot.
-3. Infilling: on held-out lines, a masked span filled by the MDLM from both sides vs the AR model's
+2. Generative perplexity under a separately trained, larger AR judge (with its bootstrap standard error over
+   the samples), the samples' unigram entropy and distinct word 4-grams, against sampling steps, for
+   ancestral, caching and EDLM (k = 2, 4, 8; importance sampling over ``--edlm-window``, by default every
+   step), with wall-clock seconds per sample; the test text's entropy as the reference. One plot.
+3. Infilling: on held-out lines, a masked span filled by the MDLM from both sides (caching, and EDLM with
+   ``--infill-k`` candidates weighted by the AR model's likelihood of the whole window) vs the AR model's
    left-to-right continuation of the prefix, scored by the judge on span + right side given the left.
 
-    python benchmarks/diffusion_lm.py --mdlm M --ar A --judge J [--samples 64] [--quick]
+    python benchmarks/diffusion_lm.py --mdlm M --ar A --judge J [--samples 256] [--edlm-window 0,1]
 
 Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
 
@@ -48,22 +50,33 @@ def likelihoods(mdlm: TextLM, ar: TextLM, windows: int, bound_steps: list[int]) 
     return out
 
 
-def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int, k: int, n: int, seed: int) -> dict:
+def bootstrap_se(tokens: torch.Tensor, judge: TextLM, lm: TextLM, draws: int = 1000) -> float:
+    """Standard error of gen-ppl (exp of judge nats per character over the samples), by resampling samples."""
+    nats = -judge.log_likelihood(tokens).double()
+    chars = torch.tensor([len(lm.decode(row.tolist())) for row in tokens], dtype=torch.float64)
+    idx = torch.randint(0, len(nats), (draws, len(nats)), generator=torch.Generator().manual_seed(0))
+    return float((nats[idx].sum(1) / chars[idx].sum(1)).exp().std())
+
+
+def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int, k: int, n: int, seed: int,
+               window: tuple[float, float] = (0.0, 1.0)) -> dict:
     z = torch.full((n, mdlm.max_len), mdlm.mask_id)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     tokens, stats = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler,
-                                  energy_model=ar.log_likelihood if sampler == "edlm" else None, k=k)
+                                  energy_model=ar.log_likelihood if sampler == "edlm" else None, k=k, window=window)
     wall = time.perf_counter() - t0
-    row = {"sampler": sampler, "steps": steps, "k": k if sampler == "edlm" else None,
+    edlm = sampler == "edlm"
+    row = {"sampler": sampler, "steps": steps, "k": k if edlm else None, "window": list(window) if edlm else None,
            "seconds_per_sample": wall / n, "denoiser_rows_per_sample": stats.denoiser_rows / n,
-           "energy_rows_per_sample": stats.energy_rows / n, **generative_metrics(tokens, judge, mdlm)}
+           "energy_rows_per_sample": stats.energy_rows / n, **generative_metrics(tokens, judge, mdlm),
+           "gen_ppl_se": bootstrap_se(tokens, judge, mdlm)}
     print(json.dumps(row), flush=True)
     return row
 
 
 def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
-               sampler: str = "caching", k: int = 4) -> dict:
+               sampler: str = "caching", k: int = 4, window: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Windows of the test plays whose masked span starts at a line start after a left context of half the
     window; score -log p_judge(span, right | left) per character for both methods. With ``sampler`` edlm the
     MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included."""
@@ -82,7 +95,7 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     for i, (_, s) in enumerate(rows):
         z[i, s:s + span] = mdlm.mask_id
     t0 = time.perf_counter()
-    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k,
+    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k, window=window,
                               energy_model=ar.log_likelihood if sampler == "edlm" else None)
     t_mdlm = time.perf_counter() - t0
     continued = torch.stack([w.clone() for w, _ in rows])
@@ -100,7 +113,9 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
             chars += L - s
         return math.exp(nats / chars)
 
-    out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if sampler == "edlm" else None,
+    edlm = sampler == "edlm"
+    out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if edlm else None,
+           "window": list(window) if edlm else None,
            "mdlm_infill_ppl": score(filled),
            "ar_continuation_ppl": score(continued), "original_ppl": score(torch.stack([w for w, _ in rows])),
            "mdlm_seconds": t_mdlm, "ar_seconds": t_ar,
@@ -167,7 +182,8 @@ def plot(result: dict, path: Path) -> None:
     for label, rs in series.items():
         rs = sorted(rs, key=lambda r: r["steps"])
         steps = [r["steps"] for r in rs]
-        axes[0].plot(steps, [r["gen_ppl"] for r in rs], "o-", label=label)
+        axes[0].errorbar(steps, [r["gen_ppl"] for r in rs], yerr=[r.get("gen_ppl_se", 0.0) for r in rs],
+                         fmt="o-", capsize=2, label=label)
         axes[1].plot(steps, [r["entropy_bits"] for r in rs], "o-", label=label)
         axes[2].plot(steps, [r["seconds_per_sample"] for r in rs], "o-", label=label)
     axes[1].axhline(result["test_entropy_bits"], color="k", ls="--", lw=1, label="test text")
@@ -189,16 +205,21 @@ def main() -> None:
     p.add_argument("--judge")
     p.add_argument("--curve", help="RUN_MDLM,RUN_AR: only the training curve (docstring, item 4)")
     p.add_argument("--curve-ckpts", help="DIR_MDLM,DIR_AR: where the runs' checkpoints are kept")
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=256, help="samples per generation row (64: gen-ppl +- ~0.5)")
     p.add_argument("--windows", type=int, default=256, help="test windows for bits per character")
     p.add_argument("--steps", default="8,32,128,1024", help="ancestral/caching step counts")
-    p.add_argument("--edlm-steps", default="8,32")
+    p.add_argument("--edlm-steps", default="8,16,32,64")
     p.add_argument("--ks", default="2,4,8")
+    p.add_argument("--edlm-window", default="0,1", help="t range of EDLM's importance sampling (LO,HI)")
+    p.add_argument("--infill-k", type=int, default=8, help="EDLM candidates per step for infilling")
     p.add_argument("--lines", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "diffusion_lm.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    window = tuple(float(x) for x in a.edlm_window.split(","))
+    if len(window) != 2 or not 0 <= window[0] <= window[1] <= 1:
+        p.error(f"--edlm-window takes LO,HI with 0 <= LO <= HI <= 1, not {a.edlm_window!r}")
     if a.curve:
         runs = [Path(r) for r in a.curve.split(",")]
         ckpts = [Path(c) for c in a.curve_ckpts.split(",")] if a.curve_ckpts else [r / "checkpoints" for r in runs]
@@ -229,9 +250,10 @@ def main() -> None:
             result["samples"].append(sample_run(mdlm, ar, judge, sampler, s, 0, a.samples, seed=1))
     for k in [int(x) for x in a.ks.split(",")]:
         for s in [int(x) for x in a.edlm_steps.split(",")]:
-            result["samples"].append(sample_run(mdlm, ar, judge, "edlm", s, k, a.samples, seed=1))
+            result["samples"].append(sample_run(mdlm, ar, judge, "edlm", s, k, a.samples, seed=1, window=window))
     result["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
-    result["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm", k=4)
+    result["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm",
+                                       k=a.infill_k, window=window)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -218,6 +218,31 @@ def test_generate_text_cli_same_seed_same_text_and_infill(tiny_text_models, caps
     assert "needs a masked span" in capsys.readouterr().err
 
 
+def test_generate_text_window_limits_importance_sampling(tiny_text_models, capsys, tmp_path):
+    """--window LO,HI: candidates are weighted only at steps with LO <= t <= HI (8 steps, k = 2: the whole range
+    scores 2 candidates at every step that still has masks, the first step alone 2); bad windows are refused."""
+    import json
+
+    from reverie.cli import main
+
+    model, rows = str(tiny_text_models["mdlm"]), {}
+    for window in ("0,1", "1,1"):
+        out = tmp_path / f"{window}.json"
+        assert main(["generate-text", "--model", model, "--sampler", "edlm", "--k", "2", "--window", window,
+                     "--steps", "8", "--json", str(out)]) == 0
+        record = json.loads(out.read_text())
+        rows[window] = record["energy_rows"]
+        assert record["window"] == [float(x) for x in window.split(",")]
+    assert rows["1,1"] == 2 and rows["0,1"] > 2 and rows["0,1"] % 2 == 0
+    capsys.readouterr()
+    for bad in ("0.5", "0.8,0.2", "0,2", "a,b"):
+        with pytest.raises(SystemExit) as e:
+            main(["generate-text", "--model", model, "--sampler", "edlm", "--window", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--window" in err and "Traceback" not in err
+
+
 def test_eval_text_model_nelbo_and_genppl(tiny_text_models, capsys, tmp_path):
     from reverie.cli import main
 

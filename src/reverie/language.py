@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import modeldir
 from .discrete import LogLinearSchedule, mask_tokens, nelbo_terms, sample_categorical, sample_masked, sample_times
-from .discrete.sampling import MASKED_SAMPLERS, SamplerStats
+from .discrete.sampling import EDLM_WINDOW, MASKED_SAMPLERS, SamplerStats
 from .nets.text_transformer import TextTransformer, TextTransformerConfig
 from .text.chars import CharTokenizer
 
@@ -159,7 +159,7 @@ def ar_sample(lm: TextLM, prefix: Tensor, new_tokens: int, g: torch.Generator) -
 
 
 def generate_text(lm: TextLM, prompt: str = "", length: int | None = None, steps: int = 128, sampler: str = "caching",
-                  energy: TextLM | None = None, k: int = 4, window: tuple[float, float] = (0.4, 1.0),
+                  energy: TextLM | None = None, k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
                   seed: int = 0, num_samples: int = 1, infill: str | None = None,
                   callback=None) -> tuple[list[str], SamplerStats]:
     """Texts from a masked diffusion model: ``length`` tokens that start with ``prompt``, or ``infill``'s

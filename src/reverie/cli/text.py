@@ -3,6 +3,7 @@ branch of ``reverie eval`` (``--metrics nelbo,genppl``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -25,12 +26,26 @@ def add_commands(sub, fmt) -> None:
     t.add_argument("--steps", type=at_least(1), default=None, help="sampling steps (default: the model's)")
     t.add_argument("--sampler", choices=MASKED_SAMPLERS, default=None, help="default: the model's")
     t.add_argument("--k", type=at_least(1), default=None, help="edlm: candidates per step (default: the model's)")
+    t.add_argument("--window", type=time_window, default=None, metavar="LO,HI",
+                   help="edlm: the t range (1 = all masked) where candidates are importance-sampled; caching "
+                        "outside it (default: the model's, 0,1 = every step)")
     t.add_argument("--energy", default=None,
                    help="edlm: the AR energy model (default: the model's, e.g. the shipped shakespeare-ar)")
     t.add_argument("--n", type=at_least(1), default=1, help="number of samples")
     t.add_argument("--seed", type=at_least(0), default=0, help="same seed, same text")
     t.add_argument("--json", default=None, help="also write the texts and settings as JSON here")
     t.set_defaults(func=generate_text_command)
+
+
+def time_window(text: str) -> tuple[float, float]:
+    """An argparse type: ``LO,HI`` with 0 <= LO <= HI <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers in [0, 1]), got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
 
 
 def load_energy(lm, name: str | None):
@@ -43,6 +58,7 @@ def load_energy(lm, name: str | None):
 
 
 def generate_text_command(args) -> int:
+    from ..discrete.sampling import EDLM_WINDOW
     from ..language import TextLM, generate_text
 
     if args.prompt_text is not None and args.prompt is not None:
@@ -57,7 +73,8 @@ def generate_text_command(args) -> int:
     sampler = args.sampler or defaults.get("sampler", "caching")
     energy = load_energy(lm, args.energy) if sampler == "edlm" else None
     settings = {"sampler": sampler, "steps": args.steps or defaults.get("steps", 128),
-                "k": args.k or defaults.get("k", 4), "window": tuple(defaults.get("window", (0.4, 1.0))),
+                "k": args.k or defaults.get("k", 4),
+                "window": args.window or tuple(defaults.get("window", EDLM_WINDOW)),
                 "length": args.length or defaults.get("length"), "seed": args.seed}
     texts, stats = generate_text(lm, prompt, settings["length"], settings["steps"], sampler, energy, settings["k"],
                                  settings["window"], args.seed, args.n, args.infill)
@@ -91,6 +108,7 @@ def is_text_model(path: str | None) -> bool:
 
 def run_text_eval(args) -> int:
     """``reverie eval TEXT_MODEL --metrics nelbo,genppl``: test bits/char; samples under an AR judge."""
+    from ..discrete.sampling import EDLM_WINDOW
     from ..eval.text import TEXT_METRICS, bits_per_char, generative_metrics, test_windows
     from ..language import TextLM, generate_text
 
@@ -119,7 +137,7 @@ def run_text_eval(args) -> int:
         energy = load_energy(lm, None) if sampler == "edlm" else None
         steps = args.steps or defaults.get("steps", 128)
         texts, _ = generate_text(lm, "", None, steps, sampler, energy, defaults.get("k", 4),
-                                 tuple(defaults.get("window", (0.4, 1.0))), args.seed or 0, args.text_samples)
+                                 tuple(defaults.get("window", EDLM_WINDOW)), args.seed or 0, args.text_samples)
         import torch
 
         tokens = torch.stack([torch.tensor(lm.tokenizer.encode(t))[:lm.max_len] for t in texts])

@@ -24,6 +24,7 @@ class TextModel:
     """A text model directory: its config now, its network (and energy model) on first use."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
+        from ..discrete.sampling import EDLM_WINDOW
         from ..language import resolve_text_model
         from ..modeldir import parsing, read
         from ..text.chars import CharTokenizer
@@ -40,7 +41,7 @@ class TextModel:
         sample = self.config.get("sample", {})
         self.defaults = {"sampler": sample.get("sampler", "caching"), "steps": int(sample.get("steps", 128)),
                          "length": int(sample.get("length") or self.max_len), "k": int(sample.get("k", 4)),
-                         "window": tuple(sample.get("window", (0.4, 1.0)))}
+                         "window": tuple(sample.get("window", EDLM_WINDOW))}
         self.energy_name = sample.get("energy") or None
         self._lm = self._energy = None
         self._lock = threading.Lock()

@@ -28,7 +28,7 @@ from .. import modeldir
 from ..configs import to_dict
 from ..data.shakespeare import ShakespeareChunks, split_text
 from ..discrete import LogLinearSchedule, mask_tokens, nelbo_terms, sample_times
-from ..discrete.sampling import MASKED_SAMPLERS
+from ..discrete.sampling import EDLM_WINDOW, MASKED_SAMPLERS
 from ..nets.text_transformer import TextTransformer, TextTransformerConfig
 from ..text.chars import CharTokenizer
 from .config import RunConfig, RunSection
@@ -67,7 +67,7 @@ class TextSampleSection:
     steps: int = 128
     length: int = 256
     k: int = 4                          # edlm: candidates per step
-    window: list[float] = field(default_factory=lambda: [0.4, 1.0])   # edlm: t range of importance sampling
+    window: list[float] = field(default_factory=lambda: list(EDLM_WINDOW))   # edlm: t range of importance sampling
     energy: str = ""                    # edlm: AR model directory (relative paths: to the model directory)
 
 
