@@ -40,8 +40,8 @@ __all__ = ["EDLM_WINDOW", "MASKED_SAMPLERS", "SamplerStats", "sample_categorical
 
 MASKED_SAMPLERS = ("ancestral", "caching", "edlm")
 # EDLM's importance sampling at every step by default: with the shipped Shakespeare models and k = 8 it gave
-# gen-ppl 15.5 at 32 steps (ancestral: 16.9 at 1,024), where the noisiest 60% alone, (0.4, 1), gave 17.7
-# (benchmarks/diffusion_lm.py; README).
+# gen-ppl 15.5 at 32 steps (ancestral: 16.7-16.9 at 1,024), where the noisiest 60% alone, (0.4, 1), gave 18.1
+# (256 samples each; benchmarks/diffusion_lm.py, README).
 EDLM_WINDOW = (0.0, 1.0)
 
 # denoise(z (B, L) long, t (B,) float64) -> logits (B, L, V) over the data vocabulary
