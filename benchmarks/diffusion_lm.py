@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from reverie.cli.text import time_window
 from reverie.discrete import sample_masked
+from reverie.discrete.sampling import EDLM_WINDOW
 from reverie.eval.text import bits_per_char, generative_metrics, test_windows, unigram_entropy
 from reverie.language import TextLM, ar_sample
 
@@ -50,16 +52,8 @@ def likelihoods(mdlm: TextLM, ar: TextLM, windows: int, bound_steps: list[int]) 
     return out
 
 
-def bootstrap_se(tokens: torch.Tensor, judge: TextLM, lm: TextLM, draws: int = 1000) -> float:
-    """Standard error of gen-ppl (exp of judge nats per character over the samples), by resampling samples."""
-    nats = -judge.log_likelihood(tokens).double()
-    chars = torch.tensor([len(lm.decode(row.tolist())) for row in tokens], dtype=torch.float64)
-    idx = torch.randint(0, len(nats), (draws, len(nats)), generator=torch.Generator().manual_seed(0))
-    return float((nats[idx].sum(1) / chars[idx].sum(1)).exp().std())
-
-
 def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int, k: int, n: int, seed: int,
-               window: tuple[float, float] = (0.0, 1.0)) -> dict:
+               window: tuple[float, float] = EDLM_WINDOW) -> dict:
     z = torch.full((n, mdlm.max_len), mdlm.mask_id)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -69,14 +63,13 @@ def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int
     edlm = sampler == "edlm"
     row = {"sampler": sampler, "steps": steps, "k": k if edlm else None, "window": list(window) if edlm else None,
            "seconds_per_sample": wall / n, "denoiser_rows_per_sample": stats.denoiser_rows / n,
-           "energy_rows_per_sample": stats.energy_rows / n, **generative_metrics(tokens, judge, mdlm),
-           "gen_ppl_se": bootstrap_se(tokens, judge, mdlm)}
+           "energy_rows_per_sample": stats.energy_rows / n, **generative_metrics(tokens, judge, mdlm)}
     print(json.dumps(row), flush=True)
     return row
 
 
 def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
-               sampler: str = "caching", k: int = 4, window: tuple[float, float] = (0.0, 1.0)) -> dict:
+               sampler: str = "caching", k: int = 4, window: tuple[float, float] = EDLM_WINDOW) -> dict:
     """Windows of the test plays whose masked span starts at a line start after a left context of half the
     window; score -log p_judge(span, right | left) per character for both methods. With ``sampler`` edlm the
     MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included."""
@@ -210,16 +203,15 @@ def main() -> None:
     p.add_argument("--steps", default="8,32,128,1024", help="ancestral/caching step counts")
     p.add_argument("--edlm-steps", default="8,16,32,64")
     p.add_argument("--ks", default="2,4,8")
-    p.add_argument("--edlm-window", default="0,1", help="t range of EDLM's importance sampling (LO,HI)")
+    p.add_argument("--edlm-window", type=time_window, default=EDLM_WINDOW, metavar="LO,HI",
+                   help="t range of EDLM's importance sampling")
     p.add_argument("--infill-k", type=int, default=8, help="EDLM candidates per step for infilling")
     p.add_argument("--lines", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "diffusion_lm.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    window = tuple(float(x) for x in a.edlm_window.split(","))
-    if len(window) != 2 or not 0 <= window[0] <= window[1] <= 1:
-        p.error(f"--edlm-window takes LO,HI with 0 <= LO <= HI <= 1, not {a.edlm_window!r}")
+    window = a.edlm_window
     if a.curve:
         runs = [Path(r) for r in a.curve.split(",")]
         ckpts = [Path(c) for c in a.curve_ckpts.split(",")] if a.curve_ckpts else [r / "checkpoints" for r in runs]

@@ -243,6 +243,30 @@ def test_generate_text_window_limits_importance_sampling(tiny_text_models, capsy
         assert "--window" in err and "Traceback" not in err
 
 
+def test_generative_metrics_ppl_and_its_standard_error(tiny_text_models):
+    """gen-ppl is exp(judge nats / characters) over all samples; its bootstrap standard error is 0 when every
+    sample is the same and near the delta-method value when they differ."""
+    import math
+
+    from reverie.eval.text import generative_metrics
+    from reverie.language import TextLM
+
+    lm, judge = TextLM.load(tiny_text_models["mdlm"]), TextLM.load(tiny_text_models["ar"])
+    texts = ["ROMEO:\nBut soft, what light thro", "JULIET:\nO Romeo, Romeo, wherefo", "First Citizen:\nBefore we p",
+             "KING LEAR:\nMeantime we shall e"]
+    tokens = torch.stack([lm.encode(t)[:24] for t in texts] * 8)
+    m = generative_metrics(tokens, judge, lm, bootstrap=4000)
+    nats = -judge.log_likelihood(tokens).double()
+    chars = torch.tensor([len(lm.decode(r.tolist())) for r in tokens], dtype=torch.float64)
+    assert m["gen_ppl"] == pytest.approx(math.exp(float(nats.sum() / chars.sum())), rel=1e-12)
+    # delta method: se(ratio) ~ sd(nats_i - r chars_i) / (sqrt(n) mean(chars)), times gen_ppl for the exp
+    r = nats.sum() / chars.sum()
+    delta = float(m["gen_ppl"] * (nats - r * chars).std(correction=0) / (len(nats) ** 0.5 * chars.mean()))
+    assert delta > 0 and m["gen_ppl_se"] == pytest.approx(delta, rel=0.15)
+    same = generative_metrics(torch.stack([tokens[0]] * 6), judge, lm)
+    assert same["gen_ppl_se"] == pytest.approx(0.0, abs=1e-9) and same["samples"] == 6
+
+
 def test_eval_text_model_nelbo_and_genppl(tiny_text_models, capsys, tmp_path):
     from reverie.cli import main
 
@@ -253,5 +277,6 @@ def test_eval_text_model_nelbo_and_genppl(tiny_text_models, capsys, tmp_path):
 
     r = json.loads(out.read_text())
     assert r["test_bits_per_char"] > 0 and r["gen_ppl"] > 1 and 0 <= r["distinct4"] <= 1 and r["entropy_bits"] > 0
+    assert r["gen_ppl_se"] >= 0
     assert main(["eval", str(tiny_text_models["ar"]), "--metrics", "fid"]) == 2
     assert "unknown text metric" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def run_text_eval(args) -> int:
         tokens = torch.stack([torch.tensor(lm.tokenizer.encode(t))[:lm.max_len] for t in texts])
         results.update(generative_metrics(tokens, judge, lm), sampler=sampler, steps=steps, judge=str(judge.path))
         print(f"  gen-ppl under {judge.path.name} ({sampler}, {steps} steps, {len(texts)} samples)  "
-              f"{results['gen_ppl']:.2f}   entropy {results['entropy_bits']:.3f} bits, "
+              f"{results['gen_ppl']:.2f} +- {results['gen_ppl_se']:.2f}   entropy {results['entropy_bits']:.3f} bits, "
               f"distinct-4 {results['distinct4']:.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

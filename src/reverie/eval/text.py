@@ -58,12 +58,15 @@ def distinct_ngrams(texts: list[str], n: int = 4) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
-def generative_metrics(tokens: torch.Tensor, judge: TextLM, lm: TextLM) -> dict:
-    """gen-ppl per character under ``judge`` (an AR model over the same tokens), entropy and distinct-4."""
+def generative_metrics(tokens: torch.Tensor, judge: TextLM, lm: TextLM, bootstrap: int = 1000) -> dict:
+    """gen-ppl per character under ``judge`` (an AR model over the same tokens), with its standard error over
+    the samples (``bootstrap`` resamplings of the samples, seeded), entropy and distinct-4."""
     if judge.objective != "ar" or judge.tokenizer.chars != lm.tokenizer.chars:
         raise ValueError(f"{judge.path} is not an AR judge over {lm.path}'s tokens")
     texts = [lm.decode(row.tolist()) for row in tokens]
-    nats = float(-judge.log_likelihood(tokens).sum())
-    chars = sum(len(t) for t in texts)
-    return {"gen_ppl": math.exp(nats / chars), "entropy_bits": unigram_entropy(texts),
-            "distinct4": distinct_ngrams(texts), "samples": len(texts)}
+    nats = -judge.log_likelihood(tokens).double()
+    chars = torch.tensor([len(t) for t in texts], dtype=torch.float64)
+    idx = torch.randint(0, len(texts), (bootstrap, len(texts)), generator=torch.Generator().manual_seed(0))
+    resampled = (nats[idx].sum(1) / chars[idx].sum(1)).exp()
+    return {"gen_ppl": math.exp(float(nats.sum() / chars.sum())), "gen_ppl_se": float(resampled.std()),
+            "entropy_bits": unigram_entropy(texts), "distinct4": distinct_ngrams(texts), "samples": len(texts)}
