@@ -125,11 +125,11 @@ def score_object(det: dict, clip: torch.Tensor, b: int, truth: dict, frames: int
 
 
 def evaluate(pipe: Pipeline, items: list[dict], layouts: str, batch: int, seed: int, detector,
-             steps: int | None = None) -> dict:
+             steps: int | None = None, guidance: float | None = None) -> dict:
     clips, seconds = [], 0.0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
-        options = SamplingOptions(layouts=layouts, seed=seed + start, steps=steps)
+        options = SamplingOptions(layouts=layouts, seed=seed + start, steps=steps, guidance_scale=guidance)
         t0 = time.perf_counter()
         clips.append(sample_images(pipe, len(chunk), options, prompts=[it["text"] for it in chunk]))
         seconds += time.perf_counter() - t0
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--frame-noise-correlation", type=float, default=None,
                    help="start noise shared across frames at sampling (default: the model's config.json)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's 20)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's 4)")
     p.add_argument("--out", default=str(RESULTS / "video.json"))
     p.add_argument("--showcase", action="store_true", help="also write docs/video.gif and docs/video_frames.png")
     args = p.parse_args(argv)
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
     rho = models["video"].cfg.model.frame_noise_correlation
     result = {"split": f"moving_shapes test (held-out colour-shape-motion combos), seed {args.data_seed}",
               "clips": args.clips, "frame_noise_correlation": rho,
-              "batch": args.batch, "steps": args.steps or "model default", "threads": torch.get_num_threads(),
+              "batch": args.batch, "steps": args.steps or "model default",
+              "guidance": args.guidance or "model default", "threads": torch.get_num_threads(),
               "sampling": "model defaults (dpmpp_2m, 20 steps, ddim-trailing, guidance 4), seed = first clip index "
               "of the batch",
               "model": args.model, "model_hash": models["video"].weights_hash, "results": {}}
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     # (layouts planned), then the prompt alone
     for layouts in args.layouts:
         for name, pipe in models.items():
-            out = evaluate(pipe, items, layouts, args.batch, args.seed, detector, args.steps)
+            out = evaluate(pipe, items, layouts, args.batch, args.seed, detector, args.steps, args.guidance)
             result["results"][f"{name}/layouts={layouts}"] = {**out["summary"], "per_clip": out["clips"]}
             print(name, layouts, json.dumps(out["summary"]), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
