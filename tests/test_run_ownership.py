@@ -89,6 +89,20 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
         train(_cfg(out, "--train.steps=6"), resume="auto", dataset=Toy(40))
 
 
+def test_a_latest_pointer_to_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "--train.steps=2"), resume=False, dataset=Toy(40))
+    for ckpt in (out / "checkpoints").glob("ckpt-*"):  # a copied run directory without its checkpoints
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    with pytest.raises(TrainingError, match="names 'ckpt-00000002', which is not there.*away to start afresh"):
+        train(_cfg(out, "--train.steps=4"), resume="auto", dataset=Toy(40))
+    (out / "checkpoints" / "latest").unlink()  # moved away: a fresh start
+    train(_cfg(out, "--train.steps=2"), resume="auto", dataset=Toy(40))
+    assert (out / "checkpoints" / "ckpt-00000002" / "state.json").is_file()
+
+
 def test_a_resume_that_changes_the_network_is_refused(tmp_path):
     out = tmp_path / "run"
     train(_cfg(out, "--train.steps=2"), resume=False, dataset=Toy(40))

@@ -237,6 +237,10 @@ def _resume_from(run: Run, resume) -> tuple[Path | None, dict | None]:
     if damaged:
         raise TrainingError(f"every checkpoint of {run.out} is damaged: {'; '.join(damaged)}; move "
                             f"{run.ckpt_dir} away to start afresh")
+    pointer = run.ckpt_dir / "latest"
+    if pointer.is_file():  # checkpoints were deleted or never copied: starting over would hide the loss
+        raise TrainingError(f"{pointer} names {pointer.read_text().strip()!r}, which is not there, and no other "
+                            f"checkpoint is; restore it, or move {run.ckpt_dir} away to start afresh")
     return None, None
 
 
