@@ -87,8 +87,8 @@ def main(argv=None) -> int:
             pos_arr = np.asarray(pos)
             low = saturated < 0.5
             row["rho_vs_saturated_corr"] = float(np.corrcoef(pos_arr, saturated)[0, 1])
-            row["tpr_analytic_saturated_below_half"] = float((ring.p_value(pos_arr[low], shape) < 0.01).float().mean()) \
-                if low.any() else None
+            hits = ring.p_value(pos_arr[low], shape) < 0.01
+            row["tpr_analytic_saturated_below_half"] = float(hits.float().mean()) if low.any() else None
             row["share_saturated_below_half"] = float(low.mean())
         result["edits"][name] = row
         print(name, json.dumps(row), flush=True)
