@@ -21,6 +21,11 @@ Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
 
    RUN_* are the training runs' out_dir (their ``model`` directory gives network and tokenizer); checkpoints
    are read from ``--curve-ckpts`` (default RUN/checkpoints; a run prunes to its last few, so keep copies).
+
+5. Pairs of finished models (e.g. the end points of longer runs, each decayed to its own end): test bits per
+   character of each MDLM / AR pair at its training steps, and with ``--judge`` the two infilling rows:
+
+    python benchmarks/diffusion_lm.py --pairs M1,A1 M2,A2 ... [--judge J] --out FILE
 """
 
 from __future__ import annotations
@@ -121,6 +126,22 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     return out
 
 
+def pair_run(pair: str, a) -> dict:
+    """Likelihood (``a.windows`` test windows, no T-step bounds) and, with ``a.judge``, the caching and EDLM
+    infilling rows of one MDLM,AR pair of model directories, with the steps each was trained for."""
+    mdlm, ar = (TextLM.load(path) for path in pair.split(","))
+    row = {"mdlm": str(mdlm.path), "ar": str(ar.path),
+           "mdlm_steps": (mdlm.config.get("metrics") or {}).get("steps"),
+           "ar_steps": (ar.config.get("metrics") or {}).get("steps"),
+           "likelihood": likelihoods(mdlm, ar, a.windows, [])}
+    if a.judge:
+        judge = TextLM.load(a.judge)
+        row["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
+        row["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm",
+                                        k=a.infill_k, window=a.edlm_window)
+    return row
+
+
 def training_curve(runs: list[Path], ckpt_dirs: list[Path], windows: int) -> dict:
     """Test bits per character at each checkpoint of each run, with the training seconds it had taken."""
     from reverie.modeldir import load_module_weights
@@ -198,6 +219,8 @@ def main() -> None:
     p.add_argument("--judge")
     p.add_argument("--curve", help="RUN_MDLM,RUN_AR: only the training curve (docstring, item 4)")
     p.add_argument("--curve-ckpts", help="DIR_MDLM,DIR_AR: where the runs' checkpoints are kept")
+    p.add_argument("--pairs", nargs="+", metavar="MDLM,AR", help="only likelihood (and infilling with --judge) of "
+                   "each pair of model directories (docstring, item 5)")
     p.add_argument("--samples", type=int, default=256, help="samples per generation row (64: gen-ppl +- ~0.5)")
     p.add_argument("--windows", type=int, default=256, help="test windows for bits per character")
     p.add_argument("--steps", default="8,32,128,1024", help="ancestral/caching step counts")
@@ -222,6 +245,15 @@ def main() -> None:
         out.write_text(json.dumps(curve, indent=1))
         plot_curve(curve, out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")
+        return
+    if a.pairs:
+        if any(len(pair.split(",")) != 2 for pair in a.pairs):
+            p.error("--pairs takes MDLM,AR model directories, a pair per argument")
+        result = {"pairs": [pair_run(pair, a) for pair in a.pairs]}
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
         return
     if not a.judge:
         p.error("--judge is required (a separately trained AR model directory)")
