@@ -131,8 +131,8 @@ def pair_run(pair: str, a) -> dict:
     infilling rows of one MDLM,AR pair of model directories, with the steps each was trained for."""
     mdlm, ar = (TextLM.load(path) for path in pair.split(","))
     row = {"mdlm": str(mdlm.path), "ar": str(ar.path),
-           "mdlm_steps": (mdlm.config.get("metrics") or {}).get("steps"),
-           "ar_steps": (ar.config.get("metrics") or {}).get("steps"),
+           **{f"{lm.objective}_{key}": (lm.config.get("metrics") or {}).get(key)
+              for lm in (mdlm, ar) for key in ("steps", "validation_bpc")},
            "likelihood": likelihoods(mdlm, ar, a.windows, [])}
     if a.judge:
         judge = TextLM.load(a.judge)
