@@ -126,16 +126,15 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     return out
 
 
-def pair_run(pair: str, a) -> dict:
-    """Likelihood (``a.windows`` test windows, no T-step bounds) and, with ``a.judge``, the caching and EDLM
+def pair_run(pair: str, a, judge: TextLM | None) -> dict:
+    """Likelihood (``a.windows`` test windows, no T-step bounds) and, with a ``judge``, the caching and EDLM
     infilling rows of one MDLM,AR pair of model directories, with the steps each was trained for."""
     mdlm, ar = (TextLM.load(path) for path in pair.split(","))
     row = {"mdlm": str(mdlm.path), "ar": str(ar.path),
            **{f"{lm.objective}_{key}": (lm.config.get("metrics") or {}).get(key)
               for lm in (mdlm, ar) for key in ("steps", "validation_bpc")},
            "likelihood": likelihoods(mdlm, ar, a.windows, [])}
-    if a.judge:
-        judge = TextLM.load(a.judge)
+    if judge is not None:
         row["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
         row["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm",
                                         k=a.infill_k, window=a.edlm_window)
@@ -249,7 +248,8 @@ def main() -> None:
     if a.pairs:
         if any(len(pair.split(",")) != 2 for pair in a.pairs):
             p.error("--pairs takes MDLM,AR model directories, a pair per argument")
-        result = {"pairs": [pair_run(pair, a) for pair in a.pairs]}
+        judge = TextLM.load(a.judge) if a.judge else None
+        result = {"pairs": [pair_run(pair, a, judge) for pair in a.pairs]}
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reverie.data.mnist import MNIST  # noqa: E402
 from reverie.data.shapes import ShapesDataset  # noqa: E402
+from reverie.data.transforms import uint8_to_tensor  # noqa: E402
 from reverie.images import to_pil  # noqa: E402
 from reverie.pipeline import Pipeline  # noqa: E402
 from reverie.provenance import treering  # noqa: E402
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
                      for i in range(0, a.n, a.batch)]).float()
     sample_s = time.time() - t0
     saturated = ((raw <= -1) | (raw >= 1)).flatten(1).float().mean(1).numpy()
-    pos_images, neg_images = to_pil(raw.clamp(-1, 1)), real_images(pipe, a.n)
+    quantized = uint8_to_tensor(((raw.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))  # what the PNGs hold
+    pos_images, neg_images = to_pil(quantized), real_images(pipe, a.n)
     shape = tuple(noise.shape[1:])
     result = {"model": a.model, "model_hash": pipe.weights_hash, "n": a.n, "inversion_steps": a.inversion_steps,
               "ring": [ring.r_lo, ring.r_hi], "ring_dim": ring.dim(shape), "rho_threshold_p01": ring.threshold(shape),
@@ -92,9 +94,7 @@ def main(argv=None) -> int:
             row["share_saturated_below_half"] = float(low.mean())
         result["edits"][name] = row
         print(name, json.dumps(row), flush=True)
-    images = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).reshape(raw.shape[2], raw.shape[3], -1)
-                          .permute(2, 0, 1) / 127.5 - 1 for im in pos_images])
-    result["recovery_by_radius"] = recovery_by_radius(noise, inverted_noise(pipe, images, a.inversion_steps))
+    result["recovery_by_radius"] = recovery_by_radius(noise, inverted_noise(pipe, quantized, a.inversion_steps))
     print("recovery by radius", result["recovery_by_radius"], flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))

@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     result = {"split": f"moving_shapes test (held-out colour-shape-motion combos), seed {args.data_seed}",
               "clips": args.clips, "frame_noise_correlation": rho,
               "batch": args.batch, "steps": args.steps or "model default",
-              "guidance": args.guidance or "model default", "threads": torch.get_num_threads(),
+              "guidance": "model default" if args.guidance is None else args.guidance,
+              "threads": torch.get_num_threads(),
               "sampling": "model defaults (dpmpp_2m, 20 steps, ddim-trailing, guidance 4), seed = first clip index "
               "of the batch",
               "model": args.model, "model_hash": models["video"].weights_hash, "results": {}}
