@@ -1,8 +1,10 @@
 """The training loop: exact resume (also after kill -9), non-finite handling, export, DDP."""
 
+import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -111,6 +113,72 @@ def test_kill_9_then_resume_matches(straight, tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints") is not None
     train(_cfg(tmp_path, "--train.steps=8", "--train.checkpoint_every=4"), resume="auto", dataset=Toy(40))
     _assert_same(_weights(straight), _weights(tmp_path))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_checkpoints_the_step_and_resumes_exactly(sig, tmp_path):
+    # Ctrl-C (SIGINT) or SIGTERM lets the step under way finish, writes a checkpoint there (the run has no
+    # periodic checkpoints before step 10,000) and stops with TrainingInterrupted; resuming from it gives the
+    # weights of a straight run.
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys
+        from toy_data import Toy
+        from reverie.configs import load_config
+        from reverie.train import TrainingInterrupted, train
+        from reverie.train.config import TrainConfig
+        cfg = load_config(TrainConfig, None, {TINY!r} + ["--train.out_dir={out}", "--train.steps=10000",
+                          "--train.checkpoint_every=10000"])
+        try:
+            train(cfg, resume=False, dataset=Toy(40))
+        except TrainingInterrupted as e:
+            print(e.step, e.signum, e.checkpoint.name, e, sep="|")
+            sys.exit(3)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=_subprocess_env(),
+                            stdout=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stdout
+    step, signum, name, message = stdout.strip().split("|")
+    step = int(step)
+    assert int(signum) == getattr(signal, sig) and name == f"ckpt-{step:08d}"
+    assert f"stopped by {sig} after step {step} of 10000" in message and "resumes" in message
+    assert latest_checkpoint(out / "checkpoints").name == name
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == step  # the stopping step is logged
+    assert not (out / "model").exists()  # stopped, not finished
+    train(_cfg(out, f"--train.steps={step + 2}", "--train.checkpoint_every=10000"), resume="auto",
+          dataset=Toy(40))
+    train(_cfg(tmp_path / "straight", f"--train.steps={step + 2}"), resume=False, dataset=Toy(40))
+    _assert_same(_weights(tmp_path / "straight"), _weights(out))
+
+
+def test_cli_reports_an_interrupted_run_in_one_line(monkeypatch, tmp_path, capsys):
+    from reverie import cli
+    from reverie.train.errors import TrainingInterrupted
+
+    def interrupted(args):
+        raise TrainingInterrupted("stopped by SIGTERM after step 7 of 100; checkpoint X written. The same command "
+                                  "resumes the run", 7, tmp_path, signal.SIGTERM)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: 5\n")
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_train(parser(), interrupted))
+    assert cli.main(["train", str(cfg)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["reverie: stopped by SIGTERM after step 7 of 100; checkpoint X written. The same command resumes "
+                   "the run"]
+
+
+def _with_train(parser, func):
+    """``parser`` whose ``train`` subcommand runs ``func``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices["train"].set_defaults(func=func)
+    return parser
 
 
 def test_export_loads_in_pipeline_and_validates(straight, tmp_path):

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "train-vae") or not all(u.startswith("--") and "=" in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
-    from ..train.errors import RunChanged, RunInUse, TrainingError
+    from ..train.errors import RunChanged, RunInUse, TrainingError, TrainingInterrupted
 
     try:
         return args.func(args)
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reverie: error: {one_line(e)}", file=sys.stderr)
         ran_and_failed = isinstance(e, TrainingError) and not isinstance(e, (RunInUse, RunChanged))
         return 1 if ran_and_failed else 2
+    except TrainingInterrupted as e:  # a checkpoint was written at the step where it stopped
+        print(f"reverie: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     except KeyboardInterrupt:
         print("reverie: interrupted", file=sys.stderr)
         return 130

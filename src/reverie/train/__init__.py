@@ -14,7 +14,7 @@ from .diffusion import TrainResult, export_checkpoint
 from .diffusion import train as train_diffusion
 from .distill import distill
 from .ema import EMA
-from .errors import TrainingError
+from .errors import TrainingError, TrainingInterrupted
 from .run import Trainer, fit
 from .vae import VAETrainConfig, train_vae
 
@@ -27,5 +27,5 @@ def train(cfg: TrainConfig, resume: str | bool = "auto", dataset=None) -> TrainR
 
 
 __all__ = ["EMA", "distill", "train_diffusion", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "find_checkpoint", "TrainConfig", "TrainResult", "TrainingError", "Trainer", "fit",
-           "train", "export_checkpoint", "VAETrainConfig", "train_vae"]
+           "list_checkpoints", "find_checkpoint", "TrainConfig", "TrainResult", "TrainingError", "TrainingInterrupted",
+           "Trainer", "fit", "train", "export_checkpoint", "VAETrainConfig", "train_vae"]

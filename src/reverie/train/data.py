@@ -9,6 +9,7 @@ seen twice in an epoch across ranks.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,12 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process: a terminal sends it to the whole process
+    group, and a worker that died of it would break the step that the run finishes before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Batches:
     """Endless per-rank batches with a resumable position (epoch, batch)."""
 
@@ -83,7 +90,8 @@ class Batches:
         own = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.epoch)
         return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=sampler,
                           num_workers=self.cfg.data.num_workers, collate_fn=collate, drop_last=True,
-                          persistent_workers=False, generator=own)
+                          persistent_workers=False, generator=own,
+                          worker_init_fn=_ignore_sigint if self.cfg.data.num_workers else None)
 
     def next(self) -> dict:
         for _ in range(2):

@@ -4,13 +4,15 @@ The skeleton owns everything a run has whatever it trains: CPU threads, the Acce
 or many, mixed precision), the output directory, ``config.json``, ``log.jsonl`` (and TensorBoard), the
 progress bar, the optimizer and LR schedule, gradient accumulation, clipping, the non-finite-loss guard
 (agreed across ranks, so DDP's collectives never hang), a wall-clock limit, crash-safe checkpoints and
-exact resume. Its loop, top to bottom (Ho et al. 2020, Algorithm 1, with what practitioners add)::
+exact resume, and a clean stop on Ctrl-C or SIGTERM (:class:`StopRequest`). Its loop, top to bottom (Ho et
+al. 2020, Algorithm 1, with what practitioners add)::
 
     for each step k:  g = generator(seed, rank, k)           # every random draw of the step
                       for each micro-batch: loss = trainer.loss(model, batch, g); backward
                       skip the step everywhere if any rank saw a non-finite loss
                       clip, optimizer step, LR step; trainer.after_step (e.g. EMA)
                       log, trainer.periodic (e.g. sample grids), checkpoint
+                      Ctrl-C / SIGTERM seen: checkpoint here and stop (TrainingInterrupted)
     final checkpoint; trainer.finish (write the model directory)
 
 Exact resume: the data order is a pure function of (seed, epoch), every random draw of step k on rank
@@ -38,7 +40,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -53,7 +57,7 @@ from ..modeldir import load_module_weights, module_weights
 from ..precision import resolve_precision
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, newest_first, save_checkpoint
 from .data import Batches, DataState, step_generator
-from .errors import RunChanged, TrainingError
+from .errors import RunChanged, TrainingError, TrainingInterrupted
 from .lock import RunLock
 
 
@@ -431,7 +435,52 @@ def fit(trainer: Trainer, resume: str | bool = "auto"):
         return _fit(trainer, run, resume)
 
 
+class StopRequest:
+    """While a run trains, SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's preemption) ask it to stop: the
+    step under way completes, a checkpoint is written there and :class:`TrainingInterrupted` is raised, so the
+    same command resumes with nothing lost (before this, everything since the last periodic checkpoint was).
+    A second signal stops at once (``KeyboardInterrupt``). Handlers can be set only in the main thread;
+    elsewhere (a run started from a worker thread) signals keep their usual effect. The previous handlers
+    come back when the run ends."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the signals back their previous handlers (the loop is over: a Ctrl-C now aborts at once)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
 def _fit(trainer: Trainer, run: Run, resume):
+    with StopRequest() as stop:
+        return _fit_loop(trainer, run, resume, stop)
+
+
+def _fit_loop(trainer: Trainer, run: Run, resume, stop: StopRequest):
     cfg = run.cfg
     dataset = trainer.setup(run)
     source, state = _resume_from(run, resume)
@@ -476,21 +525,31 @@ def _fit(trainer: Trainer, run: Run, resume):
             # every rank must stop at the same step: the main process's clock decides
             out_of_time = cfg.train.time_limit_min > 0 and run.any_rank(
                 run.main and time.perf_counter() - run.t_start > 60 * cfg.train.time_limit_min)
-            if run.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time):
+            interrupted = run.any_rank(stop.requested) if run.world > 1 else stop.requested
+            if run.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps or out_of_time
+                             or interrupted):
                 record = {"step": step, "loss": loss, **metrics, "lr": sched.get_last_lr()[0],
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "nonfinite_skipped": progress.nonfinite_total, "epoch": progress.data.epoch,
                           "elapsed_s": _elapsed(run, progress)}
                 log.write(record, time.perf_counter())
                 run.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-            trainer.periodic(step, run)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            if not interrupted:
+                trainer.periodic(step, run)
+            if interrupted or cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 last_good = _checkpoint(run, trainer, model, opt, sched, progress) or last_good
                 run.acc.wait_for_everyone()
+            if interrupted:
+                name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {step} of {cfg.train.steps}; checkpoint {last_good} written. "
+                    f"The same command resumes the run",
+                    step, last_good, stop.signum or signal.SIGINT)
             if out_of_time:
                 run.say(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
                 break
     finally:
+        stop.release()
         run.bar.close()
         log.close()
     newest = latest_checkpoint(run.ckpt_dir)
