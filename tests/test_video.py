@@ -311,3 +311,34 @@ def test_a_video_model_with_frame_noise_correlation_starts_from_correlated_noise
     frames = x.transpose(1, 2).flatten(2) / 2 ** 0.5  # (B, T, C*H*W)
     corr = (frames[:, 0] * frames[:, 3]).mean()
     assert 0.8 < float(corr) < 1.0
+
+
+def _square_clip(xs: list[int], y: int = 10, side: int = 4, size: int = 32) -> torch.Tensor:
+    """One clip (1, 1, T, size, size) in [-1, 1]: a white ``side`` square at column xs[t], row y."""
+    clip = -torch.ones(1, 1, len(xs), size, size)
+    for t, x in enumerate(xs):
+        clip[0, 0, t, y:y + side, x:x + side] = 1
+    return clip
+
+
+def test_clip_statistics_measure_ink_motion_and_jerk_exactly():
+    from statistics import mean, stdev
+
+    from reverie.eval.motion import clip_statistics
+
+    still = clip_statistics(_square_clip([5] * 6))
+    assert still == {"ink_drift": [0.0], "motion": [0.0], "jerk_px": [0.0]}
+    straight = clip_statistics(_square_clip([2, 5, 8, 11, 14, 17]))  # constant velocity: no acceleration
+    # each step uncovers 3 columns of 4 pixels and covers 3 more: 24 of 1,024 pixels change by 1
+    assert straight["motion"][0] == pytest.approx(24 / 1024) and straight["jerk_px"][0] == pytest.approx(0, abs=1e-5)
+    assert straight["ink_drift"][0] == pytest.approx(0, abs=1e-6)
+    bounce = clip_statistics(_square_clip([2, 5, 8, 11, 8, 5]))  # one reflection: |8 - 2 * 11 + 8| = 6 over 4 terms
+    assert bounce["jerk_px"][0] == pytest.approx(6 / 4, abs=1e-4) and bounce["motion"][0] == pytest.approx(24 / 1024)
+    vanish = _square_clip([2, 5, 8, 11, 14, 17])
+    vanish[:, :, 2] = -1  # the square is gone from frame 2
+    ink = [16, 16, 0, 16, 16, 16]
+    assert clip_statistics(vanish)["ink_drift"][0] == pytest.approx(stdev(ink) / mean(ink), rel=1e-5)
+    batch = clip_statistics(torch.cat([_square_clip([5] * 6), _square_clip([2, 5, 8, 11, 8, 5])]))
+    assert batch["jerk_px"] == pytest.approx([0.0, 1.5], abs=1e-4)  # one value per clip, in order
+    with pytest.raises(ValueError, match="one-channel clips"):
+        clip_statistics(torch.zeros(1, 3, 6, 32, 32))
