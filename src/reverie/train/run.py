@@ -449,12 +449,14 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> StopRequest:
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handle)
         return self
+
+    __enter__ = install
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
@@ -476,11 +478,6 @@ class StopRequest:
 
 
 def _fit(trainer: Trainer, run: Run, resume):
-    with StopRequest() as stop:
-        return _fit_loop(trainer, run, resume, stop)
-
-
-def _fit_loop(trainer: Trainer, run: Run, resume, stop: StopRequest):
     cfg = run.cfg
     dataset = trainer.setup(run)
     source, state = _resume_from(run, resume)
@@ -502,6 +499,7 @@ def _fit_loop(trainer: Trainer, run: Run, resume, stop: StopRequest):
                    dynamic_ncols=True)
     bad_in_a_row, last_good = 0, latest_checkpoint(run.ckpt_dir)
     model.train()
+    stop = StopRequest().install()  # from the first step on: a Ctrl-C while the run sets up stops it at once
     try:
         while progress.step < cfg.train.steps:
             g = step_generator(cfg.train.seed, run.rank, progress.step)
