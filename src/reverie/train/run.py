@@ -539,10 +539,11 @@ def _fit(trainer: Trainer, run: Run, resume):
                 run.acc.wait_for_everyone()
             if interrupted:
                 name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+                written = run.ckpt_dir / f"ckpt-{step:08d}"  # by the main process (every rank names it)
                 raise TrainingInterrupted(
-                    f"stopped by {name} after step {step} of {cfg.train.steps}; checkpoint {last_good} written. "
+                    f"stopped by {name} after step {step} of {cfg.train.steps}; checkpoint {written} written. "
                     f"The same command resumes the run",
-                    step, last_good, stop.signum or signal.SIGINT)
+                    step, written, stop.signum or signal.SIGINT)
             if out_of_time:
                 run.say(f"time limit of {cfg.train.time_limit_min:g} min reached at step {step}")
                 break
