@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from reverie.data.moving_mnist import MovingMNIST
-from reverie.eval.fid import FeatureStats, fid_from_stats, get_inception
+from reverie.eval.fid import FeatureStats, fid_from_stats, get_inception, image_features
 from reverie.eval.motion import clip_statistics
 from reverie.images import make_grid, to_pil
 from reverie.pipeline import Pipeline
@@ -42,9 +42,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def frame_stats(clips: torch.Tensor, precision: str, batch: int = 64) -> FeatureStats:
     """Inception statistics of every frame of ``clips`` (B, 1, T, H, W)."""
-    net = get_inception(precision=precision)
     frames = clips.transpose(1, 2).flatten(0, 1)  # (B*T, 1, H, W)
-    feats = torch.cat([net(frames[i:i + batch]) for i in range(0, len(frames), batch)])
+    feats = image_features((frames[i:i + batch] for i in range(0, len(frames), batch)),
+                           get_inception(precision=precision), total=len(frames), desc="frame features")
     return FeatureStats.from_features(feats)
 
 
@@ -91,10 +91,9 @@ def main(argv=None) -> int:
     generated = torch.cat(generated)
     real_a = real_clips(args.clips, frames, resolution, seed=0)
     real_b = real_clips(args.clips, frames, resolution, seed=1)
-    stats = {name: frame_stats(c, args.fid_precision) for name, c in
-             (("generated", generated), ("real", real_a), ("real2", real_b))}
-    per_clip = {name: summarize(clip_statistics(c)) for name, c in
-                (("generated", generated), ("real", real_a), ("real2", real_b))}
+    sets = {"generated": generated, "real": real_a, "real2": real_b}
+    stats = {name: frame_stats(c, args.fid_precision) for name, c in sets.items()}
+    per_clip = {name: summarize(clip_statistics(c)) for name, c in sets.items()}
     resolved = options.resolve(pipe.cfg)
     result = {
         "model": args.model, "model_hash": pipe.weights_hash,
