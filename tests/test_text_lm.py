@@ -280,3 +280,101 @@ def test_eval_text_model_nelbo_and_genppl(tiny_text_models, capsys, tmp_path):
     assert r["gen_ppl_se"] >= 0
     assert main(["eval", str(tiny_text_models["ar"]), "--metrics", "fid"]) == 2
     assert "unknown text metric" in capsys.readouterr().err
+
+
+def test_contiguous_masks_keep_each_rows_count_as_one_run_at_a_uniform_start():
+    from reverie.train.text import contiguous_masks
+
+    g = torch.Generator().manual_seed(0)
+    masked = torch.rand(200, 24, generator=g) < torch.linspace(0, 1, 200)[:, None]
+    rows = torch.arange(200) % 3 != 0
+    out = contiguous_masks(masked, rows, g)
+    assert torch.equal(out.sum(1), masked.sum(1))           # the i.i.d. draw's count, row by row
+    assert torch.equal(out[~rows], masked[~rows])           # other rows untouched
+    for row in out[rows]:
+        hit = row.nonzero().flatten()
+        if len(hit):
+            assert int(hit[-1] - hit[0]) + 1 == len(hit)    # one run
+    # a single masked token lands on every one of the L positions, each about 1/L of the time
+    one = torch.zeros(24_000, 24, dtype=torch.bool)
+    one[:, 0] = True
+    starts = contiguous_masks(one, torch.ones(24_000, dtype=torch.bool), g).float().argmax(1)
+    assert torch.bincount(starts, minlength=24).float().div(1000).sub(1).abs().max() < 0.2
+
+
+def test_span_masking_feeds_the_network_one_run_per_row_and_the_same_weighted_loss():
+    """With span_masking 1 every row's [MASK]s form one run; the per-row loss is the NELBO term of that draw
+    (weight(t) * cross-entropy over its masked tokens / L), checked against a network that records its input."""
+    from reverie.discrete import nelbo_terms
+
+    V, L = 7, 16
+    seen = []
+
+    class Spy(torch.nn.Module):
+        config = TextTransformerConfig(vocab_size=V, max_len=L, hidden_size=8, depth=1, num_heads=1)
+
+        def forward(self, z, c_noise=None):
+            seen.append(z.clone())
+            return torch.log_softmax((z[..., None] == torch.arange(V)).float() * 2.0 + 0.1 * z[..., None], -1)
+
+    x = torch.randint(0, V, (64, L), generator=torch.Generator().manual_seed(0))
+    schedule = LogLinearSchedule(1e-3)
+    loss = text_loss(Spy(), x, "mdlm", torch.Generator().manual_seed(1), schedule, span_masking=1.0)
+    z = seen[-1]
+    hit = z == Spy.config.mask_id
+    counts = hit.sum(1)
+    assert 0 < counts.float().mean() < L and counts.max() > counts.min()
+    for row in hit:
+        idx = row.nonzero().flatten()
+        if len(idx):
+            assert int(idx[-1] - idx[0]) + 1 == len(idx)
+    assert torch.equal(torch.where(hit, x, z), x)           # unmasked tokens are the data
+    # the loss is the weighted cross-entropy of exactly these masks, at the times the draw used
+    g = torch.Generator().manual_seed(1)
+    from reverie.discrete import sample_times
+
+    t = sample_times(64, g, low=1e-3)
+    expected = nelbo_terms(Spy()(z), x, hit, t, schedule) / L
+    assert torch.allclose(loss.double(), expected.double(), rtol=1e-6)
+    assert text_loss(Spy(), x, "mdlm", torch.Generator().manual_seed(1), schedule, span_masking=0.0).shape == (64,)
+    # without span masking the same generator gives scattered masks: most rows with 3+ masks are not one run
+    scattered = seen[-1] == Spy.config.mask_id
+    runs = [int(r.nonzero().flatten()[-1] - r.nonzero().flatten()[0]) + 1 == int(r.sum()) for r in scattered
+            if r.sum() >= 3]
+    assert sum(runs) < len(runs) / 2
+
+
+def test_text_fine_tune_starts_from_the_model_and_refuses_another(tiny_text_models, tmp_path, capsys):
+    from reverie.cli import main
+    from reverie.configs import load_config
+    from reverie.language import TextLM
+    from reverie.train.text import TextTrainConfig, TextTrainer
+
+    base = ["--model.seq_len=32", "--model.hidden_size=32", "--model.depth=1", "--model.num_heads=2",
+            "--data.batch_size=4", "--train.eval_windows=0", "--train.progress=false", "--train.threads=1"]
+    cfg = load_config(TextTrainConfig, None, base + [f"--train.init_from={tiny_text_models['mdlm']}",
+                                                     "--model.span_masking=0.5", f"--train.out_dir={tmp_path / 'a'}"])
+    trainer = TextTrainer(cfg)
+
+    class FakeRun:
+        info = {}
+
+        def say(self, _):
+            pass
+
+    trainer.setup(FakeRun())
+    net = trainer.build(FakeRun(), resuming=False)
+    source = TextLM.load(tiny_text_models["mdlm"]).net.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in net.state_dict().items())
+    # another width: one line, exit 2
+    cfg_file = tmp_path / "wide.yaml"
+    cfg_file.write_text("kind: text\n")
+    args = ["train", str(cfg_file), *base, "--model.hidden_size=64", f"--train.out_dir={tmp_path / 'b'}",
+            f"--train.init_from={tiny_text_models['mdlm']}", "--train.steps=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another network" in err and "Traceback" not in err
+    assert main(args[:-2] + [f"--train.init_from={tmp_path}", "--train.steps=1"]) == 2
+    assert "init_from" in capsys.readouterr().err
+    with pytest.raises(Exception, match="span_masking applies to MDLM"):
+        load_config(TextTrainConfig, None, base + ["--model.objective=ar", "--model.span_masking=0.5"])
