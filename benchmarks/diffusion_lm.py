@@ -26,6 +26,13 @@ Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
    character of each MDLM / AR pair at its training steps, and with ``--judge`` the two infilling rows:
 
     python benchmarks/diffusion_lm.py --pairs M1,A1 M2,A2 ... [--judge J] --out FILE
+
+6. Infilling with corrector sweeps (``reverie.discrete.sampling``): the caching infill, then S sweeps of
+   Metropolis-Hastings towards the AR model's likelihood of the window (``--infill-sweeps``) or of Gibbs on the
+   MDLM's own conditionals (``--infill-gibbs``), each row beside the same AR continuation:
+
+    python benchmarks/diffusion_lm.py --infill-only --judge J [--infill-sweeps 0,2,8,32] [--infill-gibbs 2,8]
+        [--out benchmarks/results/diffusion_lm_infill.json]
 """
 
 from __future__ import annotations
@@ -74,10 +81,13 @@ def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int
 
 
 def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
-               sampler: str = "caching", k: int = 4, window: tuple[float, float] = EDLM_WINDOW) -> dict:
+               sampler: str = "caching", k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
+               corrector: int = 0, corrector_energy: bool = True) -> dict:
     """Windows of the test plays whose masked span starts at a line start after a left context of half the
     window; score -log p_judge(span, right | left) per character for both methods. With ``sampler`` edlm the
-    MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included."""
+    MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included. With
+    ``corrector`` S, S sweeps over the span follow: Metropolis-Hastings towards the AR model's likelihood of the
+    window (``corrector_energy``) or Gibbs on the MDLM's own conditionals."""
     x = test_windows(mdlm, None)
     nl = mdlm.tokenizer.encode("\n")[0]
     half, L = mdlm.max_len // 2, mdlm.max_len
@@ -93,13 +103,15 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     for i, (_, s) in enumerate(rows):
         z[i, s:s + span] = mdlm.mask_id
     t0 = time.perf_counter()
-    filled, _ = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k, window=window,
-                              energy_model=ar.log_likelihood if sampler == "edlm" else None)
+    use_ar = sampler == "edlm" or (corrector and corrector_energy)
+    filled, stats = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k, window=window,
+                                  energy_model=ar.log_likelihood if use_ar else None, corrector=corrector)
     t_mdlm = time.perf_counter() - t0
     continued = torch.stack([w.clone() for w, _ in rows])
+    g_ar = torch.Generator().manual_seed(seed + 1)  # its own draws: the same baseline beside every MDLM row
     t0 = time.perf_counter()
     for i, (w, s) in enumerate(rows):  # the AR model sees only the left side
-        continued[i, s:s + span] = ar_sample(ar, w[None, :s], span, g)[0, s:]
+        continued[i, s:s + span] = ar_sample(ar, w[None, :s], span, g_ar)[0, s:]
     t_ar = time.perf_counter() - t0
 
     def score(seqs):
@@ -113,7 +125,11 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
 
     edlm = sampler == "edlm"
     out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if edlm else None,
-           "window": list(window) if edlm else None,
+           "window": list(window) if edlm else None, "corrector_sweeps": corrector,
+           "corrector": None if not corrector else ("mh-ar" if corrector_energy else "gibbs"),
+           "corrector_acceptance": stats.accepted / stats.proposals if stats.proposals else None,
+           "denoiser_rows_per_line": stats.denoiser_rows / len(rows),
+           "energy_rows_per_line": stats.energy_rows / len(rows),
            "mdlm_infill_ppl": score(filled),
            "ar_continuation_ppl": score(continued), "original_ppl": score(torch.stack([w for w, _ in rows])),
            "mdlm_seconds": t_mdlm, "ar_seconds": t_ar,
@@ -228,9 +244,14 @@ def main() -> None:
     p.add_argument("--edlm-window", type=time_window, default=EDLM_WINDOW, metavar="LO,HI",
                    help="t range of EDLM's importance sampling")
     p.add_argument("--infill-k", type=int, default=8, help="EDLM candidates per step for infilling")
+    p.add_argument("--infill-only", action="store_true", help="only the infilling rows with corrector sweeps "
+                   "(docstring, item 6)")
+    p.add_argument("--infill-sweeps", default="0,2,8,32", help="MH sweeps towards the AR likelihood (item 6)")
+    p.add_argument("--infill-gibbs", default="2,8", help="Gibbs sweeps on the MDLM alone (item 6; '' for none)")
     p.add_argument("--lines", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(RESULTS / "diffusion_lm.json"))
+    p.add_argument("--out", default=None, help="default: results/diffusion_lm.json (diffusion_lm_infill.json with "
+                   "--infill-only; --pairs needs one)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     window = a.edlm_window
@@ -249,6 +270,8 @@ def main() -> None:
         if any(len(pair.split(",")) != 2 for pair in a.pairs):
             p.error("--pairs takes MDLM,AR model directories, a pair per argument")
         judge = TextLM.load(a.judge) if a.judge else None
+        if not a.out:
+            p.error("--pairs needs --out FILE (the main results file is not theirs)")
         result = {"pairs": [pair_run(pair, a, judge) for pair in a.pairs]}
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +281,17 @@ def main() -> None:
     if not a.judge:
         p.error("--judge is required (a separately trained AR model directory)")
     mdlm, ar, judge = TextLM.load(a.mdlm), TextLM.load(a.ar), TextLM.load(a.judge)
+    if a.infill_only:
+        sweeps = [(int(x), True) for x in a.infill_sweeps.split(",") if x.strip()]
+        sweeps += [(int(x), False) for x in a.infill_gibbs.split(",") if x.strip()]
+        result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path), "threads": a.threads,
+                  "infill": [infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, corrector=n,
+                                        corrector_energy=mh) for n, mh in sweeps]}
+        out = Path(a.out or RESULTS / "diffusion_lm_infill.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return
     result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path),
               "mdlm_metrics": mdlm.config.get("metrics"), "ar_metrics": ar.config.get("metrics"),
               "judge_metrics": judge.config.get("metrics"), "threads": a.threads}
@@ -278,7 +312,7 @@ def main() -> None:
     result["infill"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2)
     result["infill_edlm"] = infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, sampler="edlm",
                                        k=a.infill_k, window=window)
-    out = Path(a.out)
+    out = Path(a.out or RESULTS / "diffusion_lm.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))

@@ -243,6 +243,35 @@ def test_generate_text_window_limits_importance_sampling(tiny_text_models, capsy
         assert "--window" in err and "Traceback" not in err
 
 
+def test_generate_text_corrector_sweeps_mh_with_an_energy_gibbs_without(tiny_text_models, capsys, tmp_path):
+    """--corrector N: MH towards the AR energy (scoring its proposals) when an energy is given, Gibbs (accepting
+    all) otherwise; the passage's given sides stay, and the same seed gives the same text."""
+    import json
+
+    from reverie.cli import main
+
+    model, energy = str(tiny_text_models["mdlm"]), str(tiny_text_models["ar"])
+    template = "To be, or [MASK*8] the question"
+    records = {}
+    for name, extra in (("mh", ["--energy", energy]), ("mh2", ["--energy", energy]), ("gibbs", [])):
+        out = tmp_path / f"{name}.json"
+        assert main(["generate-text", "--model", model, "--infill", template, "--sampler", "caching", "--corrector",
+                     "3", "--seed", "4", "--n", "4", "--json", str(out), *extra]) == 0
+        records[name] = json.loads(out.read_text())
+    capsys.readouterr()
+    for r in records.values():
+        assert all(t.startswith("To be, or ") and t.endswith(" the question") for t in r["texts"])
+    assert records["mh"]["texts"] == records["mh2"]["texts"]
+    assert records["gibbs"]["corrector_acceptance"] == 1.0 and records["gibbs"]["energy_rows"] == 0
+    # (a 3-step model is near uniform, so MH accepts nearly everything here; test_discrete.py checks its law)
+    assert 0 < records["mh"]["corrector_acceptance"] <= 1 and records["mh"]["energy_rows"] > 0
+    assert records["mh"]["texts"] != records["gibbs"]["texts"]
+    assert records["mh"]["corrector"] == 3
+    with pytest.raises(SystemExit):
+        main(["generate-text", "--model", model, "--corrector", "-1"])
+    assert "--corrector" in capsys.readouterr().err
+
+
 def test_generative_metrics_ppl_and_its_standard_error(tiny_text_models):
     """gen-ppl is exp(judge nats / characters) over all samples; its bootstrap standard error is 0 when every
     sample is the same and near the delta-method value when they differ."""

@@ -31,6 +31,10 @@ def add_commands(sub, fmt) -> None:
                         "outside it (default: the model's, 0,1 = every step)")
     t.add_argument("--energy", default=None,
                    help="edlm: the AR energy model (default: the model's, e.g. the shipped shakespeare-ar)")
+    t.add_argument("--corrector", type=at_least(0), default=0, metavar="SWEEPS",
+                   help="after sampling, sweeps of one-token corrections over the generated positions: "
+                        "Metropolis-Hastings towards the AR energy's likelihood (with --sampler edlm or --energy), "
+                        "Gibbs on the model's own conditionals otherwise")
     t.add_argument("--n", type=at_least(1), default=1, help="number of samples")
     t.add_argument("--seed", type=at_least(0), default=0, help="same seed, same text")
     t.add_argument("--json", default=None, help="also write the texts and settings as JSON here")
@@ -71,13 +75,13 @@ def generate_text_command(args) -> int:
     lm = TextLM.load(args.model)
     defaults = lm.config.get("sample", {})
     sampler = args.sampler or defaults.get("sampler", "caching")
-    energy = load_energy(lm, args.energy) if sampler == "edlm" else None
+    energy = load_energy(lm, args.energy) if sampler == "edlm" or args.energy else None
     settings = {"sampler": sampler, "steps": args.steps or defaults.get("steps", 128),
                 "k": args.k or defaults.get("k", 4),
                 "window": args.window or tuple(defaults.get("window", EDLM_WINDOW)),
-                "length": args.length or defaults.get("length"), "seed": args.seed}
+                "length": args.length or defaults.get("length"), "seed": args.seed, "corrector": args.corrector}
     texts, stats = generate_text(lm, prompt, settings["length"], settings["steps"], sampler, energy, settings["k"],
-                                 settings["window"], args.seed, args.n, args.infill)
+                                 settings["window"], args.seed, args.n, args.infill, corrector=args.corrector)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
@@ -85,7 +89,8 @@ def generate_text_command(args) -> int:
     if args.json:
         record = {"model": str(lm.path), "prompt": prompt, "infill": args.infill, **settings,
                   "energy": str(energy.path) if energy is not None else None, "texts": texts,
-                  "denoiser_rows": stats.denoiser_rows, "energy_rows": stats.energy_rows}
+                  "denoiser_rows": stats.denoiser_rows, "energy_rows": stats.energy_rows,
+                  "corrector_acceptance": stats.accepted / stats.proposals if stats.proposals else None}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
