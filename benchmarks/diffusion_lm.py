@@ -32,7 +32,10 @@ Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
    MDLM's own conditionals (``--infill-gibbs``), each row beside the same AR continuation:
 
     python benchmarks/diffusion_lm.py --infill-only --judge J [--infill-sweeps 0,2,8,32] [--infill-gibbs 2,8]
-        [--out benchmarks/results/diffusion_lm_infill.json]
+        [--infill-block B] [--out benchmarks/results/diffusion_lm_infill.json]
+
+   ``--infill-block`` B: blocks of B adjacent span tokens redrawn together (a chain of B MDLM calls; MH also
+   scores the old block under the same chain), where single tokens must pass through misspellings.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int
 
 def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
                sampler: str = "caching", k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
-               corrector: int = 0, corrector_energy: bool = True) -> dict:
+               corrector: int = 0, corrector_energy: bool = True, corrector_block: int = 1) -> dict:
     """Windows of the test plays whose masked span starts at a line start after a left context of half the
     window; score -log p_judge(span, right | left) per character for both methods. With ``sampler`` edlm the
     MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included. With
@@ -105,7 +108,8 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     t0 = time.perf_counter()
     use_ar = sampler == "edlm" or (corrector and corrector_energy)
     filled, stats = sample_masked(mdlm.denoise, z, steps, mdlm.mask_id, g, sampler=sampler, k=k, window=window,
-                                  energy_model=ar.log_likelihood if use_ar else None, corrector=corrector)
+                                  energy_model=ar.log_likelihood if use_ar else None, corrector=corrector,
+                                  corrector_block=corrector_block)
     t_mdlm = time.perf_counter() - t0
     continued = torch.stack([w.clone() for w, _ in rows])
     g_ar = torch.Generator().manual_seed(seed + 1)  # its own draws: the same baseline beside every MDLM row
@@ -125,7 +129,7 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
 
     edlm = sampler == "edlm"
     out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if edlm else None,
-           "window": list(window) if edlm else None, "corrector_sweeps": corrector,
+           "window": list(window) if edlm else None, "corrector_sweeps": corrector, "corrector_block": corrector_block,
            "corrector": None if not corrector else ("mh-ar" if corrector_energy else "gibbs"),
            "corrector_acceptance": stats.accepted / stats.proposals if stats.proposals else None,
            "denoiser_rows_per_line": stats.denoiser_rows / len(rows),
@@ -248,6 +252,7 @@ def main() -> None:
                    "(docstring, item 6)")
     p.add_argument("--infill-sweeps", default="0,2,8,32", help="MH sweeps towards the AR likelihood (item 6)")
     p.add_argument("--infill-gibbs", default="2,8", help="Gibbs sweeps on the MDLM alone (item 6; '' for none)")
+    p.add_argument("--infill-block", type=int, default=1, help="tokens per corrector move (item 6)")
     p.add_argument("--lines", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="default: results/diffusion_lm.json (diffusion_lm_infill.json with "
@@ -286,7 +291,7 @@ def main() -> None:
         sweeps += [(int(x), False) for x in a.infill_gibbs.split(",") if x.strip()]
         result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path), "threads": a.threads,
                   "infill": [infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, corrector=n,
-                                        corrector_energy=mh) for n, mh in sweeps]}
+                                        corrector_energy=mh, corrector_block=a.infill_block) for n, mh in sweeps]}
         out = Path(a.out or RESULTS / "diffusion_lm_infill.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

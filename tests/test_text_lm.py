@@ -253,7 +253,8 @@ def test_generate_text_corrector_sweeps_mh_with_an_energy_gibbs_without(tiny_tex
     model, energy = str(tiny_text_models["mdlm"]), str(tiny_text_models["ar"])
     template = "To be, or [MASK*8] the question"
     records = {}
-    for name, extra in (("mh", ["--energy", energy]), ("mh2", ["--energy", energy]), ("gibbs", [])):
+    for name, extra in (("mh", ["--energy", energy]), ("mh2", ["--energy", energy]),
+                        ("gibbs", ["--corrector-block", "1"])):
         out = tmp_path / f"{name}.json"
         assert main(["generate-text", "--model", model, "--infill", template, "--sampler", "caching", "--corrector",
                      "3", "--seed", "4", "--n", "4", "--json", str(out), *extra]) == 0
@@ -266,7 +267,8 @@ def test_generate_text_corrector_sweeps_mh_with_an_energy_gibbs_without(tiny_tex
     # (a 3-step model is near uniform, so MH accepts nearly everything here; test_discrete.py checks its law)
     assert 0 < records["mh"]["corrector_acceptance"] <= 1 and records["mh"]["energy_rows"] > 0
     assert records["mh"]["texts"] != records["gibbs"]["texts"]
-    assert records["mh"]["corrector"] == 3
+    assert records["mh"]["corrector"] == 3 and records["mh"]["corrector_block"] == 6  # the default
+    assert records["gibbs"]["corrector_block"] == 1
     with pytest.raises(SystemExit):
         main(["generate-text", "--model", model, "--corrector", "-1"])
     assert "--corrector" in capsys.readouterr().err

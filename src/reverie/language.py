@@ -161,12 +161,12 @@ def ar_sample(lm: TextLM, prefix: Tensor, new_tokens: int, g: torch.Generator) -
 def generate_text(lm: TextLM, prompt: str = "", length: int | None = None, steps: int = 128, sampler: str = "caching",
                   energy: TextLM | None = None, k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
                   seed: int = 0, num_samples: int = 1, infill: str | None = None,
-                  callback=None, corrector: int = 0) -> tuple[list[str], SamplerStats]:
+                  callback=None, corrector: int = 0, corrector_block: int = 1) -> tuple[list[str], SamplerStats]:
     """Texts from a masked diffusion model: ``length`` tokens that start with ``prompt``, or ``infill``'s
     template with its masked spans filled (module docstring). ``callback(i, z)`` is called after each step
-    (``sample_masked``'s; ``reverie serve`` uses it for progress and cancel). ``corrector`` sweeps follow:
-    Metropolis-Hastings towards ``energy``'s joint when an energy model is given, Gibbs on ``lm``'s own
-    conditionals otherwise (``reverie.discrete.sampling``)."""
+    (``sample_masked``'s; ``reverie serve`` uses it for progress and cancel). ``corrector`` sweeps in blocks of
+    ``corrector_block`` tokens follow: Metropolis-Hastings towards ``energy``'s joint when an energy model is
+    given, redraws from ``lm`` alone otherwise (Gibbs for block 1; ``reverie.discrete.sampling``)."""
     if lm.objective != "mdlm":
         raise ValueError(f"{lm.path} is an AR model; generate-text samples masked diffusion models")
     if sampler not in MASKED_SAMPLERS:
@@ -190,7 +190,7 @@ def generate_text(lm: TextLM, prompt: str = "", length: int | None = None, steps
     tokens, stats = sample_masked(lm.denoise, z.repeat(num_samples, 1), steps, lm.mask_id, g, sampler=sampler,
                                   energy_model=energy_fn, k=k, window=window,
                                   time_conditioned=lm.net.config.time_conditioning, callback=callback,
-                                  corrector=corrector)
+                                  corrector=corrector, corrector_block=corrector_block)
     return [lm.decode(row.tolist()) for row in tokens], stats
 
 

@@ -120,7 +120,7 @@ def sample_masked(denoise: Denoise, z: Tensor, steps: int, mask_id: int, g: torc
                   sampler: str = "caching", energy_model: LogLikelihood | None = None, k: int = 2,
                   window: tuple[float, float] = EDLM_WINDOW, time_conditioned: bool = False,
                   schedule: LogLinearSchedule | None = None, callback=None,
-                  corrector: int = 0) -> tuple[Tensor, SamplerStats]:
+                  corrector: int = 0, corrector_block: int = 1) -> tuple[Tensor, SamplerStats]:
     """Fill every ``mask_id`` position of ``z`` (B, L) over ``steps`` steps; other positions (a prompt,
     both sides of an infill) stay as given; then ``corrector`` sweeps of :func:`corrector_sweeps` (MH towards
     ``energy_model``'s joint when given, Gibbs on the denoiser otherwise). Returns the tokens and what it
@@ -131,8 +131,8 @@ def sample_masked(denoise: Denoise, z: Tensor, steps: int, mask_id: int, g: torc
         raise ValueError(f"steps must be >= 1, got {steps}")
     if sampler == "edlm" and (energy_model is None or k < 1):
         raise ValueError("the edlm sampler needs an energy model (an AR text model) and k >= 1")
-    if corrector < 0:
-        raise ValueError(f"corrector sweeps must be >= 0, got {corrector}")
+    if corrector < 0 or corrector_block < 1:
+        raise ValueError(f"corrector sweeps must be >= 0 and its block >= 1, got {corrector} and {corrector_block}")
     schedule = schedule or LogLinearSchedule(eps=0.0)
     cache = sampler != "ancestral" and not time_conditioned
     editable = z == mask_id
@@ -164,55 +164,85 @@ def sample_masked(denoise: Denoise, z: Tensor, steps: int, mask_id: int, g: torc
         if callback is not None:
             callback(i, z)
     if corrector:
-        z = corrector_sweeps(denoise, z, editable, corrector, mask_id, g, energy_model, stats)
+        z = corrector_sweeps(denoise, z, editable, corrector, mask_id, g, energy_model, stats, corrector_block)
     return z, stats
 
 
 def corrector_sweeps(denoise: Denoise, x: Tensor, editable: Tensor, sweeps: int, mask_id: int, g: torch.Generator,
-                     energy_model: LogLikelihood | None = None, stats: SamplerStats | None = None) -> Tensor:
-    """``sweeps`` passes over the ``editable`` positions of ``x`` (B, L), the j-th editable position of every
-    row at once: re-mask it, propose from the denoiser's conditional, and keep the proposal always (Gibbs,
-    no ``energy_model``) or with the Metropolis-Hastings probability towards ``energy_model``'s joint
-    (module docstring). The denoiser is called with t = the fraction of the row that is masked (one token)."""
+                     energy_model: LogLikelihood | None = None, stats: SamplerStats | None = None,
+                     block: int = 1) -> Tensor:
+    """``sweeps`` passes over the ``editable`` positions of ``x`` (B, L) in blocks of ``block`` consecutive
+    ones (each row's j-th to (j + block - 1)-th editable position, all rows at once; the block boundaries
+    shift by half a block every other sweep). A block is re-masked and redrawn position by position, left to
+    right, each token from the denoiser's conditional given the rest (a chain of ``block`` calls), and the
+    redrawn block is kept always (no ``energy_model``: for ``block`` 1, Gibbs on the denoiser) or with the
+    Metropolis-Hastings probability towards ``energy_model``'s joint, whose reverse proposal probability
+    (the old block under the same chain) costs ``block`` - 1 more calls (module docstring). The denoiser is
+    called with t = 1 / L. Blocks move words where single tokens must pass through misspellings: on the
+    shipped Shakespeare pair, blocks of 6 reached in 8 sweeps what single tokens had not in 32 (README)."""
+    if block < 1:
+        raise ValueError(f"corrector block must be >= 1, got {block}")
     stats = stats if stats is not None else SamplerStats()
     x = x.clone()
     B, L = x.shape
     counts = editable.sum(dim=1)
     order = torch.argsort((~editable).to(torch.int8), dim=1, stable=True)  # each row's editable positions first
-    log_e = energy_model(x).double() if energy_model is not None else None
-    if energy_model is not None:
+    n_max = int(counts.max()) if B else 0
+    log_e = None
+    if energy_model is not None and n_max:
+        log_e = energy_model(x).double()
         stats.energy_rows += B
-    for _ in range(sweeps):
-        for j in range(int(counts.max()) if B else 0):
-            rows = (counts > j).nonzero().squeeze(-1)
-            pos = order[rows, j]
-            z = x[rows].clone()
-            z[torch.arange(len(rows)), pos] = mask_id
-            t = torch.full((len(rows),), 1.0 / L, dtype=torch.float64)
-            log_q = subs_log_probs(denoise(z, t), z, mask_id)[torch.arange(len(rows)), pos].double()  # (R, V)
+
+    def chain(z, first, pos, valid, given=None):
+        """Walk the block left to right from ``first`` (the logits with the whole block masked): draw each
+        token (``given`` None) or read it from ``given``; returns the tokens and their summed log q."""
+        out, total, lp = z.clone(), torch.zeros(len(z), dtype=torch.float64), first
+        idx = torch.arange(len(z))
+        for k, (p, v) in enumerate(zip(pos, valid)):
+            lpk = lp[idx, p].double()
+            tok = sample_categorical(lpk, g).to(z.device) if given is None else given[idx, p]
+            tok = torch.where(v, tok, out[idx, p])
+            total += torch.where(v, lpk[idx, tok], torch.zeros_like(total))
+            out[idx, p] = tok
+            if k + 1 < len(pos):
+                lp = subs_log_probs(denoise(out, t_rows[: len(z)]), out, mask_id)
+                stats.denoiser_rows += len(z)
+        return out, total
+
+    t_rows = torch.full((B,), 1.0 / L, dtype=torch.float64)
+    for sweep in range(sweeps):
+        offset = (sweep % 2) * (block // 2)
+        for j0 in range(-offset, n_max, block):
+            js = [j for j in range(j0, j0 + block) if 0 <= j < n_max]
+            rows = (counts > js[0]).nonzero().squeeze(-1)
+            idx = torch.arange(len(rows))
+            cur = x[rows]
+            valid = [counts[rows] > j for j in js]
+            pos = [order[rows, j] for j in js]
+            z = cur.clone()
+            for p, v in zip(pos, valid):
+                z[idx[v], p[v]] = mask_id
+            first = subs_log_probs(denoise(z, t_rows[: len(rows)]), z, mask_id)
             stats.denoiser_rows += len(rows)
-            old = x[rows, pos]
-            new = sample_categorical(log_q, g).to(x.device)
+            new, lq_new = chain(z, first, pos, valid)
             stats.proposals += len(rows)
             if energy_model is None:
-                x[rows, pos] = new
+                x[rows] = new
                 stats.accepted += len(rows)
                 continue
-            moved = (new != old).nonzero().squeeze(-1)  # an unchanged token is accepted trivially
+            moved = (new != cur).any(dim=1).nonzero().squeeze(-1)  # an unchanged block is accepted trivially
+            stats.accepted += len(rows) - len(moved)
             if len(moved) == 0:
-                stats.accepted += len(rows)
                 continue
-            r, p = rows[moved], pos[moved]
-            proposal = x[r].clone()
-            proposal[torch.arange(len(r)), p] = new[moved]
-            log_e_new = energy_model(proposal).double().to(log_e.device)
-            stats.energy_rows += len(r)
-            q_old = log_q[moved, old[moved]]
-            q_new = log_q[moved, new[moved]]
-            log_ratio = log_e_new - log_e[r] + q_old.to(log_e.device) - q_new.to(log_e.device)
-            u = torch.rand(len(r), generator=g, dtype=torch.float64).to(log_e.device)
-            accept = torch.log(u) < log_ratio
-            x[r[accept], p[accept]] = new[moved][accept]
+            _, lq_old = chain(z[moved], first[moved], [p[moved] for p in pos], [v[moved] for v in valid],
+                              given=cur[moved])
+            log_e_new = energy_model(new[moved]).double().to(log_e.device)
+            stats.energy_rows += len(moved)
+            r = rows[moved]
+            log_ratio = log_e_new - log_e[r] + (lq_old - lq_new[moved]).to(log_e.device)
+            u = torch.rand(len(moved), generator=g, dtype=torch.float64).to(log_e.device)
+            accept = (torch.log(u) < log_ratio).to(x.device)
+            x[r[accept]] = new[moved][accept]
             log_e[r[accept]] = log_e_new[accept]
-            stats.accepted += len(rows) - len(moved) + int(accept.sum())
+            stats.accepted += int(accept.sum())
     return x
