@@ -118,14 +118,21 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
         continued[i, s:s + span] = ar_sample(ar, w[None, :s], span, g_ar)[0, s:]
     t_ar = time.perf_counter() - t0
 
-    def score(seqs):
-        nats, chars = 0.0, 0
+    chars = torch.tensor([L - s for _, s in rows], dtype=torch.float64)
+
+    def line_nats(seqs):
         full = judge.log_likelihood(seqs)
-        for i, (_, s) in enumerate(rows):
-            left = judge.log_likelihood(seqs[i:i + 1, :s])[0]
-            nats += float(left - full[i])
-            chars += L - s
-        return math.exp(nats / chars)
+        return torch.stack([judge.log_likelihood(seqs[i:i + 1, :s])[0] - full[i]
+                            for i, (_, s) in enumerate(rows)]).double()
+
+    def score(nats):
+        return math.exp(float(nats.sum() / chars.sum()))
+
+    nats_mdlm, nats_ar = line_nats(filled), line_nats(continued)
+    # paired bootstrap over lines of log(ppl_mdlm / ppl_ar): negative when the infill wins
+    gb = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(rows), (2000, len(rows)), generator=gb)
+    boot = (nats_mdlm[idx].sum(1) - nats_ar[idx].sum(1)) / chars[idx].sum(1)
 
     edlm = sampler == "edlm"
     out = {"lines": len(rows), "span": span, "steps": steps, "sampler": sampler, "k": k if edlm else None,
@@ -134,8 +141,10 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
            "corrector_acceptance": stats.accepted / stats.proposals if stats.proposals else None,
            "denoiser_rows_per_line": stats.denoiser_rows / len(rows),
            "energy_rows_per_line": stats.energy_rows / len(rows),
-           "mdlm_infill_ppl": score(filled),
-           "ar_continuation_ppl": score(continued), "original_ppl": score(torch.stack([w for w, _ in rows])),
+           "mdlm_infill_ppl": score(nats_mdlm),
+           "ar_continuation_ppl": score(nats_ar), "original_ppl": score(line_nats(torch.stack([w for w, _ in rows]))),
+           "log_ppl_ratio": float((nats_mdlm.sum() - nats_ar.sum()) / chars.sum()),
+           "log_ppl_ratio_se": float(boot.std()),
            "mdlm_seconds": t_mdlm, "ar_seconds": t_ar,
            "examples": [{"left": mdlm.decode(w[:s].tolist())[-60:], "original": mdlm.decode(w[s:s + span].tolist()),
                          "mdlm": mdlm.decode(filled[i, s:s + span].tolist()),
