@@ -32,12 +32,12 @@ def add_commands(sub, fmt) -> None:
     t.add_argument("--energy", default=None,
                    help="edlm: the AR energy model (default: the model's, e.g. the shipped shakespeare-ar)")
     t.add_argument("--corrector", type=at_least(0), default=0, metavar="SWEEPS",
-                   help="after sampling, sweeps of one-token corrections over the generated positions: "
-                        "Metropolis-Hastings towards the AR energy's likelihood (with --sampler edlm or --energy), "
-                        "Gibbs on the model's own conditionals otherwise")
+                   help="after sampling, sweeps of corrections over the generated positions, a block of tokens "
+                        "redrawn at a time: kept by Metropolis-Hastings towards the AR energy's likelihood (with "
+                        "--sampler edlm or --energy), always otherwise (Gibbs for blocks of 1)")
     t.add_argument("--corrector-block", type=at_least(1), default=6, metavar="TOKENS",
-                   help="tokens redrawn together by a corrector move (default 6: with the shipped pair, blocks of 6 "
-                        "reached in 8 sweeps what single tokens had not in 32)")
+                   help="tokens redrawn together by a corrector move (with the shipped pair, infill judge "
+                        "perplexity 5.02 after 16 sweeps of 6, 5.64 after 32 of 1)")
     t.add_argument("--n", type=at_least(1), default=1, help="number of samples")
     t.add_argument("--seed", type=at_least(0), default=0, help="same seed, same text")
     t.add_argument("--json", default=None, help="also write the texts and settings as JSON here")
