@@ -35,7 +35,9 @@ Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
         [--infill-block B] [--out benchmarks/results/diffusion_lm_infill.json]
 
    ``--infill-block`` B: blocks of B adjacent span tokens redrawn together (a chain of B MDLM calls; MH also
-   scores the old block under the same chain), where single tokens must pass through misspellings.
+   scores the old block under the same chain), where single tokens must pass through misspellings. The
+   output's ``true_span``: each model's bits per character on the true spans (the MDLM by the chain rule with
+   both sides, the AR model from the left only).
 """
 
 from __future__ import annotations
@@ -83,6 +85,48 @@ def sample_run(mdlm: TextLM, ar: TextLM, judge: TextLM, sampler: str, steps: int
     return row
 
 
+def infill_lines(mdlm: TextLM, lines: int, span: int) -> list[tuple[torch.Tensor, int]]:
+    """The first ``lines`` test windows with a line start within 16 tokens of the middle that leaves room for
+    ``span`` tokens and 8 more: (window, span start) pairs."""
+    nl = mdlm.tokenizer.encode("\n")[0]
+    half, L = mdlm.max_len // 2, mdlm.max_len
+    rows = []
+    for w in test_windows(mdlm, None):
+        starts = [i + 1 for i in range(half - 16, half + 16) if w[i] == nl and i + 1 + span < L - 8]
+        if starts:
+            rows.append((w, starts[0]))
+        if len(rows) == lines:
+            break
+    return rows
+
+
+@torch.no_grad()
+def true_span_bits(mdlm: TextLM, ar: TextLM, lines: int, span: int) -> dict:
+    """How well each model predicts the true span of the infill lines, bits per character: the MDLM by the
+    chain rule with both sides visible (the span unmasked left to right, one token a call) and the AR model
+    from the left side only."""
+    rows = infill_lines(mdlm, lines, span)
+    x = torch.stack([w for w, _ in rows])
+    starts = torch.tensor([s for _, s in rows])
+    idx = torch.arange(len(rows))
+    z = x.clone()
+    for j in range(span):
+        z[idx, starts + j] = mdlm.mask_id
+    t = torch.ones(len(rows), dtype=torch.float64)
+    mdlm_nats = 0.0
+    for j in range(span):
+        log_p = torch.log_softmax(mdlm.denoise(z, t).double(), -1)
+        mdlm_nats -= float(log_p[idx, starts + j, x[idx, starts + j]].sum())
+        z[idx, starts + j] = x[idx, starts + j]
+    ar_nats = -sum(float(ar.log_likelihood(w[None, :s + span])[0] - ar.log_likelihood(w[None, :s])[0])
+                   for w, s in rows)
+    n = len(rows) * span * math.log(2)
+    out = {"lines": len(rows), "span": span, "mdlm_chain_both_sides_bpc": mdlm_nats / n,
+           "ar_left_only_bpc": ar_nats / n}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, steps: int, seed: int,
                sampler: str = "caching", k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
                corrector: int = 0, corrector_energy: bool = True, corrector_block: int = 1) -> dict:
@@ -91,16 +135,7 @@ def infill_run(mdlm: TextLM, ar: TextLM, judge: TextLM, lines: int, span: int, s
     MDLM's candidates are weighted by the AR model's likelihood of the whole window, both sides included. With
     ``corrector`` S, S sweeps over the span follow: Metropolis-Hastings towards the AR model's likelihood of the
     window (``corrector_energy``) or Gibbs on the MDLM's own conditionals."""
-    x = test_windows(mdlm, None)
-    nl = mdlm.tokenizer.encode("\n")[0]
-    half, L = mdlm.max_len // 2, mdlm.max_len
-    rows = []
-    for w in x:
-        starts = [i + 1 for i in range(half - 16, half + 16) if w[i] == nl and i + 1 + span < L - 8]
-        if starts:
-            rows.append((w, starts[0]))
-        if len(rows) == lines:
-            break
+    rows, L = infill_lines(mdlm, lines, span), mdlm.max_len
     g = torch.Generator().manual_seed(seed)
     z = torch.stack([w.clone() for w, _ in rows])
     for i, (_, s) in enumerate(rows):
@@ -299,6 +334,7 @@ def main() -> None:
         sweeps = [(int(x), True) for x in a.infill_sweeps.split(",") if x.strip()]
         sweeps += [(int(x), False) for x in a.infill_gibbs.split(",") if x.strip()]
         result = {"mdlm": str(mdlm.path), "ar": str(ar.path), "judge": str(judge.path), "threads": a.threads,
+                  "true_span": true_span_bits(mdlm, ar, a.lines, span=24),
                   "infill": [infill_run(mdlm, ar, judge, a.lines, span=24, steps=24, seed=2, corrector=n,
                                         corrector_energy=mh, corrector_block=a.infill_block) for n, mh in sweeps]}
         out = Path(a.out or RESULTS / "diffusion_lm_infill.json")

@@ -78,7 +78,7 @@ def generate_text_command(args) -> int:
     lm = TextLM.load(args.model)
     defaults = lm.config.get("sample", {})
     sampler = args.sampler or defaults.get("sampler", "caching")
-    energy = load_energy(lm, args.energy) if sampler == "edlm" or args.energy else None
+    energy = load_energy(lm, args.energy) if sampler == "edlm" or (args.corrector and args.energy) else None
     settings = {"sampler": sampler, "steps": args.steps or defaults.get("steps", 128),
                 "k": args.k or defaults.get("k", 4),
                 "window": args.window or tuple(defaults.get("window", EDLM_WINDOW)),

@@ -21,19 +21,19 @@ SUBS prediction x_theta(z_t): a token still masked at t is revealed at s = t - 1
   weights by softmax(+E): the wrong sign, its issue #3; ``test_discrete.py`` checks ours on a toy.)
 
 Corrector sweeps (``corrector_sweeps`` S > 0, after any sampler): S passes over the positions that were
-masked, each position l in turn re-masked alone and redrawn. Without an energy model this is Gibbs
-sampling on the denoiser's own single-token conditionals x_theta(x with l masked)^l, where it is sharpest
-(every other token visible). With an energy model it is Metropolis-Hastings targeting the energy model's
-joint restricted to the given tokens, p_E(x | unmasked part), with that conditional as the proposal q:
-accept x' (x with x_l replaced by a draw from q) with probability
+masked, a block B of them at a time re-masked and redrawn left to right, each token from the denoiser's
+conditional given everything else (the proposal q(x_B | x without B), a chain of |B| calls). Without an
+energy model the redraw is kept (for one-token blocks: Gibbs on the denoiser's own conditionals, where it
+is sharpest). With an energy model it is Metropolis-Hastings targeting the energy model's joint restricted
+to the given tokens, p_E(x | unmasked part): x' (x with the block redrawn) is kept with probability
 
-    min(1, p_E(x') q(x_l) / (p_E(x) q(x'_l)))
+    min(1, p_E(x') q(x_B) / (p_E(x) q(x'_B)))
 
-(both q's from the same context, x without position l). That is EDLM's target, p_theta * exp(-E) = p_E,
-reached by a Markov chain instead of by importance weights: exact in the limit of sweeps for any proposal
-that can reach every token, and efficient because a one-token proposal from both sides is close to the
-target's own conditional. Infilling uses it: IS with a few candidates of 24 factorized tokens has a tiny
-effective sample size.
+(both q's from the same context, x without B; q(x_B) scores the old block under the same chain). That is
+EDLM's target, p_theta * exp(-E) = p_E, reached by a Markov chain instead of by importance weights: exact
+in the limit of sweeps for any proposal that can reach every block, and efficient because a short block
+proposed from both sides is close to the target's own conditional. Infilling uses it: IS with a few
+candidates of 24 factorized tokens has a tiny effective sample size.
 
 Every categorical draw is made in float64 by inverse CDF: float32 Gumbel-max truncates the Gumbel tail
 and so lowers the sampling temperature (Zheng et al. 2024), which flatters generative perplexity.
@@ -73,8 +73,8 @@ class SamplerStats:
     energy_rows: int = 0
     steps: int = 0
     history: list = field(default_factory=list)
-    proposals: int = 0                  # corrector: single-token proposals (tokens that could change)
-    accepted: int = 0                   # corrector: proposals accepted (with an energy model; Gibbs accepts all)
+    proposals: int = 0                  # corrector: block proposals (one per row and block)
+    accepted: int = 0                   # corrector: proposals kept (all of them without an energy model)
 
 
 def sample_categorical(log_probs: Tensor, g: torch.Generator) -> Tensor:

@@ -64,7 +64,7 @@ class TextModelSection:
     # 24 masks among 104 clean tokens has probability ~1e-17). Same optimum, a wider input distribution.
     # Measured on Shakespeare (2,000-step fine-tunes of the shipped MDLM, 0.5 vs 0): no gain in infilling (judge
     # ppl 8.21 vs 8.08 caching, 6.70 vs 6.94 EDLM k = 8; noise ~0.2) nor in the MDLM's own likelihood of the true
-    # span (2.48 vs 2.47 bits/char): the i.i.d.-trained model already generalizes to one run.
+    # span (benchmarks/diffusion_lm.py --infill-only: true_span): the i.i.d.-trained model generalizes to one run.
     span_masking: float = 0.0
 
 
