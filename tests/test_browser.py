@@ -196,6 +196,19 @@ def test_page_generates_in_a_real_browser():
 
         (expected,), _ = generate_text(TextLM.load("shakespeare-mdlm"), "ROMEO:", 40, 8, "caching", seed=7)
         assert page.inner_text("#texts figure.text-item pre") == expected
+        page.fill("#text-infill", "To be, or [MASK*12] the question")  # an infill with corrector sweeps
+        page.fill("#text-corrector", "2")
+        page.fill("#text-block", "4")
+        page.click("#text-generate")
+        page.wait_for_function("document.querySelectorAll('#texts figure.text-item').length >= 2", timeout=60_000)
+        shown = json.loads(page.get_attribute("#texts figure.text-item", "data-params"))
+        assert shown["corrector"] == 2 and shown["corrector_block"] == 4 and shown["energy"] == "../shakespeare-ar"
+        assert "2 corrector sweeps (blocks of 4, towards ../shakespeare-ar)" in \
+            page.inner_text("#texts figure.text-item figcaption")
+        (infilled,), _ = generate_text(TextLM.load("shakespeare-mdlm"), infill="To be, or [MASK*12] the question",
+                                       steps=8, sampler="caching", seed=7, energy=TextLM.load("shakespeare-ar"),
+                                       corrector=2, corrector_block=4)
+        assert page.inner_text("#texts figure.text-item pre") == infilled
 
 
 def screenshot(path: str) -> None:

@@ -253,6 +253,11 @@ def test_mh_corrector_reaches_the_energy_models_conditional_from_a_wrong_proposa
     same, _ = sample_masked(denoise, z[:50], 4, MASK, torch.Generator().manual_seed(1), energy_model=energy_model,
                             corrector=3, corrector_block=block)
     assert torch.equal(again, same)
+    seen = []  # the callback follows steps 4..1, then sweeps 1..3 as i = 0, -1, -2, with the tokens so far
+    last, _ = sample_masked(denoise, z[:50], 4, MASK, torch.Generator().manual_seed(1), energy_model=energy_model,
+                            corrector=3, corrector_block=block, callback=lambda i, x: seen.append((i, x.clone())))
+    assert [i for i, _ in seen][-3:] == [0, -1, -2] and torch.equal(last, same) and torch.equal(seen[-1][1], same)
+    assert not (seen[-4][1] == MASK).any()
     with pytest.raises(ValueError, match="corrector"):
         sample_masked(denoise, z[:1], 4, MASK, torch.Generator(), corrector=-1)
     with pytest.raises(ValueError, match="block"):

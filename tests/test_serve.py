@@ -566,6 +566,31 @@ def test_text_equals_the_library_and_loads_lazily(text_client, text_lms):
     assert text_client.get("/v1/text/models").json()[0]["loaded"]
     drawn = text_client.post("/v1/text", json={"prompt": "A", "length": 8, "steps": 2, "seed": -1}).json()
     assert 0 <= drawn["parameters"]["seed"] < 2**32 and drawn["parameters"]["sampler"] == "edlm"  # model's own
+    assert drawn["parameters"]["corrector"] == 0 and drawn["corrector_acceptance"] is None
+
+
+def test_text_corrector_is_the_library_s_towards_the_model_s_energy(text_client, text_lms):
+    """corrector sweeps: Metropolis-Hastings towards the model's own AR energy (generate-text --corrector with
+    the shipped pair), the same text as the library for the same seed; the job counts steps + sweeps."""
+    from reverie.language import generate_text
+
+    lm, energy = text_lms
+    listed = text_client.get("/v1/text/models").json()[0]["defaults"]
+    assert listed["corrector"] == 0 and listed["corrector_block"] == 6
+    body = {"infill": "To be, or [MASK*12] the question", "steps": 6, "sampler": "caching", "seed": 3,
+            "corrector": 2, "corrector_block": 4}
+    reply = text_client.post("/v1/text", json=body).json()
+    (expected,), stats = generate_text(lm, infill=body["infill"], steps=6, sampler="caching", energy=energy, seed=3,
+                                       corrector=2, corrector_block=4)
+    assert reply["text"] == expected and stats.proposals > 0
+    assert reply["corrector_acceptance"] == pytest.approx(stats.accepted / stats.proposals)
+    assert reply["parameters"]["energy"] == "../shakespeare-ar" and reply["parameters"]["corrector_block"] == 4
+    (plain,), _ = generate_text(lm, infill=body["infill"], steps=6, sampler="caching", seed=3)
+    assert reply["energy_rows"] > 0 and expected != plain  # (this seed: 2 of 7 block moves kept)
+    job = text_client.post("/v1/jobs/text", json=body).json()
+    assert _wait(lambda: text_client.get(f"/v1/jobs/{job['id']}").json()["state"] == "done")
+    status = text_client.get(f"/v1/jobs/{job['id']}").json()
+    assert status["steps"] == 6 + 2 and status["step"] == 8 and status["result"]["text"] == expected
 
 
 def test_text_job_route_polls_to_the_same_text(text_client):
@@ -591,6 +616,9 @@ def test_text_job_route_polls_to_the_same_text(text_client):
     ({"steps": 1001}, "less than or equal to 1000"),
     ({"steps": "20"}, "valid integer"),
     ({"k": 17}, "less than or equal to 16"),
+    ({"corrector": 65}, "less than or equal to 64"),
+    ({"corrector": -1}, "greater than or equal to 0"),
+    ({"corrector_block": 0}, "greater than or equal to 1"),
     ({"seed": -2}, "greater than or equal to -1"),
     ({"prompt": "x" * 40, "length": 40}, "not shorter than length 40"),
     ({"prompt": "x" * 2001}, "at most 2000 characters"),

@@ -56,7 +56,8 @@ BAD_TEXT = [{"sampler": "nope"}, {"sampler": 3}, {"length": 0}, {"length": 129},
             {"steps": 10**6}, {"k": 0}, {"seed": "1"}, {"prompt": "x" * 200}, {"prompt": ["a"]}, {"model": "../x"},
             {"infill": "[MASK*" + "9" * 1500 + "]"}, {"infill": "[MASK*99999999999]"}, {"infill": "none"},
             {"infill": "[MASK*0]"}, {"infill": "a [MASK]", "prompt": "b"}, {"infill": None, "extra": 1},
-            {"length": 2.5}, {"steps": float("nan")}]
+            {"length": 2.5}, {"steps": float("nan")}, {"corrector": 10**6}, {"corrector_block": -3},
+            {"corrector": "8"}]
 
 
 def malformed(rng: random.Random):

@@ -162,10 +162,10 @@ def generate_text(lm: TextLM, prompt: str = "", length: int | None = None, steps
                   energy: TextLM | None = None, k: int = 4, window: tuple[float, float] = EDLM_WINDOW,
                   seed: int = 0, num_samples: int = 1, infill: str | None = None,
                   callback=None, corrector: int = 0, corrector_block: int = 1) -> tuple[list[str], SamplerStats]:
-    """Texts from a masked diffusion model: ``length`` tokens that start with ``prompt``, or ``infill``'s
-    template with its masked spans filled (module docstring). ``callback(i, z)`` is called after each step
-    (``sample_masked``'s; ``reverie serve`` uses it for progress and cancel). ``corrector`` sweeps in blocks of
-    ``corrector_block`` tokens follow: Metropolis-Hastings towards ``energy``'s joint when an energy model is
+    """Texts from a masked diffusion model: ``length`` tokens that start with ``prompt``, or ``infill``'s template with
+    its masked spans filled (module docstring). ``callback(i, z)`` is called after each step and each corrector
+    sweep (``sample_masked``'s; ``reverie serve`` uses it for progress and cancel). ``corrector`` sweeps in blocks
+    of ``corrector_block`` tokens follow: Metropolis-Hastings towards ``energy``'s joint when an energy model is
     given, redraws from ``lm`` alone otherwise (Gibbs for block 1; ``reverie.discrete.sampling``)."""
     if lm.objective != "mdlm":
         raise ValueError(f"{lm.path} is an AR model; generate-text samples masked diffusion models")

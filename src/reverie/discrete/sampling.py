@@ -124,7 +124,8 @@ def sample_masked(denoise: Denoise, z: Tensor, steps: int, mask_id: int, g: torc
     """Fill every ``mask_id`` position of ``z`` (B, L) over ``steps`` steps; other positions (a prompt,
     both sides of an infill) stay as given; then ``corrector`` sweeps of :func:`corrector_sweeps` (MH towards
     ``energy_model``'s joint when given, Gibbs on the denoiser otherwise). Returns the tokens and what it
-    cost (module docstring)."""
+    cost (module docstring). ``callback(i, z)`` follows step i = steps, ..., 1 and then sweep s = 1, 2, ...
+    with i = 1 - s, so that ``steps - i + 1`` counts both (a progress bar, ``reverie serve``'s cancel)."""
     if sampler not in MASKED_SAMPLERS:
         raise ValueError(f"unknown text sampler {sampler!r}; choose one of {', '.join(MASKED_SAMPLERS)}")
     if steps < 1:
@@ -164,21 +165,23 @@ def sample_masked(denoise: Denoise, z: Tensor, steps: int, mask_id: int, g: torc
         if callback is not None:
             callback(i, z)
     if corrector:
-        z = corrector_sweeps(denoise, z, editable, corrector, mask_id, g, energy_model, stats, corrector_block)
+        swept = None if callback is None else (lambda sweep, x: callback(1 - sweep, x))
+        z = corrector_sweeps(denoise, z, editable, corrector, mask_id, g, energy_model, stats, corrector_block,
+                             callback=swept)
     return z, stats
 
 
 def corrector_sweeps(denoise: Denoise, x: Tensor, editable: Tensor, sweeps: int, mask_id: int, g: torch.Generator,
                      energy_model: LogLikelihood | None = None, stats: SamplerStats | None = None,
-                     block: int = 1) -> Tensor:
-    """``sweeps`` passes over the ``editable`` positions of ``x`` (B, L) in blocks of ``block`` consecutive
-    ones (each row's j-th to (j + block - 1)-th editable position, all rows at once; the block boundaries
-    shift by half a block every other sweep). A block is re-masked and redrawn position by position, left to
-    right, each token from the denoiser's conditional given the rest (a chain of ``block`` calls), and the
-    redrawn block is kept always (no ``energy_model``: for ``block`` 1, Gibbs on the denoiser) or with the
-    Metropolis-Hastings probability towards ``energy_model``'s joint, whose reverse proposal probability
-    (the old block under the same chain) costs ``block`` - 1 more calls (module docstring). The denoiser is
-    called with t = 1 / L. Blocks move words where single tokens must pass through misspellings: on the
+                     block: int = 1, callback=None) -> Tensor:
+    """``sweeps`` passes over the ``editable`` positions of ``x`` (B, L) in blocks of ``block`` consecutive ones (each
+    row's j-th to (j + block - 1)-th editable position, all rows at once; the block boundaries shift by half a block
+    every other sweep). A block is re-masked and redrawn position by position, left to right, each token from the
+    denoiser's conditional given the rest (a chain of ``block`` calls), and the redrawn block is kept always (no
+    ``energy_model``: for ``block`` 1, Gibbs on the denoiser) or with the Metropolis-Hastings probability towards
+    ``energy_model``'s joint, whose reverse proposal probability (the old block under the same chain) costs
+    ``block`` - 1 more calls (module docstring). The denoiser is called with t = 1 / L; ``callback(s, x)`` follows
+    sweep s = 1, ..., ``sweeps``. Blocks move words where single tokens must pass through misspellings: on the
     shipped Shakespeare pair, blocks of 6 reached in 8 sweeps what single tokens had not in 32 (README)."""
     if block < 1:
         raise ValueError(f"corrector block must be >= 1, got {block}")
@@ -245,4 +248,6 @@ def corrector_sweeps(denoise: Denoise, x: Tensor, editable: Tensor, sweeps: int,
             x[r[accept]] = new[moved][accept]
             log_e[r[accept]] = log_e_new[accept]
             stats.accepted += int(accept.sum())
+        if callback is not None:
+            callback(sweep + 1, x)
     return x

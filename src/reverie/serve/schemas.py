@@ -26,6 +26,7 @@ MAX_GRID_POINTS = MAX_STEPS + 1
 MAX_LAYOUT_OBJECTS = 16
 MAX_TEXT_LENGTH = 4096       # tokens of a generated text (a model's own context bounds it further)
 MAX_TEXT_K = 16              # edlm candidates per step
+MAX_TEXT_CORRECTOR = 64      # corrector sweeps after sampling (32 take ~10 s per 24-character infill on one thread)
 
 Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
 Name = Annotated[StrictStr, Field(max_length=200)]
@@ -116,7 +117,9 @@ class PngInfoRequest(BaseModel):
 class TextRequest(BaseModel):
     """``POST /v1/text``: text from a masked diffusion text model. ``prompt``: the fixed start of ``length``
     tokens; or ``infill``: a whole passage whose ``[MASK]`` / ``[MASK*N]`` spans are written. Missing fields are
-    the model's own (``GET /v1/text/models``); ``seed`` -1 draws one (the reply says which)."""
+    the model's own (``GET /v1/text/models``); ``seed`` -1 draws one (the reply says which). ``corrector``
+    sweeps in blocks of ``corrector_block`` tokens then redraw the written text: Metropolis-Hastings towards the
+    model's AR energy where it has one (the best infills measured), Gibbs on the model alone otherwise."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -126,5 +129,7 @@ class TextRequest(BaseModel):
     steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = None
     sampler: Annotated[StrictStr, Field(max_length=20)] | None = None
     k: Annotated[StrictInt, Field(ge=1, le=MAX_TEXT_K)] | None = None
+    corrector: Annotated[StrictInt, Field(ge=0, le=MAX_TEXT_CORRECTOR)] | None = None
+    corrector_block: Annotated[StrictInt, Field(ge=1, le=MAX_TEXT_LENGTH)] | None = None
     seed: Annotated[StrictInt, Field(ge=-1, le=2**63 - 1)] = -1
     model: Name | None = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from .worker import ImageSpec, Interrupted, Job, JobError, ModelWorker
 
 _SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")  # as reverie.language reads them
+CORRECTOR_BLOCK = 6  # generate-text's default: blocks of 6 gave the best infills of the shipped pair (README)
 
 
 class TextModel:
@@ -41,7 +42,9 @@ class TextModel:
         sample = self.config.get("sample", {})
         self.defaults = {"sampler": sample.get("sampler", "caching"), "steps": int(sample.get("steps", 128)),
                          "length": int(sample.get("length") or self.max_len), "k": int(sample.get("k", 4)),
-                         "window": tuple(sample.get("window", EDLM_WINDOW))}
+                         "window": tuple(sample.get("window", EDLM_WINDOW)),
+                         "corrector": int(sample.get("corrector", 0)),
+                         "corrector_block": int(sample.get("corrector_block", CORRECTOR_BLOCK))}
         self.energy_name = sample.get("energy") or None
         self._lm = self._energy = None
         self._lock = threading.Lock()
@@ -129,6 +132,8 @@ def make_text_job(models: dict[str, TextModel], default: str | None, req, timeou
         raise JobError(422, "InvalidRequest", f"unknown text sampler {sampler!r} for {name}; choose one of "
                                               f"{', '.join(model.samplers())}")
     steps, k = req.steps or d["steps"], req.k or d["k"]
+    corrector = d["corrector"] if req.corrector is None else req.corrector
+    block = req.corrector_block or d["corrector_block"]
     if req.infill is not None:
         if req.prompt:
             raise JobError(422, "InvalidRequest", "infill takes the whole passage; give no prompt with it")
@@ -154,19 +159,23 @@ def make_text_job(models: dict[str, TextModel], default: str | None, req, timeou
     seed = secrets.randbelow(2**32) if req.seed == -1 else req.seed
     params = {"model": name, "prompt": req.prompt, "infill": req.infill, "length": length, "steps": steps,
               "sampler": sampler, "k": k, "window": list(d["window"]), "seed": seed,
-              "energy": model.energy_name if sampler == "edlm" else None}
+              "corrector": corrector, "corrector_block": block,
+              "energy": model.energy_name if sampler == "edlm" or corrector else None}
 
     def run(callback) -> dict:
         from ..language import generate_text
 
         start = time.perf_counter()
-        energy = model.energy() if sampler == "edlm" else None
+        energy = model.energy() if params["energy"] else None
         texts, stats = generate_text(model.lm(), req.prompt, length, steps, sampler, energy, k, d["window"], seed,
-                                     1, req.infill, callback=callback)
+                                     1, req.infill, callback=lambda i, z: callback(i + corrector, z),
+                                     corrector=corrector, corrector_block=block)  # job.step counts steps + sweeps
         return {"text": texts[0], "parameters": params, "denoiser_rows": stats.denoiser_rows,
-                "energy_rows": stats.energy_rows, "seconds": round(time.perf_counter() - start, 3)}
+                "energy_rows": stats.energy_rows,
+                "corrector_acceptance": stats.accepted / stats.proposals if stats.proposals else None,
+                "seconds": round(time.perf_counter() - start, 3)}
 
     job = Job(options=SamplingOptions(), images=[ImageSpec(req.prompt or req.infill or "", seed)],
               render=lambda job, result: {**result, "job": job.id}, timeout=timeout, model_name=name,
-              custom=run, steps=steps)
+              custom=run, steps=steps + corrector)
     return job

@@ -320,6 +320,9 @@ function applyTextDefaults() {
   $("text-steps").value = m.defaults.steps;
   $("text-length").value = m.defaults.length;
   $("text-length").max = m.context;
+  $("text-corrector").value = m.defaults.corrector;
+  $("text-block").value = m.defaults.corrector_block;
+  $("text-block").max = m.context;
 }
 
 function textError(message) {
@@ -337,7 +340,9 @@ async function generateText(event) {
   textError("");
   const seed = parseInt($("text-seed").value, 10);
   const body = { model: $("text-model").value, sampler: $("text-sampler").value,
-                 steps: parseInt($("text-steps").value, 10), seed: Number.isFinite(seed) ? seed : -1 };
+                 steps: parseInt($("text-steps").value, 10), seed: Number.isFinite(seed) ? seed : -1,
+                 corrector: parseInt($("text-corrector").value, 10) || 0,
+                 corrector_block: parseInt($("text-block").value, 10) || 1 };
   if ($("text-infill").value) body.infill = $("text-infill").value;
   else { body.prompt = $("text-prompt").value; body.length = parseInt($("text-length").value, 10); }
   $("text-generate").disabled = true;
@@ -381,7 +386,8 @@ function textFigure(result) {
   const what = p.infill !== null ? "infill " + JSON.stringify(p.infill) : "prompt " + JSON.stringify(p.prompt) +
     ", " + p.length + " characters";
   cap.textContent = what + " | " + p.sampler + (p.sampler === "edlm" ? " (k " + p.k + ")" : "") + ", " +
-    p.steps + " steps | seed " + p.seed + " | " + p.model;
+    p.steps + " steps" + (p.corrector ? " + " + p.corrector + " corrector sweeps (blocks of " + p.corrector_block +
+    (p.energy ? ", towards " + p.energy : ", Gibbs") + ")" : "") + " | seed " + p.seed + " | " + p.model;
   fig.append(pre, cap);
   return fig;
 }
