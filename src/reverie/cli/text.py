@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UserError, at_least, output_file
+from .common import UserError, at_least, output_file, show_progress
 
 DEFAULT_TEXT_MODEL = "shakespeare-mdlm"
 
@@ -65,6 +65,8 @@ def load_energy(lm, name: str | None):
 
 
 def generate_text_command(args) -> int:
+    from tqdm.auto import tqdm
+
     from ..discrete.sampling import EDLM_WINDOW
     from ..language import TextLM, generate_text
 
@@ -84,9 +86,14 @@ def generate_text_command(args) -> int:
                 "window": args.window or tuple(defaults.get("window", EDLM_WINDOW)),
                 "length": args.length or defaults.get("length"), "seed": args.seed, "corrector": args.corrector,
                 "corrector_block": args.corrector_block}
-    texts, stats = generate_text(lm, prompt, settings["length"], settings["steps"], sampler, energy, settings["k"],
-                                 settings["window"], args.seed, args.n, args.infill, corrector=args.corrector,
-                                 corrector_block=args.corrector_block)
+    total = settings["steps"] + args.corrector
+    with tqdm(total=total, desc="generate-text", unit="step", disable=not show_progress(args), leave=False) as bar:
+        def advance(i, z):  # sampling steps count down to 1, then corrector sweeps as 0, -1, ...
+            bar.update(settings["steps"] - i + 1 - bar.n)
+
+        texts, stats = generate_text(lm, prompt, settings["length"], settings["steps"], sampler, energy,
+                                     settings["k"], settings["window"], args.seed, args.n, args.infill,
+                                     callback=advance, corrector=args.corrector, corrector_block=args.corrector_block)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")
