@@ -409,3 +409,48 @@ def test_text_fine_tune_starts_from_the_model_and_refuses_another(tiny_text_mode
     assert "init_from" in capsys.readouterr().err
     with pytest.raises(Exception, match="span_masking applies to MDLM"):
         load_config(TextTrainConfig, None, base + ["--model.objective=ar", "--model.span_masking=0.5"])
+
+
+def test_text_ema_averages_checkpoints_and_resumes_exactly(tmp_path):
+    """ema.max_decay > 0: every checkpoint holds the average, which follows e_k = d_k e_(k-1) + (1 - d_k) w_k with
+    EMA.decay's warmup; the model exported (and validated) is the average; a run stopped at step 2 and resumed
+    exports the same weights as a straight run; max_decay 0 (the default) exports the last weights."""
+    from reverie.configs import load_config
+    from reverie.language import TextLM
+    from reverie.train import EMA
+    from reverie.train.checkpoint import list_checkpoints, load_checkpoint
+    from reverie.train.text import TextTrainConfig, train_text
+
+    def run(out, steps, decay="0.9", resume=False):
+        cfg = load_config(TextTrainConfig, None, [
+            "--model.seq_len=32", "--model.hidden_size=32", "--model.depth=1", "--model.num_heads=2",
+            "--data.batch_size=4", f"--train.steps={steps}", "--train.eval_windows=2", "--train.progress=false",
+            "--train.threads=1", "--train.checkpoint_every=1", "--train.keep_last=10", f"--ema.max_decay={decay}",
+            "--optim.lr=1e-2", f"--train.out_dir={out}"])
+        return train_text(cfg, resume=resume)
+
+    straight = run(tmp_path / "a", 4)
+    states = [load_checkpoint(c) for c in list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert [s["step"] for s in states] == [1, 2, 3, 4]
+    schedule = EMA(torch.nn.Linear(1, 1), max_decay=0.9, power=0.75)
+    for before, after in zip(states, states[1:]):
+        d = schedule.decay(after["step"])
+        assert 0 < d < 0.9 or d == 0.9
+        for k, w in after["model"].items():
+            expected = d * before["ema"][k].double() + (1 - d) * w.double()
+            torch.testing.assert_close(after["ema"][k].double(), expected, rtol=1e-5, atol=1e-6)
+    exported = TextLM.load(straight.export_dir).net.state_dict()
+    last = states[-1]
+    assert all(torch.equal(v, last["ema"][k]) for k, v in exported.items())
+    assert any(not torch.equal(v, last["model"][k]) for k, v in exported.items())
+
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume="auto")
+    again = TextLM.load(resumed.export_dir).net.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in again.items())
+    assert resumed.validation_bpc == straight.validation_bpc
+
+    plain = run(tmp_path / "c", 2, decay="0")
+    last = load_checkpoint(list_checkpoints(tmp_path / "c" / "checkpoints")[-1])
+    assert "ema" not in last
+    assert all(torch.equal(v, last["model"][k]) for k, v in TextLM.load(plain.export_dir).net.state_dict().items())

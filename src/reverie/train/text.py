@@ -32,7 +32,8 @@ from ..discrete.sampling import EDLM_WINDOW, MASKED_SAMPLERS
 from ..nets.text_transformer import TextTransformer, TextTransformerConfig
 from ..text.chars import CharTokenizer
 from .checkpoint import latest_checkpoint
-from .config import RunConfig, RunSection
+from .config import EMASection, RunConfig, RunSection
+from .ema import EMA
 from .errors import TrainingError
 from .run import Run, Trainer, fit
 
@@ -104,6 +105,9 @@ class TextTrainConfig(RunConfig):
     data: TextDataSection = field(default_factory=TextDataSection)
     sample: TextSampleSection = field(default_factory=TextSampleSection)
     train: TextTrainSection = field(default_factory=TextTrainSection)
+    # An average of the weights, validated and exported in place of the last ones (MDLM trains with 0.9999).
+    # max_decay 0, the default: no averaging, the exported weights are the last step's.
+    ema: EMASection = field(default_factory=lambda: EMASection(max_decay=0.0))
 
     def checks(self) -> list[tuple[bool, str]]:
         m = self.model
@@ -121,6 +125,7 @@ class TextTrainConfig(RunConfig):
             (self.sample.steps >= 1 and self.sample.k >= 1, "sample.steps and sample.k must be >= 1"),
             (len(self.sample.window) == 2, "sample.window must be [t_low, t_high]"),
             (self.train.eval_windows >= 0, "train.eval_windows must be >= 0"),
+            (0 <= self.ema.max_decay < 1, "ema.max_decay must be in [0, 1)"),
         ]
 
 
@@ -215,6 +220,8 @@ class TextTrainer(Trainer):
         if self.cfg.train.init_from and not resuming:  # a resumed run's checkpoint already holds the weights
             init_text_weights(net, self.tokenizer, self.cfg.train.init_from)
             run.say(f"initialized from {self.cfg.train.init_from}")
+        e = self.cfg.ema
+        self.ema = EMA(net, e.max_decay, e.power, e.inv_gamma, e.half_life_images) if e.max_decay > 0 else None
         return net
 
     def loss(self, model, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -224,8 +231,24 @@ class TextTrainer(Trainer):
         loss = per_seq.mean()
         return loss, {"bits_per_token": float(loss.detach()) / math.log(2)}
 
+    def after_step(self, model, step: int, run: Run) -> None:
+        if self.ema is not None:
+            self.ema.update(run.acc.unwrap_model(model), step, run.global_batch)
+
+    def state_dict(self) -> dict:
+        return {} if self.ema is None else {"ema": modeldir.module_weights(self.ema.model)}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        if self.ema is None:
+            return
+        if "ema" not in state:  # a run that averaged nothing so far: the average starts at its weights
+            state = {**state, "ema": state["model"]}
+        modeldir.load_module_weights(self.ema.model, state["ema"], source=str(source))
+
     def finish(self, model, step: int, run: Run) -> TextTrainResult:
         net = run.acc.unwrap_model(model)
+        if self.ema is not None:  # validate and export the average
+            net = self.ema.model
         bpc, export = None, run.out / "model"
         if run.main:
             if self.cfg.train.eval_windows > 0:
