@@ -24,6 +24,8 @@ configuration's own peak memory.
     python benchmarks/sd_speed.py --interleaved float32 --rounds 2 --out benchmarks/results/sd_speed_fp32.json
     python benchmarks/sd_speed.py --interleaved bfloat16 --rounds 2 --threads 1 --timer cpu   # a busy machine
     python benchmarks/sd_speed.py --interleaved bfloat16 --compile --threads 2   # + both U-Nets torch.compiled
+    python benchmarks/sd_speed.py --interleaved bfloat16 --cpu-attention-pair --threads 1 --timer cpu
+        # + reverie with the CPU flash kernel forced: what chunked attention gains where reverie picks it
     python benchmarks/sd_speed.py --timed-steps 3             # separate processes: peak memory, end to end
     python benchmarks/sd_speed.py --device cuda --timed-steps 20 --configs reverie-fp16,diffusers-fp16
 """
@@ -141,7 +143,7 @@ def child(name: str, folder: Path, steps: int, size: int, device: str, threads: 
 
 
 def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: int, timer: str = "wall",
-                compile: bool = False) -> dict:
+                compile: bool = False, attention_pair: bool = False) -> dict:
     """Both libraries in one process, their guided denoiser steps (one U-Net call on a batch of 2, as each
     pipeline runs it) and VAE decodes timed alternately, so that a machine whose load drifts slows both alike.
     seconds / image = text encoding + ``steps`` x median step + median decode.
@@ -169,7 +171,8 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
         ref.vae.to(memory_format=torch.channels_last)
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([float(ours.schedule.sigmas[500])])
-    libs = ["reverie", "diffusers"] + (["reverie-compiled", "diffusers-compiled"] if compile else [])
+    libs = ["reverie", "diffusers"] + (["reverie-compiled", "diffusers-compiled"] if compile else []) + \
+        (["reverie-sdpa"] if attention_pair else [])
     times = {f"{lib}_{part}": [] for part in ("encode", "step", "decode") for lib in libs}
     clock = time.process_time if timer == "cpu" else time.perf_counter
 
@@ -195,17 +198,61 @@ def interleaved(folder: Path, dtype_name: str, rounds: int, size: int, steps: in
 
         step = {"reverie": lambda: guided(latents, sigma, **cond), "diffusers": diffusers_step}
         extra = compile_unets(ours, ref, step) if compile else {}
+        decode = {"reverie": lambda: ours.vae.from_latent(latents),
+                  "diffusers": lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor)}
+        if attention_pair:
+            extra["attention"] = attention_pair_setup(ours, step, decode)
         for r in range(rounds + 1):  # round 0 warms both up (oneDNN primitives) and is not counted
             for lib in libs:
                 timed(f"{lib}_step", step[lib])
             if r % 2 == 0:
-                timed("reverie_decode", lambda: ours.vae.from_latent(latents))
-                timed("diffusers_decode", lambda: ref.vae.decode(latents.to(dtype) / ref.vae.config.scaling_factor))
-    for lib in libs[2:]:  # the decode and text encoder are the eager library's
+                for lib in decode:
+                    timed(f"{lib}_decode", decode[lib])
+    for lib in libs[2:]:  # the decode and text encoder are the eager library's (reverie-sdpa: its own decode)
         for part in ("encode", "decode"):
-            times[f"{lib}_{part}"] = times[f"{lib.removesuffix('-compiled')}_{part}"]
+            if not times[f"{lib}_{part}"]:
+                times[f"{lib}_{part}"] = times[f"{lib.removesuffix('-compiled').removesuffix('-sdpa')}_{part}"]
     return {"dtype": dtype_name, "channels_last": fast, "rounds": rounds, "timer": timer, **extra,
             **paired_summary(times, steps, libs)}
+
+
+def attention_pair_setup(ours, step: dict, decode: dict) -> dict:
+    """``--cpu-attention-pair``: reverie's step and decode once more with ``REVERIE_CPU_ATTENTION=sdpa`` (the CPU
+    flash kernel everywhere; "reverie-sdpa"), beside reverie as this CPU runs it (``cpu_attention`` in the JSON:
+    ``chunked`` on AVX512-BF16 CPUs without AMX, ``reverie.nets.layers``), and how far each step is from the same
+    step with a float32 copy of the U-Net (relative L2)."""
+    import copy
+
+    from reverie.nets.layers import CPU_ATTENTION_ENV, cpu_attention_kind
+    from reverie.nets.packing import unpack_weights
+
+    def with_sdpa(fn):
+        def run():
+            saved = os.environ.get(CPU_ATTENTION_ENV)
+            os.environ[CPU_ATTENTION_ENV] = "sdpa"
+            try:
+                return fn()
+            finally:
+                os.environ.pop(CPU_ATTENTION_ENV) if saved is None else os.environ.update({CPU_ATTENTION_ENV: saved})
+        return run
+
+    step["reverie-sdpa"] = with_sdpa(step["reverie"])
+    decode["reverie-sdpa"] = with_sdpa(decode["reverie"])
+    unet = ours.net.net
+    exact = copy.deepcopy(unet).float()
+    unpack_weights(exact)
+    ours.net.net = exact
+    try:
+        reference = step["reverie"]().float()
+    finally:
+        ours.net.net = unet
+    del exact
+
+    def rel(x):
+        return float((x.float() - reference).norm() / reference.norm())
+
+    return {"cpu_attention": cpu_attention_kind(), "step_rel_error_vs_fp32": rel(step["reverie"]()),
+            "sdpa_step_rel_error_vs_fp32": rel(step["reverie-sdpa"]())}
 
 
 def compile_unets(ours, ref, step: dict) -> dict:
@@ -284,7 +331,8 @@ def paired_summary(times: dict, steps: int, libs=("reverie", "diffusers")) -> di
     per_image = {lib: med[f"{lib}_encode"] + steps * med[f"{lib}_step"] + med[f"{lib}_decode"] for lib in libs}
     speedups, ratios = {}, {}
     for ours in (lib for lib in libs if lib.startswith("reverie")):
-        for ref in (lib for lib in libs if lib.startswith("diffusers")):
+        refs = [lib for lib in libs if lib.startswith("diffusers")]
+        for ref in refs + (["reverie-sdpa"] if ours == "reverie" and "reverie-sdpa" in libs else []):
             pair = {part: [d / r for r, d in zip(counted(times[f"{ours}_{part}"]), counted(times[f"{ref}_{part}"]))]
                     for part in ("step", "decode")}
             step, decode = (statistics.median(pair[p]) for p in ("step", "decode"))
@@ -326,6 +374,9 @@ def main() -> None:
                              "with --threads 1)")
     parser.add_argument("--compile", action="store_true",
                         help="--interleaved: also time both U-Nets under torch.compile (see compile_unets)")
+    parser.add_argument("--cpu-attention-pair", action="store_true",
+                        help="--interleaved: also time reverie with the CPU flash kernel forced "
+                             "(REVERIE_CPU_ATTENTION=sdpa; see attention_pair_setup)")
     parser.add_argument("--inductor-threads", type=int, default=0,
                         help="--compile: threads the generated C++ kernels are built for (0: --threads); they are "
                              "part of inductor's cache key, so a 1-thread run with 2 here fills the on-disk cache "
@@ -345,7 +396,7 @@ def main() -> None:
         result = {"model": "SD 1.5 architecture, random weights", "size": args.size, "steps": args.steps,
                   "guidance_scale": 7.5, "machine": _machine(args.device),
                   **interleaved(folder, args.interleaved, args.rounds, args.size, args.steps, args.timer,
-                                args.compile),
+                                args.compile, args.cpu_attention_pair),
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "loadavg_1min_before_after": [load[0], os.getloadavg()[0]]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

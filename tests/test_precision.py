@@ -94,6 +94,59 @@ def test_matmul_attention_matches_sdpa(grad):
             torch.testing.assert_close(attention(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 300, 200, 40), (1, 2, 70, 1500, 33), (2, 1, 129, 129, 64)])
+def test_chunked_attention_is_attention(shape):
+    """Per head and query chunk, padded values (d not a multiple of 16), chunks that do not divide N, cross-
+    attention (L != N), queries that are a transposed view: SDPA's function to float64 rounding."""
+    from reverie.nets.layers import chunked_attention
+
+    B, H, N, L, d = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, N, H, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    k, v = (torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(2))
+    out = chunked_attention(q, k, v, max_scores=64 * L)  # chunks of 64 queries
+    assert out.shape == (B, H, N, d)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_inference_attention_takes_the_chunked_path_only_where_chosen(monkeypatch):
+    """Long unmasked bf16 maps at inference take chunked_attention when the CPU calls for it (no AMX, or
+    REVERIE_CPU_ATTENTION=chunked); training, masks, causal maps, float32 and short maps do not; its bf16
+    error against float64 stays at bf16 rounding."""
+    import reverie.nets.layers as layers
+
+    calls = []
+    real = layers.chunked_attention
+    monkeypatch.setattr(layers, "chunked_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 40, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    monkeypatch.setenv(layers.CPU_ATTENTION_ENV, "chunked")
+    out = layers.attention(qb, kb, vb)
+    assert calls == [(1, 2, 256, 40)]
+    assert float((out.double() - exact).norm() / exact.norm()) < 1e-2
+    layers.attention(qb[:, :, :128], kb[:, :, :128], vb[:, :, :128])  # 128 x 128: below CHUNKED_ATTENTION_MIN
+    layers.attention(qb, kb, vb, is_causal=True)
+    layers.attention(qb, kb, vb, attn_mask=torch.ones(1, 1, 1, 256, dtype=torch.bool))
+    layers.attention(q, k, v)  # float64 (and float32) keep SDPA's accuracy
+    with torch.enable_grad():
+        layers.attention(qb.requires_grad_(), kb, vb)
+    assert len(calls) == 1
+    monkeypatch.setenv(layers.CPU_ATTENTION_ENV, "sdpa")
+    layers.attention(qb.detach(), kb, vb)
+    assert len(calls) == 1
+    monkeypatch.setenv(layers.CPU_ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="REVERIE_CPU_ATTENTION must be sdpa or chunked"):
+        layers.attention(qb.detach(), kb, vb)
+    monkeypatch.delenv(layers.CPU_ATTENTION_ENV)
+    for flags, kind in (({"avx512_bf16"}, "chunked"), ({"avx512_bf16", "amx_bf16"}, "sdpa"), (set(), "sdpa")):
+        layers._cpu_attention_default.cache_clear()
+        monkeypatch.setattr("reverie.precision.cpu_flags", lambda flags=flags: frozenset(flags))
+        assert layers.cpu_attention_kind() == kind
+    layers._cpu_attention_default.cache_clear()
+
+
 def test_pipeline_bf16_close_to_fp32(make_model_dir):
     """A text model in bf16: only its U-Net changes dtype and layout; samples stay float32 and close."""
     from helpers import RGB16, TEXT_MODEL

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRECISIONS", "cpu_has_fast_bf16", "resolve_precision", "precision_dtype"]
+__all__ = ["PRECISIONS", "cpu_flags", "cpu_has_fast_bf16", "resolve_precision", "precision_dtype"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -29,18 +29,21 @@ ENV = "REVERIE_PRECISION"
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matrix or dot-product instructions (AMX-BF16 or AVX512-BF16)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return any(f in flags for f in BF16_FLAGS)
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix or dot-product instructions (AMX-BF16 or AVX512-BF16)."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> str:
