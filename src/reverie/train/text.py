@@ -106,7 +106,9 @@ class TextTrainConfig(RunConfig):
     sample: TextSampleSection = field(default_factory=TextSampleSection)
     train: TextTrainSection = field(default_factory=TextTrainSection)
     # An average of the weights, validated and exported in place of the last ones (MDLM trains with 0.9999).
-    # max_decay 0, the default: no averaging, the exported weights are the last step's.
+    # max_decay 0, the default: no averaging, the exported weights are the last step's. Measured with the shipped
+    # MDLM's config (6,000 steps, cosine to 0.1 x lr; diffusion_lm.py --pairs, 256 test windows): EMA 0.999 gave
+    # 2.765 bits/char, the same run's last weights 2.771: the decayed learning rate already does the averaging.
     ema: EMASection = field(default_factory=lambda: EMASection(max_decay=0.0))
 
     def checks(self) -> list[tuple[bool, str]]:
