@@ -176,6 +176,43 @@ def test_bf16_channels_last_agrees_with_float32(folders):
         Pipeline.from_pretrained(folders["tiny-sd2"] / "unet", dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd1", "tiny-sd2"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_guidance_twins_run_once_up_to_the_first_cross_attention(folders, kind, fast):
+    """A batch of two identical halves (guidance's [x, x] with cond / uncond contexts) runs its shared half alone
+    until the first cross-attention: the same outputs as the whole batch run through (float32: to 1e-5; bf16 +
+    channels_last: to bf16 rounding), with the first res block seeing half the batch; other batches, and
+    training, run whole."""
+    from reverie.nets.sd_unet import SDUNet
+
+    dtype = torch.bfloat16 if fast else torch.float32
+    net = Pipeline.from_pretrained(folders[kind], dtype=dtype, channels_last=fast).net.net
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)  # two images, twice
+    t = torch.tensor([300.0, 700.0]).repeat(2)
+    context = torch.randn(4, 7, net.config.context_dim, generator=g)
+    seen = []
+    hook = net.down[0].resnets[0].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    with torch.no_grad():
+        out = net(x, t, context=context)
+        assert seen == [2] and SDUNet.twin_halves(x, t) == 2
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(SDUNet, "twin_halves", staticmethod(lambda x, c: 0))
+            whole = net(x, t, context=context)
+        assert seen == [2, 4]
+        apart = torch.cat([net(x[:2], t[:2], context=context[:2]), net(x[2:], t[2:], context=context[2:])])
+    tol = 2e-2 if fast else 1e-5
+    assert _rel(out.float(), whole.float()) < tol and _rel(out.float(), apart.float()) < tol
+    assert not torch.equal(out[:2], out[2:])  # the contexts differ, so do the halves
+    hook.remove()
+    x2 = x.clone()
+    x2[3] += 1e-3
+    with torch.no_grad():
+        assert SDUNet.twin_halves(x2, t) == 0 and SDUNet.twin_halves(x, torch.tensor([1.0, 2.0, 3.0, 4.0])) == 0
+        assert SDUNet.twin_halves(x[:3], t[:3]) == 0 and SDUNet.twin_halves(x, torch.tensor(5.0)) == 2
+    assert SDUNet.twin_halves(x, t) == 0  # with gradients: training runs whole
+
+
 def test_schedule_comes_from_the_scheduler_config(folders):
     model = load_stable_diffusion(folders["tiny-sd1"])
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

@@ -122,9 +122,13 @@ class TransformerBlock(nn.Module):
         self.attn2 = _sd_attention(dim, heads, context_dim)
         self.ff = GEGLU(dim, 4 * dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, twins: bool = False) -> Tensor:
+        """``twins``: ``x`` is the shared first half of a batch of two identical halves (SDUNet.forward), made
+        whole after the self-attention, before the text enters through the cross-attention."""
         # residuals added into each branch's fresh output: no extra full-size buffer per add
         x = self.attn1(self.norm1(x)).add_(x)
+        if twins:
+            x = torch.cat([x, x])
         x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -139,12 +143,15 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, twins: bool = False) -> Tensor:
+        """``twins``: ``x`` is the shared half of a batch of twin halves; the output is the whole batch."""
         B, C, H, W = x.shape
         tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # a view when channels_last
-        for block in self.blocks:
-            tokens = block(tokens, context)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, context, twins=twins and i == 0)
         skip = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when channels_last, else a copy
+        if twins:
+            skip, B = torch.cat([skip, skip]), 2 * B
         return linear(self.proj_out, tokens, add=skip).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -201,9 +208,20 @@ class SDUNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     @staticmethod
-    def _run(level: Level, j: int, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def _run(level: Level, j: int, h: Tensor, emb: Tensor, context: Tensor, twins: bool = False) -> Tensor:
         h = level.resnets[j](h, emb)
-        return level.attentions[j](h, context) if len(level.attentions) else h
+        return level.attentions[j](h, context, twins=twins) if len(level.attentions) else h
+
+    @staticmethod
+    def twin_halves(x: Tensor, c_noise: Tensor) -> int:
+        """n when the batch is two identical halves of n (inputs and noise levels: classifier-free guidance's
+        [x, x], ``reverie.guidance``), else 0. Text enters the SD U-Net only through cross-attention, so up to the
+        first one both halves compute the same: once is enough (in inference, outside torch.compile)."""
+        B = x.shape[0]
+        if B < 2 or B % 2 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return 0
+        n, t = B // 2, c_noise.reshape(-1).expand(B)
+        return n if torch.equal(t[:n], t[n:]) and torch.equal(x[:n], x[n:]) else 0
 
     def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None, **unused) -> Tensor:
         """``unused``: conditioning SD does not read (the text mask and pooled embedding of reverie's encoders)."""
@@ -215,16 +233,22 @@ class SDUNet(nn.Module):
         emb = F.silu(self.time_embed(c_noise.reshape(-1).expand(x.shape[0])).to(weight.dtype))
         context = context.to(weight.dtype)
         channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-        h = self.conv_in(x.to(weight.dtype, memory_format=torch.channels_last if channels_last else
-                              torch.contiguous_format))
+        n = self.twin_halves(x, c_noise)  # > 0: run the shared half alone up to the first cross-attention
+        h = self.conv_in((x[:n] if n else x).to(weight.dtype, memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format))
         skips = [h]
         for level in self.down:
             for j in range(len(level.resnets)):
-                h = self._run(level, j, h, emb, context)
+                twins = bool(n) and len(level.attentions) > 0
+                h = self._run(level, j, h, emb[:n] if n else emb, context, twins)
+                if twins:  # whole from here on; the skips kept so far were the shared half's
+                    skips, n = [torch.cat([s, s]) for s in skips], 0
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
+        if n:  # no cross-attention on the way down (no such SD config): the mid block's makes it whole
+            h, skips = torch.cat([h, h]), [torch.cat([s, s]) for s in skips]
         h = self.mid.resnets[1](self.mid.attentions[0](self.mid.resnets[0](h, emb), context), emb)
         for level in self.up:
             for j in range(len(level.resnets)):
