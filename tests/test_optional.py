@@ -48,5 +48,6 @@ def test_version_and_doctor(capsys):
     assert capsys.readouterr().out.strip() == f"reverie {reverie.__version__}"
     assert cli(["doctor"]) == 0
     out = capsys.readouterr().out
-    for part in ("torch ", "amx_bf16", "avx512_bf16", "threads: torch", "extras: data", "shapes-t2i: diffusion"):
+    for part in ("torch ", "amx_bf16", "avx512_bf16", "threads: torch", "extras: data", "shapes-t2i: diffusion",
+                 "bf16 attention on long maps: "):
         assert part in out, part

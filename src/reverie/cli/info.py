@@ -159,6 +159,15 @@ def doctor(args) -> int:
     print(f"cpu: {_cpu_name()}, {os.cpu_count()} logical cores; "
           + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in features.items())
           + f" -> bf16 matmuls {'fast (use mixed precision bf16)' if fast else 'slow: keep fp32'}")
+    from ..nets.layers import CPU_ATTENTION_ENV, cpu_attention_kind
+
+    try:
+        kind = cpu_attention_kind()
+    except ValueError as e:
+        kind = f"unknown ({e})"
+    why = f"set by {CPU_ATTENTION_ENV}" if os.environ.get(CPU_ATTENTION_ENV) else \
+        "chunked matmuls where the CPU has avx512_bf16 but no AMX, else the flash kernel"
+    print(f"bf16 attention on long maps: {kind} ({why})")
     print(f"threads: torch {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     extras = installed_extras()
     print("extras: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in extras.items()))
