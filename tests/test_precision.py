@@ -133,6 +133,10 @@ def test_bf16_inference_attention_takes_the_chunked_path_only_where_chosen(monke
     with torch.enable_grad():
         layers.attention(qb.requires_grad_(), kb, vb)
     assert len(calls) == 1
+    with monkeypatch.context() as m:  # under torch.compile: SDPA, one graph node instead of unrolled loops
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        layers.attention(qb.detach(), kb, vb)
+    assert len(calls) == 1
     monkeypatch.setenv(layers.CPU_ATTENTION_ENV, "sdpa")
     layers.attention(qb.detach(), kb, vb)
     assert len(calls) == 1

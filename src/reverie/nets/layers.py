@@ -514,7 +514,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
     unmasked maps in bf16 inference without AMX :func:`chunked_attention` (CHUNKED_ATTENTION_MIN)."""
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not training and attn_mask is None and not is_causal
-            and q.shape[-2] * k.shape[-2] >= CHUNKED_ATTENTION_MIN and cpu_attention_kind() == "chunked"):
+            and q.shape[-2] * k.shape[-2] >= CHUNKED_ATTENTION_MIN and cpu_attention_kind() == "chunked"
+            and not torch.compiler.is_compiling()):  # its Python loops would unroll into the graph
         return chunked_attention(q, k, v)
     limit = MATMUL_ATTENTION_MAX["train" if training else "inference"]
     if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] > limit:
