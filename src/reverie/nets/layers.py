@@ -460,7 +460,7 @@ MATMUL_ATTENTION_MAX = {"train": 256 * 256, "inference": 0}
 # 256 x 256 up, one core of a Zen 4 EPYC: SD's 4,096-token maps 423 vs 653 ms (2 x 8 heads of 40), its 1,024-token
 # maps 44 vs 67 ms, the SD VAE's one 512-wide head 185 vs 362 ms; at 128 x 128, 2.0 vs 1.4 ms. On AMX the flash
 # kernel is the faster (214 ms for the 4,096-token maps; matmuls in query chunks 455-852 ms), so it stays there.
-# REVERIE_CPU_ATTENTION=sdpa or chunked overrides the choice (benchmarks/sd_speed.py --cpu-attention).
+# REVERIE_CPU_ATTENTION=sdpa or chunked overrides the choice (benchmarks/sd_speed.py --cpu-attention-pair compares).
 CHUNKED_ATTENTION_MIN = 256 * 256
 CPU_ATTENTION_ENV = "REVERIE_CPU_ATTENTION"
 
