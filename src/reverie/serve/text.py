@@ -2,9 +2,9 @@
 
 Each text model has its own queue and worker thread (:class:`TextWorker`, the image worker's queue, cancel and
 timeouts), so sampling never runs on the event loop. Only the model's config.json is read when the server
-starts; its weights (and the edlm sampler's AR energy model) load on the first request, in the worker thread,
-so a text model adds nothing noticeable to start-up. A reply is ``reverie.language.generate_text``'s text for
-the same settings and seed, the text ``reverie generate-text`` prints.
+starts; its weights (and its AR energy model, for the edlm sampler or corrector sweeps) load on the first
+request, in the worker thread, so a text model adds nothing noticeable to start-up. A reply is
+``reverie.language.generate_text``'s text for the same settings and seed, the text ``reverie generate-text`` prints.
 """
 
 from __future__ import annotations
