@@ -145,10 +145,8 @@ def test_bf16_inference_attention_takes_the_chunked_path_only_where_chosen(monke
         layers.attention(qb.detach(), kb, vb)
     monkeypatch.delenv(layers.CPU_ATTENTION_ENV)
     for flags, kind in (({"avx512_bf16"}, "chunked"), ({"avx512_bf16", "amx_bf16"}, "sdpa"), (set(), "sdpa")):
-        layers._cpu_attention_default.cache_clear()
         monkeypatch.setattr("reverie.precision.cpu_flags", lambda flags=flags: frozenset(flags))
         assert layers.cpu_attention_kind() == kind
-    layers._cpu_attention_default.cache_clear()
 
 
 def test_pipeline_bf16_close_to_fp32(make_model_dir):

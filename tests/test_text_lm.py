@@ -435,7 +435,6 @@ def test_text_ema_averages_checkpoints_and_resumes_exactly(tmp_path):
     schedule = EMA(torch.nn.Linear(1, 1), max_decay=0.9, power=0.75)
     for before, after in zip(states, states[1:]):
         d = schedule.decay(after["step"])
-        assert 0 < d < 0.9 or d == 0.9
         for k, w in after["model"].items():
             expected = d * before["ema"][k].double() + (1 - d) * w.double()
             torch.testing.assert_close(after["ema"][k].double(), expected, rtol=1e-5, atol=1e-6)

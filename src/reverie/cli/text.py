@@ -13,7 +13,7 @@ DEFAULT_TEXT_MODEL = "shakespeare-mdlm"
 
 
 def add_commands(sub, fmt) -> None:
-    from ..discrete.sampling import MASKED_SAMPLERS
+    from ..discrete.sampling import CORRECTOR_BLOCK, MASKED_SAMPLERS
 
     t = sub.add_parser("generate-text", help="generate text with a masked diffusion language model",
                        formatter_class=fmt)
@@ -35,7 +35,7 @@ def add_commands(sub, fmt) -> None:
                    help="after sampling, sweeps of corrections over the generated positions, a block of tokens "
                         "redrawn at a time: kept by Metropolis-Hastings towards the AR energy's likelihood (with "
                         "--sampler edlm or --energy), always otherwise (Gibbs for blocks of 1)")
-    t.add_argument("--corrector-block", type=at_least(1), default=6, metavar="TOKENS",
+    t.add_argument("--corrector-block", type=at_least(1), default=CORRECTOR_BLOCK, metavar="TOKENS",
                    help="tokens redrawn together by a corrector move (with the shipped pair, infill judge "
                         "perplexity 5.02 after 16 sweeps of 6, 5.64 after 32 of 1)")
     t.add_argument("--n", type=at_least(1), default=1, help="number of samples")

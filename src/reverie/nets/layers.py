@@ -465,7 +465,6 @@ CHUNKED_ATTENTION_MIN = 256 * 256
 CPU_ATTENTION_ENV = "REVERIE_CPU_ATTENTION"
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_attention_default() -> str:
     from ..precision import cpu_flags
 
@@ -492,7 +491,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, max_scores: int = 1 << 20
     q's and k's own: relative error 4.8e-3 against float64 for unit-variance inputs (SDPA 2.3e-3), 1.3e-2 for
     scores three times larger (SDPA 1.8e-3); a guided SD 1.5 step (random weights) is 0.0353 from float32 in
     relative L2 (SDPA 0.0351); the shipped shapes-t2i's images differ from float32 by 0.70 of 255 levels on
-    average (SDPA 0.65; 16 images, 20 steps). ``REVERIE_CPU_ATTENTION=sdpa`` keeps the flash kernel."""
+    average (SDPA 0.65; 16 images, 20 steps; an exploratory script). ``REVERIE_CPU_ATTENTION=sdpa`` keeps the
+    flash kernel."""
     B, H, N, d = q.shape
     L = k.shape[-2]
     pad = -d % 16

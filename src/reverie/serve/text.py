@@ -18,14 +18,13 @@ from pathlib import Path
 from .worker import ImageSpec, Interrupted, Job, JobError, ModelWorker
 
 _SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")  # as reverie.language reads them
-CORRECTOR_BLOCK = 6  # generate-text's default: blocks of 6 gave the best infills of the shipped pair (README)
 
 
 class TextModel:
     """A text model directory: its config now, its network (and energy model) on first use."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from ..discrete.sampling import EDLM_WINDOW
+        from ..discrete.sampling import CORRECTOR_BLOCK, EDLM_WINDOW
         from ..language import resolve_text_model
         from ..modeldir import parsing, read
         from ..text.chars import CharTokenizer
@@ -43,8 +42,7 @@ class TextModel:
         self.defaults = {"sampler": sample.get("sampler", "caching"), "steps": int(sample.get("steps", 128)),
                          "length": int(sample.get("length") or self.max_len), "k": int(sample.get("k", 4)),
                          "window": tuple(sample.get("window", EDLM_WINDOW)),
-                         "corrector": int(sample.get("corrector", 0)),
-                         "corrector_block": int(sample.get("corrector_block", CORRECTOR_BLOCK))}
+                         "corrector": 0, "corrector_block": CORRECTOR_BLOCK}  # generate-text's defaults
         self.energy_name = sample.get("energy") or None
         self._lm = self._energy = None
         self._lock = threading.Lock()
