@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reverie.nets import PRESETS, DiTConfig, UNetConfig, count_parameters, create_network
 from reverie.nets.dit import sincos_pos_embed_2d
@@ -311,9 +312,10 @@ def test_compile_inductor_matches_eager():
     {"mid_attention": False, "num_classes": 4},                    # AdaGN + class embedding
     {"scale_shift": False, "learned_variance": True, "channels_last": True, "head_channels": 16},
 ])
-def test_unet_equals_diffusers_unet2d_with_converted_weights(overrides):
+def test_unet_equals_diffusers_unet2d_with_converted_weights(overrides, monkeypatch):
     """Same layers, same function: diffusers' UNet2DModel weights loaded into reverie's U-Net give the
-    same output (and the same FLOPs), so the speed comparison in benchmarks/networks.py is fair."""
+    same output (and, with upsampling in the textbook order, as when training, the same FLOPs), so the speed
+    comparison in benchmarks/networks.py is fair. In inference the sub-pixel upsampling convs do fewer."""
     diffusers = pytest.importorskip("diffusers")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -325,14 +327,22 @@ def test_unet_equals_diffusers_unet2d_with_converted_weights(overrides):
     assert count_parameters(net) == count_parameters(ref)
     x, t = inputs((3, 16, 16))
     cond = {"class_labels": torch.tensor([1, 3])} if net.config.num_classes else {}
-    flops = []
-    for fn in (lambda: net(x, t, **cond), lambda: ref(x, t, **cond).sample):
+    from reverie.nets.layers import SUBPIXEL_ENV
+
+    def run(fn):
         # math SDPA: attention as counted matmuls (the CPU flash kernel has no FLOP formula)
         with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             out = fn()
-        flops.append((out, counter.get_total_flops()))
-    torch.testing.assert_close(flops[0][0], flops[1][0], rtol=1e-5, atol=1e-5)
-    assert flops[0][1] == flops[1][1]
+        return out, counter.get_total_flops()
+
+    ours, ours_flops = run(lambda: net(x, t, **cond))
+    theirs, their_flops = run(lambda: ref(x, t, **cond).sample)
+    monkeypatch.setenv(SUBPIXEL_ENV, "0")
+    textbook, textbook_flops = run(lambda: net(x, t, **cond))
+    for out in (ours, textbook):
+        torch.testing.assert_close(out, theirs, rtol=1e-5, atol=1e-5)
+    assert textbook_flops == their_flops
+    assert ours_flops < their_flops
 
 
 def test_position_embedding_nd_and_fractional():
@@ -376,3 +386,76 @@ def test_attention_positions_break_translation_symmetry():
     with pytest.raises(ValueError, match="attention_positions"):
         diffusers_unet2d_kwargs(cfg)
     assert UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).attention_positions
+
+
+# --------------------------------------------------------------------------- sub-pixel upsampling
+
+
+def _textbook_upsample(up, x):
+    return up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_is_the_nearest_upsample_then_conv(channels_last):
+    """upsample_conv's 2x2 convolution over x is the same linear map as nearest 2x then the 3x3 conv: equal in
+    float64 to rounding, borders included (odd, non-square sides, a batch, a bias)."""
+    from reverie.nets.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(2, 12, use_conv=True).double()
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64)
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = up(x), _textbook_upsample(up, x)
+    assert got.shape == want.shape == (2, 12, 10, 14)
+    assert (got - want).abs().max() < 1e-12 * want.abs().max()
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_subpixel_upsample_in_bf16_packed_rounds_like_the_textbook_order():
+    """bf16, channels_last, packed weights (the SD path on the CPU): as far from the float64 map as the textbook
+    bf16 order is (the folded kernels add one rounding)."""
+    from reverie.nets.layers import Upsample
+    from reverie.nets.packing import pack_weights
+
+    torch.manual_seed(1)
+    exact = Upsample(2, 32, use_conv=True).double()
+    x64 = torch.randn(1, 32, 8, 8, dtype=torch.float64)
+    up = Upsample(2, 32, use_conv=True)
+    up.load_state_dict(exact.state_dict())
+    up = up.bfloat16().to(memory_format=torch.channels_last)
+    assert pack_weights(up) == 1
+    x = x64.bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        truth = _textbook_upsample(exact, x.double())  # the bf16 input, exactly
+        got, textbook = up(x), _textbook_upsample(up, x)
+
+    def rel(a):
+        return float((a.double() - truth).norm() / truth.norm())
+
+    assert rel(got) < 1.5 * rel(textbook) + 1e-4
+    assert rel(got) < 1e-2
+
+
+def test_subpixel_upsample_follows_weight_changes_and_keeps_gradients_textbook():
+    """The folded kernels are rebuilt when the conv's weights are written; with gradients wanted the layer runs
+    the textbook ops (bit for bit) and gradients flow."""
+    from reverie.nets.layers import Upsample
+
+    torch.manual_seed(2)
+    up = Upsample(2, 6, use_conv=True).double()
+    x = torch.randn(1, 6, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        first = up(x)
+        up.conv.weight.mul_(-2.0)
+        up.conv.bias.add_(1.0)
+        second = up(x)
+        want = _textbook_upsample(up, x)
+    assert (second - want).abs().max() < 1e-12 * want.abs().max()
+    assert not torch.allclose(first, second)
+    xg = x.clone().requires_grad_(True)
+    out = up(xg)
+    assert torch.equal(out, _textbook_upsample(up, xg))
+    out.sum().backward()
+    assert xg.grad is not None and up.conv.weight.grad is not None

@@ -25,6 +25,9 @@ Choices (the "why" that the code cannot show):
   and gradient checkpointing are written once.
 - 3-D (video) resampling halves only the spatial axes and keeps the frame axis, as in
   Ho et al. 2022 ("Video Diffusion Models", Sec. 3).
+- In inference, 2-D nearest 2x upsampling + 3x3 conv runs as one 2x2 conv of the small map with four
+  times the outputs, interleaved (:func:`upsample_conv`): the same map in 2.25x fewer FLOPs (SD's VAE
+  decode at 512 px: 12.5 -> 11.1 s, one thread). Training keeps the textbook order.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import dataclasses
 import functools
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -267,7 +271,9 @@ class GroupNorm(nn.GroupNorm):
         h = self._native(x)
         if scale is not None:
             h = torch.addcmul(append_dims(shift, h.ndim), h, append_dims(1 + scale, h.ndim))
-        return F.silu(h) if act else h
+        if not act:
+            return h
+        return F.silu(h, inplace=not torch.is_grad_enabled())  # h is this call's own tensor
 
     def _native(self, x: Tensor) -> Tensor:
         if x.dtype not in (torch.float16, torch.bfloat16) or self.weight.dtype == x.dtype:
@@ -675,7 +681,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution by nearest-neighbour interpolation, then a 3x3 conv if ``use_conv``."""
+    """Double the resolution by nearest-neighbour interpolation, then a 3x3 conv if ``use_conv`` (2-D, in
+    inference: both at once, :func:`upsample_conv`)."""
 
     def __init__(self, dims: int, channels: int, use_conv: bool):
         super().__init__()
@@ -683,4 +690,76 @@ class Upsample(nn.Module):
         self.conv = conv_nd(dims, channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if subpixel_applies(self.conv, x):
+            return upsample_conv(self.conv, x)
         return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+
+
+# conv -> (key of the weights it was made from, the 2x2 convolution of upsample_conv)
+_SUBPIXEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def subpixel_applies(conv: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`upsample_conv` runs ``conv`` after a 2-D nearest 2x upsampling of ``x``: a plain 3x3 conv
+    with padding 1, in inference (no gradient wanted; training keeps the textbook ops), not under torch.compile."""
+    return (x.ndim == 4 and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and os.environ.get(SUBPIXEL_ENV, "1") != "0"
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and not torch.compiler.is_compiling())
+
+
+SUBPIXEL_ENV = "REVERIE_SUBPIXEL_UPSAMPLE"  # "0": upsample, then convolve (the textbook order)
+
+
+def subpixel_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The (4 O, I, 2, 2) kernels and 4 O biases of :func:`upsample_conv` from a (O, I, 3, 3) kernel: phase
+    (a, b) = (output row parity, column parity), channel block 2 a + b. Along one axis, output row 2i + a of
+    the 3x3 conv over the upsampled map reads input rows i - 1 + a .. i + 1 + a of it, i.e. rows i - 1 and i of x
+    (a = 0) with taps (w0, w1 + w2), or rows i and i + 1 (a = 1) with (w0 + w1, w2). Sums in float64, rounded
+    once to the weight's dtype."""
+    w = weight.detach().double()
+
+    def fold(w: Tensor, dim: int, a: int) -> Tensor:
+        t = w.unbind(dim)
+        return torch.stack((t[0], t[1] + t[2]) if a == 0 else (t[0] + t[1], t[2]), dim)
+
+    kernels = torch.cat([fold(fold(w, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])
+    return kernels.to(weight.dtype), None if bias is None else bias.detach().repeat(4)
+
+
+def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(nearest_2x(x))`` for a 3x3, padding-1 ``conv``, computed as one 2x2 convolution of ``x`` itself with
+    4 O outputs (:func:`subpixel_weights`; padding 1, so its (H + 1) x (W + 1) map holds every phase's outputs
+    at an offset of the phase), interleaved into the 2H x 2W result by one strided copy. The same linear map
+    (equal in float64 to 1e-13), computed with 16 multiply-adds per input pixel and channel pair instead of
+    36: 2.25x fewer FLOPs, and no upsampled copy of ``x``. Rounding differs from the textbook order only by the
+    folded kernels' one rounding. The 2x2 convolution is built at the first call and again when ``conv``'s
+    weights change; it runs packed (:mod:`reverie.nets.packing`) when ``conv`` does."""
+    from .packing import _key, is_packed, pack_weights
+
+    key = (_key(conv.weight), None if conv.bias is None else _key(conv.bias), conv.weight.device)
+    found = _SUBPIXEL.get(conv)
+    if found is None or found[0] != key:
+        weight, bias = subpixel_weights(conv.weight, conv.bias)
+        sub = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype).requires_grad_(False)
+        fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
+            and not conv.weight.is_contiguous() else torch.contiguous_format
+        sub.weight.data = weight.contiguous(memory_format=fmt)
+        if bias is not None:
+            sub.bias.data = bias
+        if is_packed(conv):
+            pack_weights(sub, (weight.dtype,))
+        found = _SUBPIXEL[conv] = (key, sub)
+    y = found[1](x)  # (B, 4 O, H + 1, W + 1)
+    B, O, H, W = y.shape[0], conv.out_channels, x.shape[-2], x.shape[-1]
+    sB, sC, sH, sW = y.stride()
+    # out[n, o, 2i + a, 2j + b] = y[n, (2a + b) O + o, i + a, j + b]: a view of y; reshape makes the one copy
+    if sC == 1 and y.is_contiguous(memory_format=torch.channels_last):
+        z = y.as_strided((B, H, 2, W, 2, O), (sB, sH, sH + 2 * O, sW, sW + O, 1), y.storage_offset())
+        return z.reshape(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
+    y = y.contiguous()
+    sB, sC, sH, sW = y.stride()
+    z = y.as_strided((B, O, H, 2, W, 2), (sB, sC, sH, sH + 2 * O * sC, sW, sW + O * sC), y.storage_offset())
+    return z.reshape(B, O, 2 * H, 2 * W)

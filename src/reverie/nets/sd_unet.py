@@ -21,7 +21,8 @@ Choices (why the code looks the way it does):
 - proj_in / proj_out are Linears on (B, N, C) tokens in both SD 1 (1x1 convs in the checkpoint) and SD 2
   (Linears): a 1x1 conv is that Linear, and with channels_last activations the token view is free.
 - The heads are per level (``num_heads``): SD 1 has 8 everywhere, SD 2 has width / 64 (5, 10, 20, 20).
-- Upsampling interpolates to the size of the skip it meets, so latents whose sides are not multiples of
+- Upsampling interpolates to the size of the skip it meets (exact doublings, in inference, through the sub-pixel
+  conv of ``layers.upsample_conv``), so latents whose sides are not multiples of
   2^(levels - 1) (images not a multiple of 64 px) still line up.
 - The network runs in its weights' dtype and memory format (bf16 + channels_last is the fast path on CPUs with
   AMX) and answers in the input's dtype, so samplers keep their state in float32.
@@ -36,7 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Attention, Downsample, GroupNorm, NetConfig, ResBlock, TimeEmbedding, Upsample
+from .layers import (
+    Attention,
+    Downsample,
+    GroupNorm,
+    NetConfig,
+    ResBlock,
+    TimeEmbedding,
+    Upsample,
+    subpixel_applies,
+    upsample_conv,
+)
 from .packing import geglu, linear
 
 __all__ = ["SDUNetConfig", "SDUNet", "SDResBlock", "SpatialTransformer", "SD_UNET_PRESETS"]
@@ -254,7 +265,11 @@ class SDUNet(nn.Module):
             for j in range(len(level.resnets)):
                 h = self._run(level, j, torch.cat([h, skips.pop()], dim=1), emb, context)
             if level.resample is not None:  # nearest to the next skip's size, then the conv
-                h = level.resample.conv(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+                size = tuple(skips[-1].shape[-2:])
+                if size == tuple(2 * n for n in h.shape[-2:]) and subpixel_applies(level.resample.conv, h):
+                    h = upsample_conv(level.resample.conv, h)  # the same map, 2.25x fewer FLOPs
+                else:
+                    h = level.resample.conv(F.interpolate(h, size=size, mode="nearest"))
         return self.conv_out(self.norm_out.silu(h)).to(x.dtype)
 
 
