@@ -49,5 +49,5 @@ def test_version_and_doctor(capsys):
     assert cli(["doctor"]) == 0
     out = capsys.readouterr().out
     for part in ("torch ", "amx_bf16", "avx512_bf16", "threads: torch", "extras: data", "shapes-t2i: diffusion",
-                 "bf16 attention on long maps: "):
+                 "bf16 attention on long maps: ", "upsampling in inference: one 2x2 sub-pixel conv"):
         assert part in out, part
