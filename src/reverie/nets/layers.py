@@ -26,8 +26,9 @@ Choices (the "why" that the code cannot show):
 - 3-D (video) resampling halves only the spatial axes and keeps the frame axis, as in
   Ho et al. 2022 ("Video Diffusion Models", Sec. 3).
 - In inference, 2-D nearest 2x upsampling + 3x3 conv runs as one 2x2 conv of the small map with four
-  times the outputs, interleaved (:func:`upsample_conv`): the same map in 2.25x fewer FLOPs (SD's VAE
-  decode at 512 px: 12.5 -> 11.1 s, one thread). Training keeps the textbook order.
+  times the outputs, interleaved (:func:`upsample_conv`): the same map in 2.25x fewer FLOPs (with SiLU in
+  place, SD's VAE decode at 512 px went 12.6 -> 10.8 s on one Zen 4 thread, ``benchmarks/sd_speed.py``).
+  Training keeps the textbook order.
 """
 
 from __future__ import annotations
