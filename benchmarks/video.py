@@ -230,8 +230,8 @@ def main(argv=None) -> int:
               "guidance": "model default" if args.guidance is None else args.guidance,
               "sampler": args.sampler or "model default", "clip_denoised": args.clip_denoised,
               "threads": torch.get_num_threads(),
-              "sampling": "model defaults (dpmpp_2m, 20 steps, ddim-trailing, guidance 4), seed = first clip index "
-              "of the batch",
+              "sampling": "the model's settings (dpmpp_2m, 20 steps, ddim-trailing, guidance 4) except where steps, "
+              "guidance, sampler or clip_denoised above say otherwise; seed = first clip index of the batch",
               "model": args.model, "model_hash": models["video"].weights_hash, "results": {}}
     if args.showcase:
         showcase(models["video"], ROOT / "docs" / "video.gif", ROOT / "docs" / "video_frames.png")

@@ -168,11 +168,10 @@ def doctor(args) -> int:
     why = f"set by {CPU_ATTENTION_ENV}" if os.environ.get(CPU_ATTENTION_ENV) else \
         "chunked matmuls where the CPU has avx512_bf16 but no AMX, else the flash kernel"
     print(f"bf16 attention on long maps: {kind} ({why})")
-    from ..nets.layers import SUBPIXEL_ENV
+    from ..nets.layers import SUBPIXEL_ENV, subpixel_enabled
 
-    off = os.environ.get(SUBPIXEL_ENV, "1") == "0"
-    print("upsampling in inference: " + ("nearest 2x, then the 3x3 conv (set by " + SUBPIXEL_ENV + "=0)" if off else
-          "one 2x2 sub-pixel conv per upsampler (2.25x fewer FLOPs; " + SUBPIXEL_ENV + "=0: the textbook order)"))
+    print("upsampling in inference: " + (f"one 2x2 sub-pixel conv per upsampler (2.25x fewer FLOPs; {SUBPIXEL_ENV}=0: "
+          "the textbook order)" if subpixel_enabled() else f"nearest 2x, then the 3x3 conv (set by {SUBPIXEL_ENV}=0)"))
     print(f"threads: torch {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     extras = installed_extras()
     print("extras: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in extras.items()))

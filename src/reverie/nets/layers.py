@@ -705,12 +705,17 @@ def subpixel_applies(conv: nn.Module, x: Tensor) -> bool:
     with padding 1, in inference (no gradient wanted; training keeps the textbook ops), not under torch.compile."""
     return (x.ndim == 4 and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and os.environ.get(SUBPIXEL_ENV, "1") != "0"
+            and conv.padding_mode == "zeros" and subpixel_enabled()
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
             and not torch.compiler.is_compiling())
 
 
 SUBPIXEL_ENV = "REVERIE_SUBPIXEL_UPSAMPLE"  # "0": upsample, then convolve (the textbook order)
+
+
+def subpixel_enabled() -> bool:
+    """Whether inference may use :func:`upsample_conv` (``REVERIE_SUBPIXEL_UPSAMPLE`` is not "0")."""
+    return os.environ.get(SUBPIXEL_ENV, "1") != "0"
 
 
 def subpixel_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -755,12 +760,13 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
         found = _SUBPIXEL[conv] = (key, sub)
     y = found[1](x)  # (B, 4 O, H + 1, W + 1)
     B, O, H, W = y.shape[0], conv.out_channels, x.shape[-2], x.shape[-1]
-    sB, sC, sH, sW = y.stride()
-    # out[n, o, 2i + a, 2j + b] = y[n, (2a + b) O + o, i + a, j + b]: a view of y; reshape makes the one copy
-    if sC == 1 and y.is_contiguous(memory_format=torch.channels_last):
-        z = y.as_strided((B, H, 2, W, 2, O), (sB, sH, sH + 2 * O, sW, sW + O, 1), y.storage_offset())
-        return z.reshape(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
-    y = y.contiguous()
+    # out[n, o, 2i + a, 2j + b] = y[n, (2a + b) O + o, i + a, j + b]: a view of y (any strides), copied once into
+    # an output laid out as y is
     sB, sC, sH, sW = y.stride()
     z = y.as_strided((B, O, H, 2, W, 2), (sB, sC, sH, sH + 2 * O * sC, sW, sW + O * sC), y.storage_offset())
-    return z.reshape(B, O, 2 * H, 2 * W)
+    if sC == 1:  # y channels_last (4 O channels over an (H + 1) x (W + 1) map: no other layout has unit channel stride)
+        out = y.new_empty(B, 2 * H, 2 * W, O).permute(0, 3, 1, 2)
+    else:
+        out = y.new_empty(B, O, 2 * H, 2 * W)
+    out.view(B, O, H, 2, W, 2).copy_(z)
+    return out
