@@ -286,7 +286,12 @@ def test_lr_schedules_follow_their_closed_forms():
     # extending a run: the same step is back on the plateau when train.steps grows
     longer = lr_lambda(_cfg("unused", "--train.steps=200", "--optim.lr_schedule=wsd", "--optim.decay_fraction=0.25"))
     assert longer(85) == 1.0 and longer(200) == pytest.approx(0.0)
-    for bad in ("--optim.decay_fraction=0", "--optim.min_lr_ratio=1.5"):
+    # the 1-sqrt cooldown: 1 - (1 - floor) sqrt(progress), steeper early than linear, the same end points
+    sq = lr_lambda(_cfg("unused", "--train.steps=100", "--optim.lr_schedule=wsd", "--optim.min_lr_ratio=0.2",
+                        "--optim.decay_fraction=0.25", "--optim.decay_shape=1-sqrt"))
+    assert sq(75) == 1.0 and sq(100) == pytest.approx(0.2)
+    assert sq(85) == pytest.approx(1 - 0.8 * (10 / 25) ** 0.5) and sq(85) < wsd(85)
+    for bad in ("--optim.decay_fraction=0", "--optim.min_lr_ratio=1.5", "--optim.decay_shape=cosine"):
         with pytest.raises(ConfigError):
             _cfg("unused", bad)
 

@@ -65,11 +65,13 @@ class OptimSection:
     eps: float = 1e-8
     warmup_steps: int = 100
     # constant; cosine (to lr * min_lr_ratio at train.steps); wsd: warmup-stable-decay, constant until the
-    # last decay_fraction of train.steps, then linear to lr * min_lr_ratio (a run can be extended and cooled
+    # last decay_fraction of train.steps, then down to lr * min_lr_ratio (a run can be extended and cooled
     # down later: raise train.steps and resume).
     lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
     min_lr_ratio: float = 0.0
     decay_fraction: float = 0.2         # wsd: share of train.steps spent decaying
+    # wsd's cooldown: linear, or 1-sqrt (multiplier 1 - sqrt(progress); Haegele et al. 2024 find it beats linear)
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
     grad_clip: float = 1.0              # max global grad norm; 0 disables
 
 

@@ -197,6 +197,8 @@ def lr_lambda(cfg):
         if cfg.optim.lr_schedule == "wsd":  # Hu et al. 2024 (MiniCPM); Haegele et al. 2024
             decay = max(1, round(cfg.optim.decay_fraction * total))
             progress = min(1.0, max(0.0, (step - (total - decay)) / decay))
+            if cfg.optim.decay_shape == "1-sqrt":
+                progress = math.sqrt(progress)
             return 1.0 - (1 - floor) * progress
         return 1.0
 
