@@ -126,12 +126,12 @@ def score_object(det: dict, clip: torch.Tensor, b: int, truth: dict, frames: int
 
 def evaluate(pipe: Pipeline, items: list[dict], layouts: str, batch: int, seed: int, detector,
              steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-             clip_denoised: bool = False) -> dict:
+             clip_denoised: bool = False, regional: bool = False) -> dict:
     clips, seconds = [], 0.0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         options = SamplingOptions(layouts=layouts, seed=seed + start, steps=steps, guidance_scale=guidance,
-                                  sampler=sampler, clip_denoised=clip_denoised)
+                                  sampler=sampler, clip_denoised=clip_denoised, regional=regional and layouts != "none")
         t0 = time.perf_counter()
         clips.append(sample_images(pipe, len(chunk), options, prompts=[it["text"] for it in chunk]))
         seconds += time.perf_counter() - t0
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's 4)")
     p.add_argument("--sampler", default=None, help="sampler (default: the model's dpmpp_2m)")
     p.add_argument("--clip-denoised", action="store_true", help="clamp every x0 estimate to [-1, 1]")
+    p.add_argument("--regional", action="store_true",
+                   help="regional prompts: each object's box denoised under its own phrase (layouts=auto rows)")
     p.add_argument("--out", default=str(RESULTS / "video.json"))
     p.add_argument("--showcase", action="store_true", help="also write docs/video.gif and docs/video_frames.png")
     args = p.parse_args(argv)
@@ -229,9 +231,10 @@ def main(argv=None) -> int:
               "batch": args.batch, "steps": args.steps or "model default",
               "guidance": "model default" if args.guidance is None else args.guidance,
               "sampler": args.sampler or "model default", "clip_denoised": args.clip_denoised,
+              "regional": args.regional,
               "threads": torch.get_num_threads(),
               "sampling": "the model's settings (dpmpp_2m, 20 steps, ddim-trailing, guidance 4) except where steps, "
-              "guidance, sampler or clip_denoised above say otherwise; seed = first clip index of the batch",
+              "guidance, sampler, clip_denoised or regional above say otherwise; seed = first clip index of the batch",
               "model": args.model, "model_hash": models["video"].weights_hash, "results": {}}
     if args.showcase:
         showcase(models["video"], ROOT / "docs" / "video.gif", ROOT / "docs" / "video_frames.png")
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
     for layouts in args.layouts:
         for name, pipe in models.items():
             out = evaluate(pipe, items, layouts, args.batch, args.seed, detector, args.steps, args.guidance,
-                           args.sampler, args.clip_denoised)
+                           args.sampler, args.clip_denoised, args.regional)
             result["results"][f"{name}/layouts={layouts}"] = {**out["summary"], "per_clip": out["clips"]}
             print(name, layouts, json.dumps(out["summary"]), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=1))

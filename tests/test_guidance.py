@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from reverie.guidance import CFGDenoiser
+from reverie.guidance import CFGDenoiser, RegionalDenoiser
 
 
 class CondToy(nn.Module):
@@ -67,3 +67,26 @@ def test_bad_options():
         CFGDenoiser(CondToy(), {}, guidance_scale=-1)
     with pytest.raises(ValueError):
         CFGDenoiser(CondToy(), {}, guidance_rescale=2)
+
+
+def test_regional_composites_each_region_estimate_then_guides_in_one_call():
+    d = CondToy()
+    x, s, cond = _inputs()  # labels 1, 2, 3: the whole prompt's offsets
+    regions = [{"class_labels": torch.tensor([10, 20, 30])}, {"class_labels": torch.tensor([100, 200, 300])}]
+    w = torch.zeros(2, 3, 1, 4, 4)
+    w[0, :, :, :2] = 1.0     # region 0: the top half
+    w[1, :, :, :, :1] = 0.5  # region 1: the left column, half weight
+    uncond = {"class_labels": torch.zeros(1, dtype=torch.long)}
+    before = d.calls
+    out = RegionalDenoiser(d, regions, w, uncond=uncond, guidance_scale=3.0)(x, s, **cond)
+    assert d.calls == before + 1  # J + 2 = 4 passes in one batch
+    offset = lambda labels: labels.float().view(-1, 1, 1, 1)  # noqa: E731
+    d_c = x / 5 + (1 - w.sum(0)) * offset(cond["class_labels"]) + sum(
+        w[j] * offset(r["class_labels"]) for j, r in enumerate(regions))
+    torch.testing.assert_close(out, x / 5 + 3.0 * (d_c - x / 5))
+    # unguided: the composite itself; a region conditioned as the whole prompt changes nothing
+    torch.testing.assert_close(RegionalDenoiser(d, regions, w)(x, s, **cond), d_c)
+    same = RegionalDenoiser(d, [dict(cond)] * 2, w, uncond=uncond, guidance_scale=3.0)(x, s, **cond)
+    torch.testing.assert_close(same, CFGDenoiser(d, uncond, guidance_scale=3.0)(x, s, **cond))
+    with pytest.raises(ValueError, match="2 weight maps"):
+        RegionalDenoiser(d, regions[:1], w)

@@ -24,7 +24,15 @@ from reverie.data.shapes import (
     position_cell,
     relation,
 )
-from reverie.layout import LayoutEncoder, box_masks, check_layout, pad_layouts, plan_layouts
+from reverie.layout import (
+    LayoutEncoder,
+    box_masks,
+    check_layout,
+    object_regions,
+    pad_layouts,
+    plan_layouts,
+    region_weights,
+)
 from reverie.pipeline import Pipeline
 from reverie.sampling import SamplingOptions, sample_images
 from reverie.train import TrainingError
@@ -232,6 +240,64 @@ def test_text_only_models_refuse_explicit_layouts():
         sample_images(model, 1, SamplingOptions(layouts=[[("red circle", (0, 0, 1, 1))]]), prompts=["a red circle"])
 
 
+# ------------------------------------------------------------------------------------- regional prompts
+def test_object_regions_split_images_and_clips_by_object_slot():
+    a, b, c = ("red circle", (0.0, 0.0, 0.5, 0.5)), ("blue square", (0.5, 0.5, 1.0, 1.0)), ("cyan star", (0, 0, 1, 1))
+    regions = object_regions([[a, b], [c], None])
+    assert regions == [[("red circle", [a]), ("cyan star", [c]), None], [("blue square", [b]), None, None]]
+    moved = ("blue square", (0.25, 0.5, 0.75, 1.0))
+    clip = [[a, b], [a, moved], [a]]  # the blue square leaves in the last frame
+    assert object_regions([clip]) == [[("red circle", [[a], [a], [a]])], [("blue square", [[b], [moved], None])]]
+    recolored = ("red square", (0.5, 0.5, 1.0, 1.0))  # a blue square turns red: no one phrase names it
+    assert object_regions([[[b], [recolored]]]) == [[(None, [[b], [recolored]])]]
+
+
+def test_region_weights_are_grown_boxes_shared_where_they_overlap():
+    left, right = ("l", (0.0, 0.0, 0.5, 1.0)), ("r", (0.5, 0.0, 1.0, 1.0))
+    w = region_weights(object_regions([[left, right], [left]]), (2, 3, 8, 8), margin=1)
+    assert w.shape == (2, 2, 1, 8, 8)
+    assert (w[0, 0, 0, :, :3] == 1).all() and (w[0, 0, 0, :, 5:] == 0).all()  # columns 0-3, grown to 4
+    assert (w[0, 0, 0, :, 3:5] == 0.5).all() and (w[1, 0, 0, :, 3:5] == 0.5).all()  # both grown boxes: shared
+    assert (w[:, 1].sum(0)[0, :, :5] == 1).all() and (w[:, 1].sum(0)[0, :, 5:] == 0).all()  # one object: no share
+    assert float(w.sum(0).max()) == 1.0
+    tight = region_weights(object_regions([[left]]), (1, 3, 8, 8), margin=0)
+    assert torch.equal(tight[0, 0, 0], box_masks(torch.tensor([[left[1]]]), (8, 8))[0, 0])
+    clip = region_weights(object_regions([[[left], [right]]]), (1, 3, 2, 8, 8), margin=0)  # per frame
+    assert clip.shape == (1, 1, 1, 2, 8, 8) and clip[0, 0, 0, 0, 0, 0] == 1 and clip[0, 0, 0, 1, 0, 0] == 0
+    with pytest.raises(ValueError, match="3 frames"):
+        region_weights(object_regions([[[left]] * 3]), (1, 3, 2, 8, 8))
+
+
+def test_regional_sampling_uses_each_phrase_inside_its_box(layout_model):
+    pipe = Pipeline.from_pretrained(layout_model)
+    with torch.no_grad():
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+    kw = dict(num_images=2, steps=3, guidance_scale=3.0, seed=0)
+    # one object over the whole image, named as the prompt: its region's condition is the prompt's own
+    whole = [[("a red circle", (0.0, 0.0, 1.0, 1.0))]]
+    plain = pipe.sample(**kw, prompts=["a red circle"], layouts=whole)
+    torch.testing.assert_close(pipe.sample(**kw, prompts=["a red circle"], layouts=whole, regional=True), plain,
+                               atol=1e-5, rtol=0)
+    # a phrase other than the prompt changes what is drawn, inside its box only at the first step
+    part = [[("blue square", (0.0, 0.0, 0.5, 0.5))]]
+    kw1 = {**kw, "steps": 1, "prompts": ["a red circle"], "layouts": part}
+    one, one_regional = pipe.sample(**kw1), pipe.sample(**kw1, regional=True)
+    changed = (one - one_regional).abs().amax(dim=(0, 1)) > 1e-5
+    assert changed[:8, :8].any() and not changed[:, 10:].any() and not changed[10:, :].any()
+    with pytest.raises(ValueError, match="need layouts"):
+        pipe.sample(**kw, prompts=["a red circle"], layouts="none", regional=True)
+
+
+def test_regional_prompts_need_a_layout_model():
+    cfg = _cfg()
+    model = DiffusionModel(build_network(cfg, INFO), cfg, INFO)
+    with pytest.raises(ValueError, match="trained with layouts"):
+        sample_images(model, 1, SamplingOptions(steps=1, regional=True), prompts=["a red circle"])
+    assert SamplingOptions(regional=True).to_metadata()["regional"] is True
+    assert "regional" not in SamplingOptions().to_metadata()
+    assert SamplingOptions.from_metadata(SamplingOptions(regional=True).to_metadata()).regional is True
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 def test_generate_with_a_layout_is_recorded_and_reproducible(layout_model, tmp_path):
@@ -247,6 +313,26 @@ def test_generate_with_a_layout_is_recorded_and_reproducible(layout_model, tmp_p
         assert a.tobytes() == b.tobytes() and a.text["reverie"] == b.text["reverie"]
     assert main([*args, "-o", str(tmp_path / "c.png")]) == 0
     assert json.loads(Image.open(tmp_path / "c.png").text["reverie"])["layout"] == "auto"
+
+
+def test_generate_regional_is_recorded_and_refused_without_layouts(layout_model, make_model_dir, tmp_path, capsys):
+    out = tmp_path / "r.png"
+    args = ["generate", "a red circle left of a blue square", "--model", str(layout_model), "--steps", "2",
+            "--num-images", "1", "--regional"]
+    assert main([*args, "-o", str(out)]) == 0
+    assert json.loads(Image.open(out).text["reverie"])["regional"] is True
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(layout_model), "-o", str(again)]) == 0
+    with Image.open(out) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+    capsys.readouterr()
+    assert main([*args, "--layout", "none", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "regional prompts need layouts" in err and "Traceback" not in err
+    text_dir = make_model_dir("t-regional", TEXT_MODEL, INFO)
+    assert main(["generate", "a red circle", "--model", str(text_dir), "--steps", "2", "--regional",
+                 "-o", str(tmp_path / "y.png")]) == 2
+    assert "trained with layouts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value, message", [("[[1, 2]", "JSON list"),

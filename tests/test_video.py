@@ -276,6 +276,22 @@ def test_sampling_a_video_model_without_a_prompt_or_with_one_image_layout(video_
     assert pipe.sample(1, steps=1, prompts=["a red circle"], layouts=[static]).shape == (1, 3, 4, 16, 16)
 
 
+def test_regional_prompts_follow_each_object_through_the_frames(video_model):
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(video_model)
+    with torch.no_grad():
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+    kw = dict(num_images=1, steps=1, guidance_scale=3.0, seed=0, prompts=["a red circle moves right"])
+    # the object sits in the top-left quarter of frame 0, the bottom-right one of the last frame
+    path = [[("blue square", (0.0, 0.0, 0.5, 0.5))], None, None, [("blue square", (0.5, 0.5, 1.0, 1.0))]]
+    changed = (pipe.sample(**kw, layouts=[path]) - pipe.sample(**kw, layouts=[path], regional=True)).abs()
+    changed = changed.amax(dim=(0, 1)) > 1e-5  # (T, H, W)
+    assert changed[0, :8, :8].any() and not changed[0, 10:, :].any() and not changed[0, :, 10:].any()
+    assert changed[3, 8:, 8:].any() and not changed[3, :6, :].any() and not changed[3, :, :6].any()
+    assert not changed[1:3].any()  # frames without the object: the whole prompt's estimate alone
+
+
 def test_mp4_without_ffmpeg_is_one_clear_error(tmp_path, monkeypatch):
     import reverie.video as video
 

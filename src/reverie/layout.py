@@ -126,6 +126,58 @@ def pad_clip_layouts(layouts, max_objects: int) -> tuple[list[list[str]], Tensor
     return phrases, boxes.view(len(layouts), t, max_objects, 4), mask.view(len(layouts), t, max_objects)
 
 
+def object_regions(layouts: Sequence) -> list[list[tuple[str, object] | None]]:
+    """Each image's (or clip's) layout split into its objects, for regional prompting
+    (:class:`reverie.guidance.RegionalDenoiser`): ``regions[j][b] = (phrase, layout)`` with ``layout`` object j of
+    image b alone, or None where image b has fewer than j + 1 objects (or no layout). A clip's object j is the j-th
+    entry of every frame (the planners keep one order across frames); its phrase is None when the frames name it
+    differently (an object that changes colour: no one phrase describes it, so the caller keeps the prompt)."""
+    count = 0
+    for lay in layouts:
+        frames = lay if is_clip_layout(lay) else [lay]
+        count = max([count, *(len(f) for f in frames if f)])
+    regions: list[list[tuple[str, object] | None]] = [[] for _ in range(count)]
+    for lay in layouts:
+        clip = is_clip_layout(lay)
+        frames = lay if clip else [lay]
+        for j in range(count):
+            alone = [[f[j]] if f and len(f) > j else None for f in frames]
+            named = {f[0][0] for f in alone if f}
+            if not named:
+                regions[j].append(None)
+            else:
+                regions[j].append((named.pop() if len(named) == 1 else None, alone if clip else alone[0]))
+    return regions
+
+
+def region_weights(regions: list[list[tuple[str, object] | None]], shape: Sequence[int], margin: int = 1) -> Tensor:
+    """``(J, B, 1, [T,] H, W)`` weights of each object's estimate for :func:`object_regions`' ``regions``: 1
+    inside object j's box grown by ``margin`` pixels, shared equally where grown boxes overlap (so the weights
+    of a pixel sum to at most 1; the rest goes to the whole prompt's estimate). ``shape`` is the sample's
+    ``(B, C, [T,] H, W)``."""
+    batch, spatial = shape[0], tuple(shape[2:])
+    frames, (h, w) = (spatial[0] if len(spatial) == 3 else None), spatial[-2:]
+    out = torch.zeros(len(regions), batch, 1, *spatial)
+    for j, row in enumerate(regions):
+        for b, item in enumerate(row):
+            if item is None:
+                continue
+            per_frame = item[1] if frames is not None else [item[1]]
+            if frames is not None and len(per_frame) != frames:
+                raise ValueError(f"a clip layout has {len(per_frame)} frames; the model makes {frames}")
+            for t, frame in enumerate(per_frame):
+                if not frame:
+                    continue
+                m = box_masks(torch.tensor([[frame[0][1]]], dtype=torch.float32), (h, w))[0]
+                if margin > 0:
+                    m = torch.nn.functional.max_pool2d(m[None], 2 * margin + 1, stride=1, padding=margin)[0]
+                if frames is None:
+                    out[j, b] = m
+                else:
+                    out[j, b, :, t] = m
+    return out / out.sum(0, keepdim=True).clamp(min=1.0)
+
+
 # A planner: (prompt, random.Random) -> layout, or None when it cannot read the prompt.
 Planner = Callable[[str, random.Random], "list[tuple[str, Box]] | None"]
 

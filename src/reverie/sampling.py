@@ -21,10 +21,10 @@ import torch
 from .audio import MelSpec
 from .build import DiffusionModel, build_dataset
 from .conditioning import inpaint_condition
-from .guidance import CFGDenoiser
+from .guidance import CFGDenoiser, RegionalDenoiser
 from .heat import IHDM, BlurringSchedule, blurring_sample, dct_bounds, ihdm_sample
 from .images import save_grid
-from .layout import check_layout, get_planner, is_clip_layout, plan_layouts
+from .layout import check_layout, get_planner, is_clip_layout, object_regions, plan_layouts, region_weights
 from .limits import MAX_GUIDANCE, MAX_STEPS
 from .pfgm import pfgm_noise
 from .process import frame_noise
@@ -55,6 +55,8 @@ class SamplingOptions:
     snr: float | None = None            # pc sampler: the corrector's signal-to-noise ratio (None: 0.16)
     # clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised, diffusers' clip_sample); pixel-space models only
     clip_denoised: bool = False
+    # layout models: each object's box denoised under its own phrase (reverie.guidance.RegionalDenoiser)
+    regional: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -81,8 +83,11 @@ class SamplingOptions:
         _check_number("snr", self.snr, float, 1e-6, 10.0, optional=True)
         if (self.corrector_steps is not None or self.snr is not None) and self.sampler not in (None, "pc"):
             raise ValueError(f"corrector_steps and snr are options of the pc sampler, not {self.sampler}")
-        if not isinstance(self.clip_denoised, bool):
-            raise ValueError(f"clip_denoised must be true or false, got {self.clip_denoised!r}")
+        for flag in ("clip_denoised", "regional"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.regional and self.layouts == "none":
+            raise ValueError("regional prompts need layouts: use layouts 'auto' or give them")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {self.negative_prompt!r}")
         if isinstance(self.grid, str):
@@ -124,8 +129,9 @@ class SamplingOptions:
         else:
             meta["layouts"] = [_layout_json(lay) for lay in self.layouts]
         meta.update({k: v for k, v in (("corrector_steps", self.corrector_steps), ("snr", self.snr)) if v is not None})
-        if self.clip_denoised:  # only when on: files written without it stay as they were
-            meta["clip_denoised"] = True
+        for flag in ("clip_denoised", "regional"):  # only when on: files written without them stay as they were
+            if getattr(self, flag):
+                meta[flag] = True
         return meta
 
     @classmethod
@@ -142,7 +148,7 @@ class SamplingOptions:
                        guidance_rescale=meta.get("guidance_rescale", 0.0), seed=meta.get("seed", 0),
                        negative_prompt=meta.get("negative_prompt", ""), layouts=layouts,
                        corrector_steps=meta.get("corrector_steps"), snr=meta.get("snr"),
-                       clip_denoised=meta.get("clip_denoised", False),
+                       clip_denoised=meta.get("clip_denoised", False), regional=meta.get("regional", False),
                        grid=torch.tensor(grid, dtype=torch.float64) if isinstance(grid, list) else grid)
         except KeyError as e:
             raise ValueError(f"{source} lacks the generation parameter {e.args[0]!r}") from None
@@ -254,6 +260,32 @@ def _prompt_conditions(model: DiffusionModel, num_images: int, options: Sampling
     return {}, {}
 
 
+def regional_conditions(model: DiffusionModel, shape: tuple, options: SamplingOptions, prompts: list[str] | None,
+                        cond: dict) -> tuple[list[dict], torch.Tensor]:
+    """Regional prompting's ``(regions, weights)`` (``reverie.guidance.RegionalDenoiser``): per object slot j,
+    the condition of each image's j-th layout object alone (its phrase as the caption, or the prompt where a clip's
+    frames name it differently; its boxes as the layout; the whole prompt's condition where an image has no such
+    object, with weight 0), and the objects' box weights."""
+    if model.conditioning != "text" or not model.takes_layouts:
+        raise ValueError("regional prompts need a text model trained with layouts (model.layout_channels)")
+    num_images = shape[0]
+    prompts = (list(prompts) if prompts else [""]) * num_images
+    prompts = prompts[:num_images]
+    layouts = resolve_layouts(model, prompts, options.layouts, options.seed)
+    if layouts is None:
+        raise ValueError("regional prompts need layouts: use layouts 'auto' or give them")
+    frames = model.info.get("frames")
+    if frames:
+        layouts = [lay if is_clip_layout(lay) else [lay or None] * frames for lay in layouts]
+    regions = object_regions(layouts)
+    conds = []
+    for row in regions:
+        texts = [item[0] if item and item[0] else p for item, p in zip(row, prompts)]
+        lays = [item[1] if item else lay for item, lay in zip(row, layouts)]
+        conds.append({**cond, **model.net.encode(texts, lays)})
+    return conds, region_weights(regions, shape)
+
+
 def noise_shape(model: DiffusionModel, num_images: int) -> tuple[int, ...]:
     """Shape of the start noise: the network's input (the latent shape for a latent model). Square at
     ``info["resolution"]`` unless ``info`` names ``latent_height``/``latent_width`` (a Stable Diffusion model
@@ -293,11 +325,15 @@ def check_noise(model: DiffusionModel, num_images: int, noise: torch.Tensor) -> 
     return noise.detach().float().cpu()
 
 
-def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dict):
+def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dict, regional: tuple | None = None):
     """The model's denoiser, under classifier-free guidance when it is conditioned and the scale is not 1, with
-    its x0 estimate clamped to [-1, 1] after guidance under ``options.clip_denoised``."""
+    its x0 estimate clamped to [-1, 1] after guidance under ``options.clip_denoised``. ``regional``: the
+    ``(regions, weights)`` of :func:`regional_conditions` (regional prompting with its own guidance)."""
     denoiser = model.denoiser
-    if uncond and options.guidance_scale != 1.0:
+    if regional is not None:
+        denoiser = RegionalDenoiser(denoiser, *regional, uncond=uncond, guidance_scale=options.guidance_scale,
+                                    guidance_rescale=options.guidance_rescale)
+    elif uncond and options.guidance_scale != 1.0:
         denoiser = CFGDenoiser(denoiser, uncond, guidance_scale=options.guidance_scale,
                                guidance_rescale=options.guidance_rescale)
     if options.clip_denoised:
@@ -373,7 +409,8 @@ def run_sampler(model: DiffusionModel, x: torch.Tensor, sigmas: torch.Tensor, op
     conditioning and guidance, the network in eval mode; the result in the network's space. ``inpaint``: a
     mask-aware model's masked image and mask (see :func:`conditions`)."""
     cond, uncond = conditions(model, x.shape[0], options, prompts, class_labels, inpaint)
-    denoiser = guided_denoiser(model, options, uncond)
+    regional = regional_conditions(model, x.shape, options, prompts, cond) if options.regional else None
+    denoiser = guided_denoiser(model, options, uncond, regional)
     # switching a few hundred modules' modes costs ~2 ms a call: a loaded Pipeline is already in eval mode
     toggle = any(m.training for m in model.net.modules())
     was_training = model.net.training

@@ -89,6 +89,9 @@ def sampling_parent() -> argparse.ArgumentParser:
                    help="--sampler pc: the corrector's signal-to-noise ratio (default 0.16)")
     g.add_argument("--clip-denoised", action="store_true",
                    help="clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised; pixel-space models)")
+    g.add_argument("--regional", action="store_true",
+                   help="layout models: denoise each object's box under its own phrase (regional prompts; "
+                        "one more network pass per object)")
     return p
 
 
@@ -112,7 +115,8 @@ def sampling_options(args, layouts="auto"):
     return SamplingOptions(sampler=args.sampler, steps=steps, grid=grid, guidance_scale=args.guidance_scale,
                            guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
                            layouts=layouts, seed=args.seed, corrector_steps=getattr(args, "corrector_steps", None),
-                           snr=getattr(args, "snr", None), clip_denoised=getattr(args, "clip_denoised", False))
+                           snr=getattr(args, "snr", None), clip_denoised=getattr(args, "clip_denoised", False),
+                           regional=getattr(args, "regional", False))
 
 
 def show_progress(args) -> bool:
