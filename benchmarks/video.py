@@ -126,12 +126,13 @@ def score_object(det: dict, clip: torch.Tensor, b: int, truth: dict, frames: int
 
 def evaluate(pipe: Pipeline, items: list[dict], layouts: str, batch: int, seed: int, detector,
              steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-             clip_denoised: bool = False, regional: bool = False) -> dict:
+             clip_denoised: bool = False, regional: bool | None = None) -> dict:
     clips, seconds = [], 0.0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         options = SamplingOptions(layouts=layouts, seed=seed + start, steps=steps, guidance_scale=guidance,
-                                  sampler=sampler, clip_denoised=clip_denoised, regional=regional and layouts != "none")
+                                  sampler=sampler, clip_denoised=clip_denoised,
+                                  regional=None if layouts == "none" else regional)
         t0 = time.perf_counter()
         clips.append(sample_images(pipe, len(chunk), options, prompts=[it["text"] for it in chunk]))
         seconds += time.perf_counter() - t0
@@ -208,8 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's 4)")
     p.add_argument("--sampler", default=None, help="sampler (default: the model's dpmpp_2m)")
     p.add_argument("--clip-denoised", action="store_true", help="clamp every x0 estimate to [-1, 1]")
-    p.add_argument("--regional", action="store_true",
-                   help="regional prompts: each object's box denoised under its own phrase (layouts=auto rows)")
+    p.add_argument("--regional", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional prompts: each object's box denoised under its own phrase (layouts=auto rows; "
+                        "default: the model's setting)")
     p.add_argument("--out", default=str(RESULTS / "video.json"))
     p.add_argument("--showcase", action="store_true", help="also write docs/video.gif and docs/video_frames.png")
     args = p.parse_args(argv)
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
               "batch": args.batch, "steps": args.steps or "model default",
               "guidance": "model default" if args.guidance is None else args.guidance,
               "sampler": args.sampler or "model default", "clip_denoised": args.clip_denoised,
-              "regional": args.regional,
+              "regional": "model default" if args.regional is None else args.regional,
               "threads": torch.get_num_threads(),
               "sampling": "the model's settings (dpmpp_2m, 20 steps, ddim-trailing, guidance 4) except where steps, "
               "guidance, sampler, clip_denoised or regional above say otherwise; seed = first clip index of the batch",

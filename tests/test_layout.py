@@ -286,6 +286,11 @@ def test_regional_sampling_uses_each_phrase_inside_its_box(layout_model):
     assert changed[:8, :8].any() and not changed[:, 10:].any() and not changed[10:, :].any()
     with pytest.raises(ValueError, match="need layouts"):
         pipe.sample(**kw, prompts=["a red circle"], layouts="none", regional=True)
+    # a model may make it its default (sample.regional): used where layouts are given, off with them off
+    pipe.cfg.sample.regional = True
+    assert torch.equal(pipe.sample(**kw1), one_regional) and torch.equal(pipe.sample(**kw1, regional=False), one)
+    assert SamplingOptions().resolve(pipe.cfg).regional is True
+    assert SamplingOptions(layouts="none").resolve(pipe.cfg).regional is False
 
 
 def test_regional_prompts_need_a_layout_model():
@@ -294,8 +299,13 @@ def test_regional_prompts_need_a_layout_model():
     with pytest.raises(ValueError, match="trained with layouts"):
         sample_images(model, 1, SamplingOptions(steps=1, regional=True), prompts=["a red circle"])
     assert SamplingOptions(regional=True).to_metadata()["regional"] is True
-    assert "regional" not in SamplingOptions().to_metadata()
+    assert "regional" not in SamplingOptions(regional=False).to_metadata()
     assert SamplingOptions.from_metadata(SamplingOptions(regional=True).to_metadata()).regional is True
+    # a file without the key (made before regional prompts, or with them off) replays them off, whatever the default
+    assert SamplingOptions.from_metadata(SamplingOptions(regional=False).to_metadata()).regional is False
+    assert SamplingOptions().resolve(cfg).regional is False  # no layouts: never by default
+    with pytest.raises(ConfigError, match="sample.regional: expected true or false"):
+        load_config(TrainConfig, None, [*TEXT_MODEL, LAYOUT, "--train.out_dir=x", "--sample.regional=maybe"])
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -55,8 +55,9 @@ class SamplingOptions:
     snr: float | None = None            # pc sampler: the corrector's signal-to-noise ratio (None: 0.16)
     # clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised, diffusers' clip_sample); pixel-space models only
     clip_denoised: bool = False
-    # layout models: each object's box denoised under its own phrase (reverie.guidance.RegionalDenoiser)
-    regional: bool = False
+    # layout models: each object's box denoised under its own phrase (reverie.guidance.RegionalDenoiser); None: the
+    # model's sample.regional, where layouts are given
+    regional: bool | None = None
 
     def __post_init__(self):
         self.validate()
@@ -84,7 +85,7 @@ class SamplingOptions:
         if (self.corrector_steps is not None or self.snr is not None) and self.sampler not in (None, "pc"):
             raise ValueError(f"corrector_steps and snr are options of the pc sampler, not {self.sampler}")
         for flag in ("clip_denoised", "regional"):
-            if not isinstance(getattr(self, flag), bool):
+            if not isinstance(getattr(self, flag), bool) and not (flag == "regional" and self.regional is None):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.regional and self.layouts == "none":
             raise ValueError("regional prompts need layouts: use layouts 'auto' or give them")
@@ -106,8 +107,12 @@ class SamplingOptions:
         grid = sample.grid if self.grid is None else self.grid
         steps = self.steps if self.steps is not None else (
             sample.steps if isinstance(grid, str) else len(grid) - 1)
+        regional = self.regional
+        if regional is None:  # the model's default holds where it can: a text model with layouts given
+            regional = bool(getattr(sample, "regional", False) and self.layouts != "none"
+                            and cfg.model.conditioning == "text" and cfg.model.layout_channels)
         return dataclasses.replace(
-            self, sampler=self.sampler or sample.sampler, grid=grid, steps=steps,
+            self, sampler=self.sampler or sample.sampler, grid=grid, steps=steps, regional=regional,
             guidance_scale=sample.guidance_scale if self.guidance_scale is None else self.guidance_scale)
 
     def sampler_options(self) -> dict:

@@ -89,9 +89,9 @@ def sampling_parent() -> argparse.ArgumentParser:
                    help="--sampler pc: the corrector's signal-to-noise ratio (default 0.16)")
     g.add_argument("--clip-denoised", action="store_true",
                    help="clamp every x0 estimate to [-1, 1] (DDPM's clip_denoised; pixel-space models)")
-    g.add_argument("--regional", action="store_true",
-                   help="layout models: denoise each object's box under its own phrase (regional prompts; "
-                        "one more network pass per object)")
+    g.add_argument("--regional", action=argparse.BooleanOptionalAction, default=None,
+                   help="layout models: denoise each object's box under its own phrase (regional prompts; one more "
+                        "network pass per object; default: the model's own setting)")
     return p
 
 
@@ -116,7 +116,7 @@ def sampling_options(args, layouts="auto"):
                            guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
                            layouts=layouts, seed=args.seed, corrector_steps=getattr(args, "corrector_steps", None),
                            snr=getattr(args, "snr", None), clip_denoised=getattr(args, "clip_denoised", False),
-                           regional=getattr(args, "regional", False))
+                           regional=getattr(args, "regional", None))
 
 
 def show_progress(args) -> bool:

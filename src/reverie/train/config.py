@@ -112,11 +112,13 @@ class SampleSection:
     grid: str = "karras"
     guidance_scale: float = 4.0         # classifier-free guidance for class/text models (1: none)
     prompts: list[str] = field(default_factory=list)  # text models: prompts of the sample grid
+    regional: bool = False              # layout models: regional prompts by default (reverie.guidance)
 
     def check(self) -> None:
         """The sampling settings are checked when the config is read, not when training first samples."""
         try:
-            SamplingOptions(sampler=self.sampler, steps=self.steps, grid=self.grid, guidance_scale=self.guidance_scale)
+            SamplingOptions(sampler=self.sampler, steps=self.steps, grid=self.grid, guidance_scale=self.guidance_scale,
+                            regional=self.regional)
         except ValueError as e:
             raise ConfigError(f"in the sample section: {e}") from None
 
