@@ -185,10 +185,11 @@ def summarize(records: list[dict], seconds: float) -> dict:
 
 
 def showcase(pipe: Pipeline, out_gif: Path, out_png: Path, seed: int = 0) -> None:
-    clips = sample_images(pipe, len(SHOWCASE), SamplingOptions(seed=seed), prompts=SHOWCASE)
+    options = SamplingOptions(seed=seed)
+    clips = sample_images(pipe, len(SHOWCASE), options, prompts=SHOWCASE)
     frames = clip_frames(clips, scale=2, ncols=len(SHOWCASE))
     save_video(frames, out_gif, {"prompts": SHOWCASE, "model": pipe.name, "model_hash": pipe.weights_hash,
-                                 "seed": seed, "layout": "auto"}, fps=4)
+                                 **options.resolve(pipe.cfg).to_metadata()}, fps=4)
     rows = [img for b in range(clips.shape[0]) for img in to_pil(clips[b].transpose(0, 1))]
     make_grid(rows, ncols=clips.shape[2], scale=2).save(out_png)
 

@@ -75,11 +75,13 @@ def test_regional_composites_each_region_estimate_then_guides_in_one_call():
     regions = [{"class_labels": torch.tensor([10, 20, 30])}, {"class_labels": torch.tensor([100, 200, 300])}]
     w = torch.zeros(2, 3, 1, 4, 4)
     w[0, :, :, :2] = 1.0     # region 0: the top half
-    w[1, :, :, :, :1] = 0.5  # region 1: the left column, half weight
+    w[1, :2, :, :, :1] = 0.5  # region 1: the left column, half weight, in samples 0 and 1 only
     uncond = {"class_labels": torch.zeros(1, dtype=torch.long)}
-    before = d.calls
+    before, sizes = d.calls, []
+    handle = d.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     out = RegionalDenoiser(d, regions, w, uncond=uncond, guidance_scale=3.0)(x, s, **cond)
-    assert d.calls == before + 1  # J + 2 = 4 passes in one batch
+    handle.remove()
+    assert d.calls == before + 1 and sizes == [3 + 3 + 2 + 3]  # one batch; region 1 only where it has weight
     offset = lambda labels: labels.float().view(-1, 1, 1, 1)  # noqa: E731
     d_c = x / 5 + (1 - w.sum(0)) * offset(cond["class_labels"]) + sum(
         w[j] * offset(r["class_labels"]) for j, r in enumerate(regions))

@@ -90,7 +90,9 @@ class RegionalDenoiser(nn.Module):
 
     (compositing the conditional estimates, as MultiDiffusion (Bar-Tal et al. 2023) composites its regions'
     denoised images). Guidance is linear, so this equals guiding each region and compositing, bar
-    ``guidance_rescale``, applied once to D_c. One batch of J + 2 passes (J + 1 unguided)."""
+    ``guidance_rescale``, applied once to D_c. One batch: the prompt's and the unconditional passes for every
+    sample, and region j's only for the samples whose weight map j is not empty (an image with one object
+    costs three passes, not J + 2)."""
 
     def __init__(self, denoiser, regions: list[dict], weights: Tensor, uncond: dict | None = None,
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0):
@@ -98,19 +100,30 @@ class RegionalDenoiser(nn.Module):
         if len(regions) != weights.shape[0]:
             raise ValueError(f"got {len(regions)} regions and {weights.shape[0]} weight maps")
         self.denoiser, self.regions, self.weights = denoiser, regions, weights
+        self.rows = [torch.nonzero(w.flatten(1).any(1)).flatten() for w in weights]  # the samples each region needs
         self.uncond = uncond if uncond and guidance_scale != 1.0 else None
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        b = x.shape[0]
         conds = [cond, *self.regions, *([self.uncond] if self.uncond is not None else [])]
-        n, b = len(conds), x.shape[0]
         if any(set(c) != set(cond) for c in conds):
             raise ValueError(f"every region's condition needs the keys {sorted(cond)}")
-        merged = {k: torch.cat([c[k].expand(b, *c[k].shape[1:]) for c in conds]) if isinstance(v, Tensor) else v
-                  for k, v in cond.items()}  # (a batch-1 condition holds for every sample)
-        out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), **merged).split(b)
+        everyone = torch.arange(b, device=x.device)
+        rows = [everyone, *(r.to(x.device) for r in self.rows), *([everyone] if self.uncond is not None else [])]
+
+        def take(v: Tensor, r: Tensor) -> Tensor:  # a batch-1 condition holds for every sample
+            return v.expand(b, *v.shape[1:])[r]
+
+        merged = {k: torch.cat([take(c[k], r) for c, r in zip(conds, rows)]) if isinstance(v, Tensor) else v
+                  for k, v in cond.items()}
+        sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
+        out = self.denoiser(torch.cat([x[r] for r in rows]), torch.cat([sigma[r] for r in rows]), **merged)
+        out = out.split([len(r) for r in rows])
         w = self.weights.to(device=out[0].device, dtype=out[0].dtype)
-        d_c = out[0] * (1 - w.sum(0)) + sum(w[j] * out[1 + j] for j in range(len(self.regions)))
+        d_c = out[0] * (1 - w.sum(0))
+        for j, r in enumerate(rows[1:1 + len(self.regions)]):
+            d_c = d_c.index_add(0, r, w[j, r] * out[1 + j])
         if self.uncond is None:
             return d_c
         return combine(d_c, out[-1], self.guidance_scale, self.guidance_rescale)
