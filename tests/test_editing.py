@@ -306,3 +306,19 @@ def test_fresh_noise_redraws_only_the_changed_box(layout_model, monkeypatch):
     for bad in (-0.1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="fresh_noise must be in"):
             edit(layout_model, images, source, target, steps=2, layouts=layouts, fresh_noise=bad)
+
+
+def test_regional_prompts_reach_inversion_and_repaint(layout_model):
+    """Inversion and RePaint call the network through the same regional denoiser as sampling: with a box named
+    by another phrase the results change; with one box over the whole image named as the prompt they do not."""
+    with torch.no_grad():
+        layout_model.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    mask = torch.zeros(16, 16)
+    mask[2:12, 2:12] = 1
+    part, whole = [[("blue square", (0.0, 0.0, 0.5, 0.5))]], [[("a red circle", (0.0, 0.0, 1.0, 1.0))]]
+    for run in (lambda **kw: invert(layout_model, images, "a red circle", steps=4, guidance_scale=3.0, **kw).noise,
+                lambda **kw: inpaint(layout_model, images, mask, "a red circle", steps=4, jump_length=2, resample=2,
+                                     seed=5, guidance_scale=3.0, **kw)):
+        assert not torch.allclose(run(layouts=part), run(layouts=part, regional=True), atol=1e-4)
+        torch.testing.assert_close(run(layouts=whole), run(layouts=whole, regional=True), atol=2e-5, rtol=0)

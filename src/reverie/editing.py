@@ -77,12 +77,12 @@ from .sampling import (
     SamplingOptions,
     conditions,
     decode,
-    guided_denoiser,
     noise_scale,
     noise_shape,
     resolve_layouts,
     run_sampler,
     sample_images,
+    sampling_denoiser,
     sigma_grid,
 )
 
@@ -224,10 +224,11 @@ def invert(model: DiffusionModel, images: Tensor, prompt: str | list[str] = "", 
     sigmas = sigma_grid(model, options.steps, options.grid)
     text = _text_prompts(model, prompts)
     cond, uncond = conditions(model, n, options, text, class_labels)
+    start = encode(model, images)
     was_training = model.net.training
     model.net.eval()
     try:
-        trajectory = ddim_inversion(guided_denoiser(model, options, uncond), encode(model, images),
+        trajectory = ddim_inversion(sampling_denoiser(model, options, cond, uncond, start.shape, text), start,
                                     sigmas.to(next(model.net.parameters()).device), cond,
                                     norm=lambda sigma: input_norm(model, sigma))
     finally:
@@ -431,7 +432,7 @@ def inpaint(model: DiffusionModel, image: Tensor, mask_image: Tensor, prompt: st
         was_training = model.net.training
         model.net.eval()
         try:
-            out = repaint(guided_denoiser(model, options, uncond), x, sigmas, known, net_mask,
+            out = repaint(sampling_denoiser(model, options, cond, uncond, x.shape, prompts), x, sigmas, known, net_mask,
                           repaint_path(len(sigmas) - 1, jump_length, resample), cond, g, eta, callback)
         finally:
             model.net.train(was_training)

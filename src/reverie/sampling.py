@@ -350,6 +350,14 @@ def guided_denoiser(model: DiffusionModel, options: SamplingOptions, uncond: dic
     return denoiser
 
 
+def sampling_denoiser(model: DiffusionModel, options: SamplingOptions, cond: dict, uncond: dict, shape: tuple,
+                      prompts: list[str] | None = None):
+    """:func:`guided_denoiser` for samples of ``shape`` (the network's space), with ``options.regional``'s regions
+    built from ``cond`` and ``prompts``: what every sampling path (and inversion) calls the network through."""
+    regional = regional_conditions(model, shape, options, prompts, cond) if options.regional else None
+    return guided_denoiser(model, options, uncond, regional)
+
+
 class ClippedDenoiser:
     """D'(x, sigma) = clamp(D(x, sigma), -1, 1): DDPM's ``clip_denoised`` for any sampler that calls a denoiser.
     An eps network's x0 estimate x - sigma eps_hat carries sigma times its eps error, which at a large sigma (VE:
@@ -414,8 +422,7 @@ def run_sampler(model: DiffusionModel, x: torch.Tensor, sigmas: torch.Tensor, op
     conditioning and guidance, the network in eval mode; the result in the network's space. ``inpaint``: a
     mask-aware model's masked image and mask (see :func:`conditions`)."""
     cond, uncond = conditions(model, x.shape[0], options, prompts, class_labels, inpaint)
-    regional = regional_conditions(model, x.shape, options, prompts, cond) if options.regional else None
-    denoiser = guided_denoiser(model, options, uncond, regional)
+    denoiser = sampling_denoiser(model, options, cond, uncond, x.shape, prompts)
     # switching a few hundred modules' modes costs ~2 ms a call: a loaded Pipeline is already in eval mode
     toggle = any(m.training for m in model.net.modules())
     was_training = model.net.training
