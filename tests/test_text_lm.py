@@ -453,3 +453,43 @@ def test_text_ema_averages_checkpoints_and_resumes_exactly(tmp_path):
     last = load_checkpoint(list_checkpoints(tmp_path / "c" / "checkpoints")[-1])
     assert "ema" not in last
     assert all(torch.equal(v, last["model"][k]) for k, v in TextLM.load(plain.export_dir).net.state_dict().items())
+
+
+def test_dropout_acts_in_training_only_and_stays_out_of_the_model_directory(tmp_path):
+    """model.dropout: in train mode the output changes from call to call; in eval mode the network equals the
+    same weights without dropout (the regularizer adds no state); the trained run's model directory holds the
+    plain network, whose validation score is the eval-mode one; bad values are one config error."""
+    from reverie import modeldir
+    from reverie.configs import load_config
+    from reverie.language import TextLM
+    from reverie.train.text import TextTrainConfig, train_text, validation_bpc
+
+    cfg = TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=2, num_heads=2, causal=True,
+                                positions="rotary")
+    torch.manual_seed(0)
+    plain, dropped = TextTransformer(cfg), TextTransformer(cfg, dropout=0.3)
+    torch.nn.init.normal_(plain.head.weight)
+    dropped.load_state_dict(plain.state_dict())
+    assert dropped.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randint(0, 8, (4, 16))
+    a, b = dropped(x), dropped(x)
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(x))
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="time_conditioning"):
+        TextTransformer(TextTransformerConfig(vocab_size=8, max_len=16, hidden_size=32, depth=1, num_heads=2,
+                                              time_conditioning=True), dropout=0.1)
+
+    args = ["--model.objective=ar", "--model.seq_len=32", "--model.hidden_size=32", "--model.depth=1",
+            "--model.num_heads=2", "--data.batch_size=4", "--train.steps=2", "--train.eval_windows=2",
+            "--train.progress=false", "--train.threads=1", f"--train.out_dir={tmp_path}", "--optim.lr=1e-2"]
+    run_cfg = load_config(TextTrainConfig, None, args + ["--model.dropout=0.5"])
+    result = train_text(run_cfg, resume=False)
+    assert [m.p for m in result.model.modules() if isinstance(m, torch.nn.Dropout)] == [0.5] * 2  # input, block
+    assert "dropout" not in modeldir.read(result.export_dir).config["network"]
+    lm = TextLM.load(result.export_dir)
+    assert validation_bpc(lm.net, lm.tokenizer, run_cfg, 2) == pytest.approx(result.validation_bpc, abs=1e-6)
+    for bad, match in [("--model.dropout=1", r"dropout must be in \[0, 1\)"),
+                       ("--model.dropout=0.1 --model.objective=mdlm --model.time_conditioning=true",
+                        "time-conditioned")]:
+        with pytest.raises(Exception, match=match):
+            load_config(TextTrainConfig, None, args[1:] + bad.split())

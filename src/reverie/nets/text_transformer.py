@@ -80,10 +80,12 @@ class TextTransformerConfig(NetConfig):
 
 
 class TextBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + MLP(LN(x)); with ``dropout`` p, each branch's
+    output is dropped (GPT-2's residual dropout) in training mode."""
 
-    def __init__(self, cfg: TextTransformerConfig):
+    def __init__(self, cfg: TextTransformerConfig, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         D = cfg.hidden_size
         self.norm1 = nn.LayerNorm(D)
         self.attn = Attention(D, cfg.num_heads)
@@ -93,16 +95,25 @@ class TextBlock(nn.Module):
         self.causal = cfg.causal
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), is_causal=self.causal, rotary=rotary)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop(self.attn(self.norm1(x), is_causal=self.causal, rotary=rotary))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class TextTransformer(nn.Module):
-    """``net(tokens (B, L) long, c_noise (B,) or None) -> logits (B, L, vocab_size)`` (module docstring)."""
+    """``net(tokens (B, L) long, c_noise (B,) or None) -> logits (B, L, vocab_size)`` (module docstring).
 
-    def __init__(self, config: TextTransformerConfig):
+    ``dropout`` p (training only, GPT-2's places: the input embedding and each block's two residual branches) is
+    a regularizer, not part of the network: it adds no weights, is not in ``config`` and so not in a model
+    directory, and does nothing in eval mode. Not with ``time_conditioning`` (DiT blocks have none)."""
+
+    def __init__(self, config: TextTransformerConfig, dropout: float = 0.0):
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if dropout and config.time_conditioning:
+            raise ValueError("dropout is not supported with time_conditioning (DiT blocks)")
         self.config = cfg = config
+        self.drop = nn.Dropout(dropout)
         D = cfg.hidden_size
         self.tok_embed = nn.Embedding(cfg.vocab_size + 2, D)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_len, D)) if cfg.positions == "learned" else None
@@ -116,7 +127,7 @@ class TextTransformer(nn.Module):
             self.blocks = nn.ModuleList([DiTBlock(dit) for _ in range(cfg.depth)])
         else:
             self.time_embed = None
-            self.blocks = nn.ModuleList([TextBlock(cfg) for _ in range(cfg.depth)])
+            self.blocks = nn.ModuleList([TextBlock(cfg, dropout) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size)
         self.initialize_weights()
@@ -147,6 +158,7 @@ class TextTransformer(nn.Module):
             x = x + self.pos_embed[: tokens.shape[1]]
         else:
             rotary = (self.rotary_cos, self.rotary_sin)
+        x = self.drop(x)
         if self.time_embed is not None:
             if c_noise is None:
                 raise ValueError("this text model is time-conditioned: pass c_noise")
