@@ -14,10 +14,13 @@
 
 Writes benchmarks/results/diffusion_lm.json and .png. Every draw is seeded.
 
-4. The training curve: test bits per character of every kept checkpoint of the two runs against their
-   training time (the MDLM's NELBO bound and the AR model's exact value), into diffusion_lm_curve.json/.png:
+4. The training curve: test bits per character of every kept checkpoint of the runs against their
+   training time (the MDLM's NELBO bound and the AR model's exact value), and each checkpoint's bits per
+   character on the first 64 validation windows (other plays: what picks a checkpoint), into
+   diffusion_lm_curve.json/.png (or ``--out``):
 
     python benchmarks/diffusion_lm.py --curve RUN_MDLM,RUN_AR [--curve-ckpts DIR_MDLM,DIR_AR] [--windows 128]
+    python benchmarks/diffusion_lm.py --curve RUN_AR --out FILE.json     # one run
 
    RUN_* are the training runs' out_dir (their ``model`` directory gives network and tokenizer); checkpoints
    are read from ``--curve-ckpts`` (default RUN/checkpoints; a run prunes to its last few, so keep copies).
@@ -205,21 +208,26 @@ def pair_run(pair: str, a, judge: TextLM | None) -> dict:
     return row
 
 
+CURVE_VALIDATION_WINDOWS = 64  # as many as a text run's own final validation (train.eval_windows)
+
+
 def training_curve(runs: list[Path], ckpt_dirs: list[Path], windows: int) -> dict:
     """Test bits per character at each checkpoint of each run, with the training seconds it had taken."""
     from reverie.modeldir import load_module_weights
     from reverie.train.checkpoint import list_checkpoints, load_checkpoint
 
-    out = {"windows": windows}
+    out = {"windows": windows, "validation_windows": CURVE_VALIDATION_WINDOWS}
     for run, ckpts in zip(runs, ckpt_dirs):
         lm = TextLM.load(run / "model")
         x = test_windows(lm, windows)
+        v = test_windows(lm, CURVE_VALIDATION_WINDOWS, split="validation")
         points = []
         for ckpt in list_checkpoints(ckpts):
             state = load_checkpoint(ckpt, ("step", "model"))
             load_module_weights(lm.net, state["model"], source=str(ckpt))
             points.append({"step": state["step"], "train_seconds": state.get("elapsed_s"),
-                           "test_bpc": bits_per_char(lm, x, draws=4)})
+                           "test_bpc": bits_per_char(lm, x, draws=4),
+                           "validation_bpc": bits_per_char(lm, v, draws=4)})
             print(json.dumps({"objective": lm.objective, **points[-1]}), flush=True)
         out[lm.objective] = points
     return out
@@ -233,13 +241,19 @@ def plot_curve(curve: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for objective, label in (("mdlm", "MDLM (NELBO bound)"), ("ar", "AR (exact)")):
         points = curve.get(objective, [])
+        if not points:
+            continue
         bpc = [p["test_bpc"] for p in points]
-        axes[0].plot([p["train_seconds"] / 60 for p in points], bpc, "o-", ms=3, label=label)
-        axes[1].plot([p["step"] for p in points], bpc, "o-", ms=3, label=label)
+        minutes, steps = [p["train_seconds"] / 60 for p in points], [p["step"] for p in points]
+        for ax, xs in zip(axes, (minutes, steps)):
+            line, = ax.plot(xs, bpc, "o-", ms=3, label=f"{label}, test")
+            if all("validation_bpc" in p for p in points):  # curves written before it have none
+                ax.plot(xs, [p["validation_bpc"] for p in points], "--", color=line.get_color(),
+                        label=f"{label}, validation")
     xlabels = ("training minutes (1 CPU thread, shared machine)", "optimizer steps (32 x 128 characters)")
     for ax, xlabel in zip(axes, xlabels):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test bits per character")
+        ax.set_ylabel("bits per character")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -307,10 +321,13 @@ def main() -> None:
     if a.curve:
         runs = [Path(r) for r in a.curve.split(",")]
         ckpts = [Path(c) for c in a.curve_ckpts.split(",")] if a.curve_ckpts else [r / "checkpoints" for r in runs]
-        if len(runs) != 2 or len(ckpts) != 2:
-            p.error("--curve takes RUN_MDLM,RUN_AR (and --curve-ckpts DIR_MDLM,DIR_AR)")
+        if len(runs) not in (1, 2) or len(ckpts) != len(runs):
+            p.error("--curve takes RUN_MDLM,RUN_AR or one run (and --curve-ckpts with as many directories)")
+        missing = [str(r / "model") for r in runs if not (r / "model" / "config.json").is_file()]
+        if missing:
+            p.error(f"--curve: no model directory at {', '.join(missing)} (a run writes it when it finishes)")
         curve = training_curve(runs, ckpts, a.windows)
-        out = RESULTS / "diffusion_lm_curve.json"
+        out = Path(a.out) if a.out else RESULTS / "diffusion_lm_curve.json"
         out.write_text(json.dumps(curve, indent=1))
         plot_curve(curve, out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")
