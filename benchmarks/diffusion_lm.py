@@ -73,7 +73,7 @@ def likelihoods(mdlm: TextLM, ar: TextLM, windows: int, bound_steps: list[int], 
     out = {"windows": len(x), "window_len": mdlm.max_len,
            "ar_exact_bpc": bits_per_char(ar, x), "mdlm_nelbo_bpc": bits_per_char(mdlm, x, draws=4)}
     out["ratio"] = out["mdlm_nelbo_bpc"] / out["ar_exact_bpc"]
-    if nelbo_draws > 1:
+    if nelbo_draws:
         est = torch.tensor([bits_per_char(mdlm, x, draws=1, seed=s) for s in range(nelbo_draws)], dtype=torch.float64)
         mean, se = float(est.mean()), float(est.std() / nelbo_draws ** 0.5)
         out["mdlm_nelbo_draws"] = {"draws": nelbo_draws, "mean_bpc": mean, "se_bpc": se,
@@ -331,6 +331,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     window = a.edlm_window
+    if a.nelbo_draws == 1 or a.nelbo_draws < 0:
+        p.error("--nelbo-draws takes N >= 2 (a standard error needs two estimates), or 0 for none")
     if a.curve:
         runs = [Path(r) for r in a.curve.split(",")]
         ckpts = [Path(c) for c in a.curve_ckpts.split(",")] if a.curve_ckpts else [r / "checkpoints" for r in runs]

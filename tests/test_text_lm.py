@@ -457,8 +457,9 @@ def test_text_ema_averages_checkpoints_and_resumes_exactly(tmp_path):
 
 def test_dropout_acts_in_training_only_and_stays_out_of_the_model_directory(tmp_path):
     """model.dropout: in train mode the output changes from call to call; in eval mode the network equals the
-    same weights without dropout (the regularizer adds no state); the trained run's model directory holds the
-    plain network, whose validation score is the eval-mode one; bad values are one config error."""
+    same weights without dropout (the regularizer adds no state); a run with dropout builds it where GPT-2 has it,
+    and its model directory holds the plain network with the weights it validated; bad values are one config
+    error."""
     from reverie import modeldir
     from reverie.configs import load_config
     from reverie.language import TextLM
