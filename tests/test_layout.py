@@ -162,7 +162,7 @@ def test_layout_input_path_starts_at_zero_and_then_moves_the_output():
         layouts = [[("red circle", (0.1, 0.1, 0.5, 0.5))], None]
         plain = net(x, t, text=["a red circle", "a red circle"])
         assert torch.equal(net(x, t, text=["a red circle"] * 2, layout=layouts), plain)
-        net.net.spatial_in.weight.normal_(0, 0.1)
+        net.net.spatial_in.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
         moved = net(x, t, text=["a red circle"] * 2, layout=layouts)
     assert not torch.allclose(moved[0], plain[0]) and torch.equal(moved[1], plain[1])
     with pytest.raises(ValueError, match="spatial"):
@@ -224,7 +224,8 @@ def test_saved_layout_model_loads_and_guided_sampling_uses_the_layout(layout_mod
     pipe = Pipeline.from_pretrained(layout_model)
     assert pipe.takes_layouts
     with torch.no_grad():
-        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+        # make the layout matter in this untrained model
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     kw = dict(num_images=2, steps=3, prompts=["a red circle above a blue square"], guidance_scale=3.0, seed=0)
     auto, again, none = pipe.sample(**kw), pipe.sample(**kw), pipe.sample(**kw, layouts="none")
     given = pipe.sample(**kw, layouts=[[("red circle", (0.0, 0.0, 0.4, 0.4))]])
@@ -271,7 +272,8 @@ def test_region_weights_are_grown_boxes_shared_where_they_overlap():
 def test_regional_sampling_uses_each_phrase_inside_its_box(layout_model):
     pipe = Pipeline.from_pretrained(layout_model)
     with torch.no_grad():
-        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+        # make the layout matter in this untrained model
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     kw = dict(num_images=2, steps=3, guidance_scale=3.0, seed=0)
     # one object over the whole image, named as the prompt: its region's condition is the prompt's own
     whole = [[("a red circle", (0.0, 0.0, 1.0, 1.0))]]

@@ -280,8 +280,9 @@ def test_regional_prompts_follow_each_object_through_the_frames(video_model):
     from reverie.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(video_model)
-    with torch.no_grad():
-        pipe.net.net.spatial_in.weight.normal_(0, 0.2)  # make the layout matter in this untrained model
+    with torch.no_grad():  # make the layout matter in this untrained model; seeded: the global RNG depends on test
+        # order, and some draws saturate the clamped output in the box (no change left to see)
+        pipe.net.net.spatial_in.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     kw = dict(num_images=1, steps=1, guidance_scale=3.0, seed=0, prompts=["a red circle moves right"])
     # the object sits in the top-left quarter of frame 0, the bottom-right one of the last frame
     path = [[("blue square", (0.0, 0.0, 0.5, 0.5))], None, None, [("blue square", (0.5, 0.5, 1.0, 1.0))]]
